@@ -1,0 +1,169 @@
+//! Command-line flags. Every flag has a long name and an environment variable; the doc
+//! comments are the `--help` text.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lattice_inference::{ModelRepository, RepositoryOptions};
+use lattice_server::{AppState, Listeners, ServerConfig};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lattice",
+    version,
+    about = "Serve ONNX models over the Open Inference Protocol v2 (REST and gRPC)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the models of a model repository over REST, gRPC and a metrics port.
+    Serve(ServeArgs),
+    /// Load-test a running server and the raw engine, and report ratios.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address every listener binds to.
+    #[arg(long, env = "LATTICE_HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// REST port (Triton's default 8000); 0 picks a free port.
+    #[arg(long, env = "LATTICE_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    /// gRPC port (Triton's default 8001); 0 picks a free port.
+    #[arg(long, env = "LATTICE_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Prometheus metrics port (Triton's default 8002); 0 picks a free port.
+    #[arg(long, env = "LATTICE_METRICS_PORT", default_value_t = 8002)]
+    pub metrics_port: u16,
+    /// Model repository: <dir>/<model>/config.toml and <dir>/<model>/<version>/model.onnx.
+    #[arg(long, env = "LATTICE_MODEL_REPOSITORY", default_value = "models")]
+    pub model_repository: PathBuf,
+    /// ONNX Runtime shared library. Defaults to the one scripts/setup.sh installs in .venv.
+    #[arg(long, env = "LATTICE_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+    /// Largest request body (REST) or message (gRPC) accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "LATTICE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM before the process exits.
+    /// Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "LATTICE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. "info,lattice_inference=debug").
+    #[arg(long, env = "LATTICE_LOG", default_value = "info")]
+    pub log: String,
+    /// Log line format: human text or JSON (one object per line).
+    #[arg(long, env = "LATTICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+pub enum Failure {
+    /// Bad flags or configuration: exit code 64 with a one-line reason.
+    Usage(String),
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Runtime(e)
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> Result<(), Failure> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| Failure::Usage(format!("invalid --log filter '{filter}': {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+/// The ONNX Runtime library setup installs: .venv/lib/python*/site-packages/onnxruntime/capi/.
+pub fn default_ort_library() -> Option<PathBuf> {
+    let lib = std::fs::read_dir(".venv/lib").ok()?;
+    for py in lib.flatten() {
+        let capi = py.path().join("site-packages/onnxruntime/capi");
+        if let Ok(entries) = std::fs::read_dir(&capi) {
+            let mut found: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                })
+                .collect();
+            // Prefer the versioned file (libonnxruntime.so.1.x.y) over a symlink.
+            found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+            if let Some(p) = found.into_iter().next() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+pub fn resolve_ort(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    flag.or_else(default_ort_library)
+        .ok_or_else(|| Failure::Usage("no ONNX Runtime library: run scripts/setup.sh or pass --ort-library".into()))
+}
+
+async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, Failure> {
+    TcpListener::bind(SocketAddr::new(host, port))
+        .await
+        .map_err(|e| Failure::Usage(format!("cannot bind {what} port {host}:{port}: {e}")))
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    init_logging(&args.log, args.log_format)?;
+    let started = std::time::Instant::now();
+    let ort_library = resolve_ort(args.ort_library.clone())?;
+    let repo = ModelRepository::open(&RepositoryOptions {
+        root: args.model_repository.clone(),
+        ort_library,
+    })
+    .map_err(Failure::Usage)?;
+    let listeners = Listeners {
+        http: bind(args.host, args.http_port, "HTTP").await?,
+        grpc: bind(args.host, args.grpc_port, "gRPC").await?,
+        metrics: bind(args.host, args.metrics_port, "metrics").await?,
+    };
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    // One machine-readable line: tests and scripts read the bound ports from it.
+    println!(
+        "lattice listening http={} grpc={} metrics={}",
+        addr(&listeners.http),
+        addr(&listeners.grpc),
+        addr(&listeners.metrics)
+    );
+    tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
+    let state = AppState::new(
+        repo,
+        ServerConfig {
+            max_body_bytes: args.max_body_bytes,
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        },
+    );
+    lattice_server::run(state, listeners, true, lattice_server::shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

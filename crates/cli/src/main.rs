@@ -1,0 +1,54 @@
+//! `lattice`: parses the command line and wires the library crates together.
+
+mod bench;
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+/// `EX_USAGE` from sysexits.h: the command was used incorrectly (bad flag or config).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("lattice: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lattice: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => cli::serve(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(cli::Failure::Usage(reason)) => {
+            eprintln!("lattice: {reason}");
+            ExitCode::from(EX_USAGE)
+        }
+        Err(cli::Failure::Runtime(e)) => {
+            eprintln!("lattice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The engine boundary. The scheduler only sees [`Backend`]; ONNX Runtime lives in
+//! [`onnx`], the one module that knows `ort`.
+
+use crate::tensor::{DataType, Tensor};
+
+/// One loaded model instance. An instance runs one batch at a time on the thread that
+/// owns it; parallelism comes from several instances.
+pub trait Backend: Send {
+    /// Runs the model. `inputs` are named and already batched; the result holds the
+    /// requested outputs in the order of `outputs`.
+    fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, String>;
+
+    /// Input names and datatypes the engine itself reports, to check a config against.
+    fn inputs(&self) -> Vec<(String, Option<DataType>)>;
+    fn outputs(&self) -> Vec<(String, Option<DataType>)>;
+}
+
+pub mod onnx {
+    //! ONNX Runtime through `ort` with `load-dynamic`: the shared library comes from the
+    //! `onnxruntime` wheel that setup installs, never from a download at build time.
+
+    use std::{path::Path, sync::OnceLock};
+
+    use bytes::{Bytes, BytesMut};
+    use ort::{
+        session::{builder::GraphOptimizationLevel, Session},
+        value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType},
+    };
+
+    use super::Backend;
+    use crate::tensor::{DataType, Tensor, TensorData};
+
+    static RUNTIME: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+    /// Loads the ONNX Runtime library once per process. Later calls return the first
+    /// result, whatever path they pass: a process has one runtime.
+    pub fn init(library: &Path) -> Result<(), String> {
+        RUNTIME
+            .get_or_init(|| {
+                if !library.exists() {
+                    return Err(format!(
+                        "ONNX Runtime library not found at {} (run scripts/setup.sh or pass --ort-library)",
+                        library.display()
+                    ));
+                }
+                ort::init_from(library)
+                    .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+                    .with_name("lattice")
+                    .with_telemetry(false)
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map(|_| ())
+            .map_err(Clone::clone)
+    }
+
+    fn env() -> Result<&'static ort::environment::Environment, String> {
+        match RUNTIME.get() {
+            Some(Ok(env)) => Ok(env),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("ONNX Runtime is not initialised".to_string()),
+        }
+    }
+
+    pub struct OnnxBackend {
+        session: Session,
+    }
+
+    impl OnnxBackend {
+        /// Builds a session from model bytes (the caller memory-maps the file once and
+        /// builds every instance from the same mapping).
+        pub fn new(model: &[u8], intra_op_threads: usize) -> Result<OnnxBackend, String> {
+            let session = Session::builder(env()?)
+                .map_err(|e| e.to_string())?
+                .with_optimization_level(GraphOptimizationLevel::Level3)
+                .map_err(|e| e.to_string())?
+                .with_intra_threads(intra_op_threads)
+                .map_err(|e| e.to_string())?
+                .with_inter_threads(1)
+                .map_err(|e| e.to_string())?
+                .commit_from_memory(model)
+                .map_err(|e| e.to_string())?;
+            Ok(OnnxBackend { session })
+        }
+    }
+
+    fn dtype_of(t: &ValueType) -> Option<DataType> {
+        match t {
+            ValueType::Tensor { ty, .. } => from_ort(*ty),
+            _ => None,
+        }
+    }
+
+    fn from_ort(t: TensorElementType) -> Option<DataType> {
+        Some(match t {
+            TensorElementType::Float32 => DataType::F32,
+            TensorElementType::Float64 => DataType::F64,
+            TensorElementType::Float16 => DataType::F16,
+            TensorElementType::Bfloat16 => DataType::Bf16,
+            TensorElementType::Uint8 => DataType::U8,
+            TensorElementType::Uint16 => DataType::U16,
+            TensorElementType::Uint32 => DataType::U32,
+            TensorElementType::Uint64 => DataType::U64,
+            TensorElementType::Int8 => DataType::I8,
+            TensorElementType::Int16 => DataType::I16,
+            TensorElementType::Int32 => DataType::I32,
+            TensorElementType::Int64 => DataType::I64,
+            TensorElementType::Bool => DataType::Bool,
+            TensorElementType::String => DataType::Bytes,
+            _ => return None,
+        })
+    }
+
+    /// Decodes little-endian bytes into a typed vector for the engine.
+    macro_rules! typed {
+        ($bytes:expr, $t:ty, $n:expr) => {
+            $bytes
+                .chunks_exact($n)
+                .map(|c| <$t>::from_le_bytes(c.try_into().expect("exact chunk")))
+                .collect::<Vec<$t>>()
+        };
+    }
+
+    fn to_ort(name: &str, t: Tensor) -> Result<DynValue, String> {
+        let shape = t.shape.clone();
+        let err = |e: ort::Error| format!("input '{name}': {e}");
+        let b = match &t.data {
+            TensorData::Raw(b) => b.clone(),
+            TensorData::Strings(items) => {
+                let strings = items
+                    .iter()
+                    .map(|s| {
+                        std::str::from_utf8(s)
+                            .map(str::to_owned)
+                            .map_err(|_| format!("input '{name}': BYTES element is not UTF-8"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                return OrtTensor::from_string_array((shape, strings.as_slice()))
+                    .map(|v| v.into_dyn())
+                    .map_err(err);
+            }
+        };
+        let v = match t.dtype {
+            DataType::F32 => OrtTensor::from_array((shape, typed!(b, f32, 4))).map(|v| v.into_dyn()),
+            DataType::F64 => OrtTensor::from_array((shape, typed!(b, f64, 8))).map(|v| v.into_dyn()),
+            DataType::I64 => OrtTensor::from_array((shape, typed!(b, i64, 8))).map(|v| v.into_dyn()),
+            DataType::I32 => OrtTensor::from_array((shape, typed!(b, i32, 4))).map(|v| v.into_dyn()),
+            DataType::I16 => OrtTensor::from_array((shape, typed!(b, i16, 2))).map(|v| v.into_dyn()),
+            DataType::I8 => OrtTensor::from_array((shape, typed!(b, i8, 1))).map(|v| v.into_dyn()),
+            DataType::U64 => OrtTensor::from_array((shape, typed!(b, u64, 8))).map(|v| v.into_dyn()),
+            DataType::U32 => OrtTensor::from_array((shape, typed!(b, u32, 4))).map(|v| v.into_dyn()),
+            DataType::U16 => OrtTensor::from_array((shape, typed!(b, u16, 2))).map(|v| v.into_dyn()),
+            DataType::U8 => OrtTensor::from_array((shape, b.to_vec())).map(|v| v.into_dyn()),
+            DataType::Bool => {
+                OrtTensor::from_array((shape, b.iter().map(|&x| x != 0).collect::<Vec<bool>>())).map(|v| v.into_dyn())
+            }
+            DataType::F16 => OrtTensor::from_array((shape, typed!(b, half::f16, 2))).map(|v| v.into_dyn()),
+            DataType::Bf16 => OrtTensor::from_array((shape, typed!(b, half::bf16, 2))).map(|v| v.into_dyn()),
+            DataType::Bytes => unreachable!("BYTES handled above"),
+        };
+        v.map_err(err)
+    }
+
+    fn le_bytes<T: Copy, const N: usize>(data: &[T], f: impl Fn(T) -> [u8; N]) -> Bytes {
+        let mut out = BytesMut::with_capacity(data.len() * N);
+        for &x in data {
+            out.extend_from_slice(&f(x));
+        }
+        out.freeze()
+    }
+
+    fn from_ort_value(name: &str, v: &DynValue) -> Result<Tensor, String> {
+        let dtype = dtype_of(v.dtype()).ok_or_else(|| format!("output '{name}' has a type Lattice cannot serve"))?;
+        let err = |e: ort::Error| format!("output '{name}': {e}");
+        macro_rules! raw {
+            ($t:ty) => {{
+                let (shape, data) = v.try_extract_tensor::<$t>().map_err(err)?;
+                (shape.to_vec(), le_bytes(data, <$t>::to_le_bytes))
+            }};
+        }
+        let (shape, bytes) = match dtype {
+            DataType::F32 => raw!(f32),
+            DataType::F64 => raw!(f64),
+            DataType::I64 => raw!(i64),
+            DataType::I32 => raw!(i32),
+            DataType::I16 => raw!(i16),
+            DataType::I8 => raw!(i8),
+            DataType::U64 => raw!(u64),
+            DataType::U32 => raw!(u32),
+            DataType::U16 => raw!(u16),
+            DataType::U8 => raw!(u8),
+            DataType::F16 => raw!(half::f16),
+            DataType::Bf16 => raw!(half::bf16),
+            DataType::Bool => {
+                let (shape, data) = v.try_extract_tensor::<bool>().map_err(err)?;
+                (
+                    shape.to_vec(),
+                    data.iter().map(|&b| b as u8).collect::<Vec<u8>>().into(),
+                )
+            }
+            DataType::Bytes => {
+                let (shape, strings) = v.try_extract_strings().map_err(err)?;
+                return Ok(Tensor::strings(
+                    shape.to_vec(),
+                    strings.into_iter().map(Bytes::from).collect(),
+                ));
+            }
+        };
+        Ok(Tensor::raw(dtype, shape, bytes))
+    }
+
+    impl Backend for OnnxBackend {
+        fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, String> {
+            let values = inputs
+                .into_iter()
+                .map(|(name, t)| to_ort(&name, t).map(|v| (name, v)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let result = self.session.run(values).map_err(|e| e.to_string())?;
+            outputs
+                .iter()
+                .map(|name| {
+                    let v = result
+                        .get(name)
+                        .ok_or_else(|| format!("model produced no output '{name}'"))?;
+                    from_ort_value(name, v)
+                })
+                .collect()
+        }
+
+        fn inputs(&self) -> Vec<(String, Option<DataType>)> {
+            self.session
+                .inputs()
+                .iter()
+                .map(|o| (o.name().to_string(), dtype_of(o.dtype())))
+                .collect()
+        }
+
+        fn outputs(&self) -> Vec<(String, Option<DataType>)> {
+            self.session
+                .outputs()
+                .iter()
+                .map(|o| (o.name().to_string(), dtype_of(o.dtype())))
+                .collect()
+        }
+    }
+}

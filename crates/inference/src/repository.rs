@@ -1,0 +1,556 @@
+//! The model repository: `<root>/<model>/config.toml` and `<root>/<model>/<version>/model.onnx`.
+//!
+//! Architecture Invariant: a model's served versions are replaced as one `Arc` under a
+//! write lock, after the new versions are fully loaded and warmed. Requests that
+//! already hold the old `Arc<ModelVersion>` finish on it; when the last one drops, its
+//! scheduler closes and its instance threads release the engine sessions. A failed
+//! load changes nothing that is serving.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use crate::{
+    backend::{onnx::OnnxBackend, Backend},
+    config::{self, ModelConfig},
+    error::InferError,
+    pipeline::TextPipeline,
+    scheduler::{InferRequest, InferResponse, ModelRuntime, Scheduler, DEFAULT_PRIORITY, PRIORITY_LEVELS},
+    stats::Stats,
+    tensor::{element_count, DataType, Tensor, TensorData},
+};
+
+#[derive(Clone, Debug)]
+pub struct RepositoryOptions {
+    pub root: PathBuf,
+    pub ort_library: PathBuf,
+}
+
+/// One served version of a model.
+pub struct ModelVersion {
+    pub name: String,
+    pub version: i64,
+    pub scheduler: Scheduler,
+    pub load_time: Duration,
+}
+
+impl Drop for ModelVersion {
+    fn drop(&mut self) {
+        self.scheduler.close();
+    }
+}
+
+/// The versions of a model that are loaded together, swapped as a unit.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    /// Ascending; the last entry is the default version.
+    pub versions: BTreeMap<i64, Arc<ModelVersion>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub state: String,
+    pub reason: String,
+}
+
+/// Request parameters the edge extracted, before validation.
+pub struct RequestParts {
+    pub id: String,
+    pub inputs: Vec<(String, Tensor)>,
+    /// Requested outputs; empty means all of them.
+    pub outputs: Vec<String>,
+    pub priority: Option<u8>,
+    pub timeout: Option<Duration>,
+}
+
+struct Inner {
+    root: PathBuf,
+    models: RwLock<HashMap<String, Arc<LoadedModel>>>,
+    /// Why the last load of a model failed, for the repository index.
+    failures: Mutex<HashMap<String, String>>,
+    /// One load or unload at a time: loads are CPU-heavy and must not race a swap.
+    admin: tokio::sync::Mutex<()>,
+}
+
+/// Cheap-to-clone handle to the repository.
+#[derive(Clone)]
+pub struct ModelRepository {
+    inner: Arc<Inner>,
+}
+
+impl ModelRepository {
+    /// Loads the ONNX Runtime library and checks the repository directory.
+    pub fn open(opts: &RepositoryOptions) -> Result<ModelRepository, String> {
+        if !opts.root.is_dir() {
+            return Err(format!("model repository {} is not a directory", opts.root.display()));
+        }
+        crate::backend::onnx::init(&opts.ort_library)?;
+        Ok(ModelRepository {
+            inner: Arc::new(Inner {
+                root: opts.root.clone(),
+                models: RwLock::new(HashMap::new()),
+                failures: Mutex::new(HashMap::new()),
+                admin: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Model directories present in the repository (loaded or not).
+    pub fn available(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.inner.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("config.toml").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Loads or reloads a model; on failure the previously served versions stay.
+    pub async fn load(&self, name: &str) -> Result<(), InferError> {
+        let _admin = self.inner.admin.lock().await;
+        if !is_safe_name(name) || !self.inner.root.join(name).join("config.toml").is_file() {
+            return Err(InferError::ModelNotFound(name.to_string()));
+        }
+        let dir = self.inner.root.join(name);
+        let model_name = name.to_string();
+        let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &model_name))
+            .await
+            .map_err(|e| InferError::LoadFailed {
+                name: name.to_string(),
+                reason: e.to_string(),
+            })?;
+        match loaded {
+            Ok(model) => {
+                let model = Arc::new(model);
+                warm_up(&model).await;
+                self.inner.models.write().insert(name.to_string(), model);
+                self.inner.failures.lock().remove(name);
+                tracing::info!(model = name, "model loaded");
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::warn!(model = name, %reason, "model load failed");
+                self.inner.failures.lock().insert(name.to_string(), reason.clone());
+                Err(InferError::LoadFailed {
+                    name: name.to_string(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Stops serving a model. Queued and running requests finish first; the engine
+    /// sessions are released when the last of them completes.
+    pub async fn unload(&self, name: &str) -> Result<(), InferError> {
+        let _admin = self.inner.admin.lock().await;
+        match self.inner.models.write().remove(name) {
+            Some(_) => {
+                tracing::info!(model = name, "model unloaded");
+                Ok(())
+            }
+            None => Err(InferError::ModelNotFound(name.to_string())),
+        }
+    }
+
+    /// Loads every model in the repository; returns the failures.
+    pub async fn load_all(&self) -> Vec<InferError> {
+        let mut errors = Vec::new();
+        for name in self.available() {
+            if let Err(e) = self.load(&name).await {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    pub fn model(&self, name: &str) -> Result<Arc<LoadedModel>, InferError> {
+        self.inner
+            .models
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| InferError::ModelNotFound(name.to_string()))
+    }
+
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let mut v: Vec<_> = self.inner.models.read().values().cloned().collect();
+        v.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        v
+    }
+
+    /// A served version; an empty `version` means the highest served one.
+    pub fn version(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, InferError> {
+        let model = self.model(name)?;
+        let found = if version.is_empty() {
+            model.versions.values().next_back()
+        } else {
+            version.parse::<i64>().ok().and_then(|v| model.versions.get(&v))
+        };
+        found.cloned().ok_or_else(|| InferError::VersionNotFound {
+            name: name.to_string(),
+            version: version.to_string(),
+        })
+    }
+
+    pub fn index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let models = self.inner.models.read();
+        let failures = self.inner.failures.lock();
+        let mut out = Vec::new();
+        for name in self.available() {
+            if let Some(m) = models.get(&name) {
+                for v in m.versions.keys() {
+                    out.push(IndexEntry {
+                        name: name.clone(),
+                        version: v.to_string(),
+                        state: "READY".into(),
+                        reason: String::new(),
+                    });
+                }
+            } else if !ready_only {
+                out.push(IndexEntry {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: "UNAVAILABLE".into(),
+                    reason: failures.get(&name).cloned().unwrap_or_else(|| "unloaded".into()),
+                });
+            }
+        }
+        out
+    }
+
+    /// Validates and runs one request.
+    pub async fn infer(&self, name: &str, version: &str, parts: RequestParts) -> Result<InferResponse, InferError> {
+        let mv = self.version(name, version)?;
+        let rt = mv.scheduler.runtime().clone();
+        let req = prepare(&rt.config, rt.text.as_ref().map(|t| t.input_name()), parts)?;
+        let deadline = req.deadline;
+        let rx = mv.scheduler.submit(req)?;
+        let reply = match deadline {
+            // Answer at the deadline even if the request is still queued; dropping
+            // the receiver makes the scheduler skip it.
+            Some(d) => tokio::time::timeout_at(d.into(), rx)
+                .await
+                .map_err(|_| InferError::DeadlineExceeded)?,
+            None => rx.await,
+        };
+        // The version must outlive its queued requests: keep `mv` alive until here.
+        drop(mv);
+        reply.map_err(|_| InferError::Backend("model instance stopped before answering".into()))?
+    }
+}
+
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != ".."
+}
+
+/// Builds a request from edge parts, checking it against the model config.
+pub fn prepare(cfg: &ModelConfig, text_input: Option<&str>, parts: RequestParts) -> Result<InferRequest, InferError> {
+    let invalid = |m: String| Err(InferError::InvalidInput(m));
+    let batching = cfg.max_batch_size > 0;
+    let mut inputs = parts.inputs;
+    let mut batch: Option<i64> = None;
+    for (name, t) in &inputs {
+        let Some(decl) = cfg.input_by_name(name) else {
+            let names: Vec<&str> = cfg.input.iter().map(|i| i.name.as_str()).collect();
+            return invalid(format!(
+                "unexpected input '{name}' for model '{}', expected one of {names:?}",
+                cfg.name
+            ));
+        };
+        if inputs.iter().filter(|(n, _)| n == name).count() > 1 {
+            return invalid(format!("input '{name}' is given more than once"));
+        }
+        if t.dtype != decl.dtype() {
+            return invalid(format!(
+                "input '{name}' has datatype {}, model '{}' expects {}",
+                t.dtype,
+                cfg.name,
+                decl.dtype()
+            ));
+        }
+        t.check_consistent()
+            .map_err(|m| InferError::InvalidInput(format!("input '{name}': {m}")))?;
+        let is_text = Some(name.as_str()) == text_input;
+        let expected = cfg.wire_shape(decl);
+        let shape_ok = if is_text {
+            // Text is one string per item: [n] or [n, 1].
+            matches!(t.shape.as_slice(), [_] | [_, 1])
+        } else {
+            t.shape.len() == expected.len()
+                && t.shape
+                    .iter()
+                    .zip(&expected)
+                    .enumerate()
+                    .all(|(i, (&got, &want))| (batching && i == 0) || want == -1 || got == want)
+        };
+        if !shape_ok {
+            return invalid(format!(
+                "input '{name}' has shape {:?}, model '{}' expects {expected:?}",
+                t.shape, cfg.name
+            ));
+        }
+        if batching {
+            let n = t.shape[0];
+            if n < 1 {
+                return invalid(format!("input '{name}' has an empty batch dimension"));
+            }
+            if n as usize > cfg.max_batch_size {
+                return Err(InferError::BatchTooLarge {
+                    got: n as usize,
+                    max: cfg.max_batch_size,
+                });
+            }
+            match batch {
+                Some(b) if b != n => {
+                    return invalid(format!("inputs disagree on the batch size ({b} vs {n} for '{name}')"))
+                }
+                _ => batch = Some(n),
+            }
+        }
+    }
+    let has = |inputs: &[(String, Tensor)], n: &str| inputs.iter().any(|(x, _)| x == n);
+    if let Some(text) = text_input {
+        if has(&inputs, text) && inputs.len() > 1 {
+            return invalid(format!(
+                "input '{text}' (raw text) cannot be combined with token tensors"
+            ));
+        }
+    }
+    let text_given = text_input.is_some_and(|t| has(&inputs, t));
+    if !text_given {
+        // Fill defaulted inputs, then require every non-optional one.
+        if let Some((_, first)) = inputs.first() {
+            let like = first.shape.clone();
+            let fills: Vec<_> = cfg
+                .input
+                .iter()
+                .filter(|i| i.zeros_if_absent && !has(&inputs, &i.name))
+                .map(|i| {
+                    let n = element_count(&like).unwrap_or(0);
+                    let sz = i.dtype().size().unwrap_or(1);
+                    (
+                        i.name.clone(),
+                        Tensor::raw(i.dtype(), like.clone(), Bytes::from(vec![0u8; n * sz])),
+                    )
+                })
+                .collect();
+            inputs.extend(fills);
+        }
+        let missing: Vec<&str> = cfg
+            .input
+            .iter()
+            .filter(|i| !i.optional && !has(&inputs, &i.name))
+            .map(|i| i.name.as_str())
+            .collect();
+        if !missing.is_empty() || inputs.is_empty() {
+            return invalid(format!("model '{}' is missing inputs {missing:?}", cfg.name));
+        }
+    }
+    let outputs = if parts.outputs.is_empty() {
+        cfg.output.iter().map(|o| o.name.clone()).collect()
+    } else {
+        for o in &parts.outputs {
+            if cfg.output_by_name(o).is_none() {
+                return invalid(format!("unknown output '{o}' for model '{}'", cfg.name));
+            }
+        }
+        parts.outputs
+    };
+    let priority = parts.priority.unwrap_or(DEFAULT_PRIORITY);
+    if usize::from(priority) >= PRIORITY_LEVELS {
+        return invalid(format!(
+            "priority {priority} is out of range 0..={}",
+            PRIORITY_LEVELS - 1
+        ));
+    }
+    let timeout = parts.timeout.or_else(|| {
+        let us = cfg.queue().default_timeout_microseconds;
+        (us > 0).then(|| Duration::from_micros(us))
+    });
+    Ok(InferRequest {
+        id: parts.id,
+        inputs,
+        outputs,
+        priority,
+        deadline: timeout.map(|t| Instant::now() + t),
+    })
+}
+
+/// Loads every selected version of a model, with all its instances, or nothing.
+fn load_model(dir: &Path, name: &str) -> Result<LoadedModel, String> {
+    let started = Instant::now();
+    let mut cfg = config::load(dir)?;
+    cfg.name = name.to_string();
+    let on_disk: Vec<i64> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .flatten()
+        .filter(|e| e.path().join("model.onnx").is_file())
+        .filter_map(|e| config::parse_version(&e.file_name().to_string_lossy()))
+        .collect();
+    let selected = cfg.version_policy.select(on_disk);
+    if selected.is_empty() {
+        return Err(format!(
+            "no version directory with a model.onnx under {}",
+            dir.display()
+        ));
+    }
+    let text = cfg.text.as_ref().map(|t| TextPipeline::load(dir, t)).transpose()?;
+    let pooled = cfg.pooling.as_ref().map(|p| p.output.clone());
+    let mut engine_outputs: Vec<String> = cfg
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .filter(|o| Some(o) != pooled.as_ref())
+        .collect();
+    if let Some(p) = &cfg.pooling {
+        if !engine_outputs.contains(&p.source) {
+            engine_outputs.push(p.source.clone());
+        }
+    }
+    let text_inputs = text.as_ref().map(|t| t.input_name().to_string());
+    let mut versions = BTreeMap::new();
+    for v in selected {
+        let path = dir.join(v.to_string()).join("model.onnx");
+        let backends = build_instances(&path, &cfg)?;
+        check_signature(backends[0].as_ref(), &cfg, text_inputs.as_deref(), pooled.as_deref())?;
+        let runtime = Arc::new(ModelRuntime {
+            config: cfg.clone(),
+            text: text
+                .as_ref()
+                .map(|_| TextPipeline::load(dir, cfg.text.as_ref().expect("text config present")))
+                .transpose()?,
+            engine_outputs: engine_outputs.clone(),
+            stats: Stats::default(),
+        });
+        versions.insert(
+            v,
+            Arc::new(ModelVersion {
+                name: name.to_string(),
+                version: v,
+                scheduler: Scheduler::start(runtime, backends),
+                load_time: started.elapsed(),
+            }),
+        );
+    }
+    Ok(LoadedModel { config: cfg, versions })
+}
+
+/// Maps the model file once and builds every instance from the same mapping.
+#[allow(unsafe_code)]
+fn build_instances(path: &Path, cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: the mapping is read-only and lives only while the sessions are built;
+    // the repository's files are not modified while a load of them runs.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    (0..cfg.instance_group.count)
+        .map(|_| {
+            OnnxBackend::new(&map, cfg.instance_group.intra_op_threads)
+                .map(|b| Box::new(b) as Box<dyn Backend>)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// A config that disagrees with the model file is a load error, not a runtime one.
+fn check_signature(b: &dyn Backend, cfg: &ModelConfig, text: Option<&str>, pooled: Option<&str>) -> Result<(), String> {
+    let engine_in = b.inputs();
+    for i in &cfg.input {
+        if Some(i.name.as_str()) == text {
+            continue;
+        }
+        match engine_in.iter().find(|(n, _)| *n == i.name) {
+            None => return Err(format!("config input '{}' is not an input of the model", i.name)),
+            Some((_, Some(d))) if *d != i.dtype() => {
+                return Err(format!(
+                    "config input '{}' is {}, the model says {d}",
+                    i.name,
+                    i.dtype()
+                ))
+            }
+            _ => {}
+        }
+    }
+    let engine_out = b.outputs();
+    for o in &cfg.output {
+        if Some(o.name.as_str()) == pooled {
+            continue;
+        }
+        match engine_out.iter().find(|(n, _)| *n == o.name) {
+            None => return Err(format!("config output '{}' is not an output of the model", o.name)),
+            Some((_, Some(d))) if *d != o.dtype() => {
+                return Err(format!(
+                    "config output '{}' is {}, the model says {d}",
+                    o.name,
+                    o.dtype()
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs one request through each new version before it serves traffic, so the first
+/// client does not pay for lazy engine initialisation. Failures are logged only: some
+/// models reject all-zero input.
+async fn warm_up(model: &LoadedModel) {
+    let cfg = &model.config;
+    let text = cfg.text.as_ref().map(|t| t.input.as_str());
+    let inputs: Vec<(String, Tensor)> = match text {
+        Some(t) => vec![(
+            t.to_string(),
+            Tensor::strings(vec![1], vec![Bytes::from_static(b"warm up")]),
+        )],
+        None => cfg
+            .input
+            .iter()
+            .filter(|i| !i.optional)
+            .map(|i| {
+                let shape: Vec<i64> = cfg.wire_shape(i).into_iter().map(|d| d.max(1)).collect();
+                let n = element_count(&shape).unwrap_or(0);
+                let fill = i.warmup_fill.unwrap_or(0.0);
+                let t = match i.dtype() {
+                    DataType::Bytes => Tensor::strings(shape, vec![Bytes::new(); n]),
+                    DataType::F32 => Tensor::from_f32(shape, &vec![fill as f32; n]),
+                    DataType::I64 => Tensor::from_i64(shape, &vec![fill as i64; n]),
+                    d => Tensor {
+                        dtype: d,
+                        shape,
+                        data: TensorData::Raw(Bytes::from(vec![0u8; n * d.size().unwrap_or(1)])),
+                    },
+                };
+                (i.name.clone(), t)
+            })
+            .collect(),
+    };
+    for v in model.versions.values() {
+        let parts = RequestParts {
+            id: "warm-up".into(),
+            inputs: inputs.clone(),
+            outputs: Vec::new(),
+            priority: Some(0),
+            timeout: None,
+        };
+        let result = match prepare(cfg, text, parts) {
+            Ok(req) => match v.scheduler.submit(req) {
+                Ok(rx) => rx.await.unwrap_or(Err(InferError::Cancelled)).map(|_| ()),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(model = %cfg.name, version = v.version, error = %e, "warm-up inference failed");
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Generated wire types. Nothing here is hand-written except this file: the `.proto`
+//! sources in `proto/` are the contract, compiled by `build.rs` with protox.
+
+/// `inference.GRPCInferenceService`: Open Inference Protocol v2, Triton dialect.
+pub mod inference {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("inference");
+}
+
+/// Encoded `FileDescriptorSet` of every proto above, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");

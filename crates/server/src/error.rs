@@ -1,0 +1,178 @@
+//! The one place where error kinds become HTTP statuses and gRPC codes.
+//!
+//! Architecture Invariant: every error a client can see goes through [`ApiError`], and
+//! [`ErrorKind::codes`] is an exhaustive match: adding a kind does not compile until
+//! it has exactly one HTTP status and one gRPC code.
+
+use std::time::Duration;
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use lattice_inference::InferError;
+use tonic::Code;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiError {
+    Infer(InferError),
+    /// JSON, binary header or protobuf contents that do not parse.
+    Malformed(String),
+    /// A body above the configured limit.
+    PayloadTooLarge {
+        limit: usize,
+    },
+    /// The server is not ready (starting or draining).
+    NotReady,
+}
+
+/// Closed set of error kinds, each with one HTTP status and one gRPC code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    ModelNotFound,
+    InvalidInput,
+    BatchTooLarge,
+    Malformed,
+    PayloadTooLarge,
+    Overloaded,
+    DeadlineExceeded,
+    Cancelled,
+    Unavailable,
+    LoadFailed,
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::ModelNotFound,
+        ErrorKind::InvalidInput,
+        ErrorKind::BatchTooLarge,
+        ErrorKind::Malformed,
+        ErrorKind::PayloadTooLarge,
+        ErrorKind::Overloaded,
+        ErrorKind::DeadlineExceeded,
+        ErrorKind::Cancelled,
+        ErrorKind::Unavailable,
+        ErrorKind::LoadFailed,
+        ErrorKind::Internal,
+    ];
+
+    /// The table.
+    pub fn codes(self) -> (StatusCode, Code) {
+        match self {
+            ErrorKind::ModelNotFound => (StatusCode::NOT_FOUND, Code::NotFound),
+            ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            ErrorKind::BatchTooLarge => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            ErrorKind::Malformed => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            // tonic's own message-size check answers OUT_OF_RANGE; the HTTP side agrees
+            // with it so one kind keeps one code on both protocols.
+            ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Code::OutOfRange),
+            ErrorKind::Overloaded => (StatusCode::TOO_MANY_REQUESTS, Code::ResourceExhausted),
+            ErrorKind::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, Code::DeadlineExceeded),
+            // 499 is nginx's "client closed request"; the client is gone, so it is for logs.
+            ErrorKind::Cancelled => (
+                StatusCode::from_u16(499).expect("499 is a valid status code"),
+                Code::Cancelled,
+            ),
+            ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            ErrorKind::LoadFailed => (StatusCode::BAD_REQUEST, Code::FailedPrecondition),
+            ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ApiError::Infer(e) => match e {
+                InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => ErrorKind::ModelNotFound,
+                InferError::ModelNotReady(_) | InferError::ShuttingDown => ErrorKind::Unavailable,
+                InferError::InvalidInput(_) => ErrorKind::InvalidInput,
+                InferError::BatchTooLarge { .. } => ErrorKind::BatchTooLarge,
+                InferError::Overloaded { .. } => ErrorKind::Overloaded,
+                InferError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+                InferError::Cancelled => ErrorKind::Cancelled,
+                InferError::LoadFailed { .. } => ErrorKind::LoadFailed,
+                InferError::Backend(_) => ErrorKind::Internal,
+            },
+            ApiError::Malformed(_) => ErrorKind::Malformed,
+            ApiError::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
+            ApiError::NotReady => ErrorKind::Unavailable,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::Infer(e) => e.to_string(),
+            ApiError::Malformed(m) => m.clone(),
+            ApiError::PayloadTooLarge { limit } => format!("request body exceeds the limit of {limit} bytes"),
+            ApiError::NotReady => "server is not ready".to_string(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Infer(InferError::Overloaded { retry_after, .. }) => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        ApiError::Infer(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.kind().codes();
+        if status.is_server_error() {
+            tracing::error!(error = %self.message(), "request failed");
+        }
+        let mut resp = (status, Json(serde_json::json!({ "error": self.message() }))).into_response();
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs().max(1).to_string();
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&secs).expect("digits are a valid header value"),
+            );
+        }
+        resp
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let (_, code) = e.kind().codes();
+        tonic::Status::new(code, e.message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_distinct_http_error_status() {
+        for k in ErrorKind::ALL {
+            let (http, grpc) = k.codes();
+            assert!(http.is_client_error() || http.is_server_error(), "{k:?}");
+            assert_ne!(grpc, Code::Ok, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn overload_carries_retry_after() {
+        let e = ApiError::Infer(InferError::Overloaded {
+            model: "m".into(),
+            limit: 1,
+            retry_after: Duration::from_secs(2),
+        });
+        let r = e.clone().into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(tonic::Status::from(e).code(), Code::ResourceExhausted);
+    }
+}

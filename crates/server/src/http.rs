@@ -1,0 +1,356 @@
+//! OIP v2 over REST (Triton dialect) with axum.
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, DefaultBodyLimit, Path, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use lattice_inference::{config::ModelConfig, repository::ModelVersion, stats::Snapshot};
+use serde_json::{json, Value};
+
+use crate::{
+    error::ApiError,
+    json::{decode_request, encode_response, HEADER_LEN},
+    AppState,
+};
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load))
+        .route("/v2/repository/models/{model}/unload", post(unload))
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
+        // Bodies above the limit are rejected while being read (never buffered whole);
+        // the handlers turn the rejection into a JSON 413.
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(s): State<AppState>) -> StatusCode {
+    if s.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": crate::SERVER_NAME,
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": crate::EXTENSIONS,
+    }))
+}
+
+pub fn metadata_json(cfg: &ModelConfig, versions: Vec<String>) -> Value {
+    let tensors = |ts: &[lattice_inference::config::TensorConfig]| -> Vec<Value> {
+        ts.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.dtype().as_str(), "shape": cfg.wire_shape(t)}))
+            .collect()
+    };
+    json!({
+        "name": cfg.name,
+        "versions": versions,
+        "platform": cfg.platform,
+        "inputs": tensors(&cfg.input),
+        "outputs": tensors(&cfg.output),
+    })
+}
+
+async fn model_metadata(s: State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    metadata_for(s, model, String::new()).await
+}
+
+async fn model_metadata_v(
+    s: State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    metadata_for(s, model, version).await
+}
+
+async fn metadata_for(State(s): State<AppState>, model: String, version: String) -> Result<Json<Value>, ApiError> {
+    let mv = s.repo.version(&model, &version)?;
+    let m = s.repo.model(&model)?;
+    let versions = if version.is_empty() {
+        m.versions.keys().map(|v| v.to_string()).collect()
+    } else {
+        vec![mv.version.to_string()]
+    };
+    Ok(Json(metadata_json(&m.config, versions)))
+}
+
+async fn model_ready(State(s): State<AppState>, Path(model): Path<String>) -> StatusCode {
+    ready_status(s.is_ready() && s.repo.version(&model, "").is_ok())
+}
+
+async fn model_ready_v(State(s): State<AppState>, Path((model, version)): Path<(String, String)>) -> StatusCode {
+    ready_status(s.is_ready() && s.repo.version(&model, &version).is_ok())
+}
+
+fn ready_status(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    }
+}
+
+type Body = Result<Bytes, BytesRejection>;
+
+async fn infer(
+    s: State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    infer_for(s, model, String::new(), headers, body).await
+}
+
+async fn infer_v(
+    s: State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    infer_for(s, model, version, headers, body).await
+}
+
+async fn infer_for(
+    State(s): State<AppState>,
+    model: String,
+    version: String,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !s.is_ready() {
+        return Err(ApiError::NotReady);
+    }
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: s.cfg.max_body_bytes,
+            }
+        } else {
+            ApiError::Malformed(r.body_text())
+        }
+    })?;
+    let header_len = headers
+        .get(HEADER_LEN)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| ApiError::Malformed(format!("{HEADER_LEN} must be a byte count")))
+        })
+        .transpose()?;
+    let decoded = decode_request(body, header_len)?;
+    let mv: std::sync::Arc<ModelVersion> = s.repo.version(&model, &version)?;
+    let resp = s.repo.infer(&model, &mv.version.to_string(), decoded.parts).await?;
+    let (body, json_len) = encode_response(&model, mv.version, &resp, &decoded.binary);
+    let mut r = body.into_response();
+    let h = r.headers_mut();
+    match json_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(HEADER_LEN, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    // Per-request timing breakdown, as TEI reports it.
+    h.insert(
+        "x-queue-time-us",
+        HeaderValue::from(resp.timing.queue.as_micros() as u64),
+    );
+    h.insert(
+        "x-compute-time-us",
+        HeaderValue::from(resp.timing.compute.as_micros() as u64),
+    );
+    Ok(r)
+}
+
+pub fn config_json(cfg: &ModelConfig) -> Value {
+    let tensor = |t: &lattice_inference::config::TensorConfig| json!({"name": t.name, "data_type": t.dtype().config_name(), "dims": t.dims, "optional": t.optional});
+    let policy = match &cfg.version_policy {
+        lattice_inference::config::VersionPolicy::Latest { num_versions } => {
+            json!({"latest": {"num_versions": num_versions}})
+        }
+        lattice_inference::config::VersionPolicy::All {} => json!({"all": {}}),
+        lattice_inference::config::VersionPolicy::Specific { versions } => json!({"specific": {"versions": versions}}),
+    };
+    let mut v = json!({
+        "name": cfg.name,
+        "platform": cfg.platform,
+        "backend": "onnxruntime",
+        "max_batch_size": cfg.max_batch_size,
+        "version_policy": policy,
+        "input": cfg.input.iter().map(tensor).collect::<Vec<_>>(),
+        "output": cfg.output.iter().map(tensor).collect::<Vec<_>>(),
+        "instance_group": [{"name": format!("{}_0", cfg.name), "kind": "KIND_CPU", "count": cfg.instance_group.count}],
+    });
+    if let Some(db) = &cfg.dynamic_batching {
+        v["dynamic_batching"] = json!({
+            "preferred_batch_size": db.preferred_batch_size,
+            "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
+            "priority_levels": lattice_inference::scheduler::PRIORITY_LEVELS,
+            "default_queue_policy": {
+                "max_queue_size": db.max_queue_size,
+                "default_timeout_microseconds": db.default_timeout_microseconds,
+                "allow_timeout_override": true,
+            },
+        });
+    }
+    v
+}
+
+async fn model_config(s: State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    model_config_v(s, Path((model, String::new()))).await
+}
+
+async fn model_config_v(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    s.repo.version(&model, &version)?;
+    Ok(Json(config_json(&s.repo.model(&model)?.config)))
+}
+
+fn duration_json(d: &lattice_inference::stats::Duration2) -> Value {
+    json!({"count": d.count, "ns": d.ns})
+}
+
+pub fn stats_json(name: &str, version: i64, s: &Snapshot) -> Value {
+    json!({
+        "name": name,
+        "version": version.to_string(),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": duration_json(&s.success),
+            "fail": duration_json(&s.fail),
+            "queue": duration_json(&s.queue),
+            "compute_input": duration_json(&s.compute_input),
+            "compute_infer": duration_json(&s.compute_infer),
+            "compute_output": duration_json(&s.compute_output),
+        },
+        "batch_stats": s.batches.iter().map(|(size, b)| json!({
+            "batch_size": size,
+            "compute_input": duration_json(&b.compute_input),
+            "compute_infer": duration_json(&b.compute_infer),
+            "compute_output": duration_json(&b.compute_output),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn all_stats(State(s): State<AppState>) -> Json<Value> {
+    let stats: Vec<Value> = s
+        .repo
+        .loaded()
+        .iter()
+        .flat_map(|m| {
+            m.versions
+                .values()
+                .map(|v| stats_json(&v.name, v.version, &v.scheduler.runtime().stats.snapshot()))
+        })
+        .collect();
+    Json(json!({ "model_stats": stats }))
+}
+
+async fn model_stats(s: State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    stats_for(s, model, None).await
+}
+
+async fn model_stats_v(
+    s: State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    stats_for(s, model, Some(version)).await
+}
+
+async fn stats_for(State(s): State<AppState>, model: String, version: Option<String>) -> Result<Json<Value>, ApiError> {
+    let m = s.repo.model(&model)?;
+    let stats: Vec<Value> = match version {
+        Some(v) => {
+            let mv = s.repo.version(&model, &v)?;
+            vec![stats_json(&model, mv.version, &mv.scheduler.runtime().stats.snapshot())]
+        }
+        None => m
+            .versions
+            .values()
+            .map(|v| stats_json(&model, v.version, &v.scheduler.runtime().stats.snapshot()))
+            .collect(),
+    };
+    Ok(Json(json!({ "model_stats": stats })))
+}
+
+async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let ready_only = if body.is_empty() {
+        false
+    } else {
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("malformed JSON: {e}")))?;
+        v.get("ready").and_then(Value::as_bool).unwrap_or(false)
+    };
+    let entries: Vec<Value> = s
+        .repo
+        .index(ready_only)
+        .into_iter()
+        .map(|e| {
+            let mut v = json!({"name": e.name, "state": e.state});
+            if !e.version.is_empty() {
+                v["version"] = json!(e.version);
+            }
+            if !e.reason.is_empty() {
+                v["reason"] = json!(e.reason);
+            }
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(entries)))
+}
+
+fn check_admin_body(body: &Bytes) -> Result<(), ApiError> {
+    if !body.is_empty() {
+        serde_json::from_slice::<Value>(body).map_err(|e| ApiError::Malformed(format!("malformed JSON: {e}")))?;
+    }
+    Ok(())
+}
+
+async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Bytes) -> Result<StatusCode, ApiError> {
+    check_admin_body(&body)?;
+    s.repo.load(&model).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn unload(State(s): State<AppState>, Path(model): Path<String>, body: Bytes) -> Result<StatusCode, ApiError> {
+    check_admin_body(&body)?;
+    s.repo.unload(&model).await?;
+    Ok(StatusCode::OK)
+}

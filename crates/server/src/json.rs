@@ -1,0 +1,422 @@
+//! OIP v2 REST bodies: JSON tensors and the binary tensor data extension.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use lattice_inference::{
+    scheduler::InferResponse,
+    tensor::{element_count, parse_wire_strings},
+    DataType, RequestParts, Tensor, TensorData,
+};
+use serde::{ser::SerializeSeq, Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// The header that says how many leading body bytes are JSON (binary extension).
+pub const HEADER_LEN: &str = "inference-header-content-length";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestJson {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputJson>,
+    #[serde(default)]
+    outputs: Vec<OutputJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputJson {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputJson {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// A decoded REST inference request.
+pub struct Decoded {
+    pub parts: RequestParts,
+    /// Per requested output (or all outputs when none were listed): binary or JSON.
+    pub binary: BinaryOutputs,
+}
+
+pub struct BinaryOutputs {
+    pub default: bool,
+    pub per_output: Vec<(String, bool)>,
+}
+
+impl BinaryOutputs {
+    pub fn wants_binary(&self, name: &str) -> bool {
+        self.per_output
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(self.default, |(_, b)| *b)
+    }
+}
+
+fn malformed(m: impl Into<String>) -> ApiError {
+    ApiError::Malformed(m.into())
+}
+
+/// Reads `priority` and `timeout` (microseconds) from request parameters, as the
+/// schedule-policy extension names them.
+pub fn schedule_params(
+    priority: Option<i64>,
+    timeout_us: Option<i64>,
+) -> Result<(Option<u8>, Option<Duration>), ApiError> {
+    let priority = priority
+        .map(|p| u8::try_from(p).map_err(|_| malformed(format!("priority {p} is out of range 0..=5"))))
+        .transpose()?;
+    let timeout = timeout_us
+        .map(|t| {
+            u64::try_from(t)
+                .map(Duration::from_micros)
+                .map_err(|_| malformed(format!("timeout {t} must be a non-negative number of microseconds")))
+        })
+        .transpose()?;
+    Ok((priority, timeout))
+}
+
+pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded, ApiError> {
+    let (json, mut binary) = match header_len {
+        Some(n) if n > body.len() => {
+            return Err(malformed(format!(
+                "{HEADER_LEN} is {n} but the body has only {} bytes",
+                body.len()
+            )))
+        }
+        Some(n) => (body.slice(..n), body.slice(n..)),
+        None => (body, Bytes::new()),
+    };
+    let req: RequestJson =
+        serde_json::from_slice(&json).map_err(|e| malformed(format!("malformed JSON request: {e}")))?;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for inp in req.inputs {
+        let dtype = DataType::parse(&inp.datatype)
+            .filter(|_| !inp.datatype.starts_with("TYPE_"))
+            .ok_or_else(|| malformed(format!("input '{}': unknown datatype '{}'", inp.name, inp.datatype)))?;
+        let t = match (inp.parameters.get("binary_data_size"), inp.data) {
+            (Some(size), None) => {
+                let size = size
+                    .as_u64()
+                    .ok_or_else(|| malformed(format!("input '{}': binary_data_size must be a number", inp.name)))?
+                    as usize;
+                if size > binary.len() {
+                    return Err(malformed(format!(
+                        "input '{}': binary_data_size {size} exceeds the {} binary bytes left",
+                        inp.name,
+                        binary.len()
+                    )));
+                }
+                let chunk = binary.split_to(size);
+                let data = match dtype {
+                    DataType::Bytes => TensorData::Strings(
+                        parse_wire_strings(chunk).map_err(|e| malformed(format!("input '{}': {e}", inp.name)))?,
+                    ),
+                    _ => TensorData::Raw(chunk),
+                };
+                Tensor {
+                    dtype,
+                    shape: inp.shape,
+                    data,
+                }
+            }
+            (None, Some(data)) => from_json(&inp.name, dtype, inp.shape, &data)?,
+            (Some(_), Some(_)) => {
+                return Err(malformed(format!(
+                    "input '{}' has both data and binary_data_size",
+                    inp.name
+                )))
+            }
+            (None, None) => return Err(malformed(format!("input '{}' has no data", inp.name))),
+        };
+        inputs.push((inp.name, t));
+    }
+    if !binary.is_empty() {
+        return Err(malformed(format!(
+            "{} binary bytes are not claimed by any input",
+            binary.len()
+        )));
+    }
+    let flag = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_bool);
+    let binary = BinaryOutputs {
+        default: flag(&req.parameters, "binary_data_output").unwrap_or(false),
+        per_output: req
+            .outputs
+            .iter()
+            .filter_map(|o| flag(&o.parameters, "binary_data").map(|b| (o.name.clone(), b)))
+            .collect(),
+    };
+    let int = |k: &str| -> Result<Option<i64>, ApiError> {
+        req.parameters
+            .get(k)
+            .map(|v| {
+                v.as_i64()
+                    .ok_or_else(|| malformed(format!("parameter '{k}' must be an integer")))
+            })
+            .transpose()
+    };
+    let (priority, timeout) = schedule_params(int("priority")?, int("timeout")?)?;
+    Ok(Decoded {
+        parts: RequestParts {
+            id: req.id.unwrap_or_default(),
+            inputs,
+            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+            priority,
+            timeout,
+        },
+        binary,
+    })
+}
+
+fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other),
+    }
+}
+
+/// Converts JSON `data` (flat or nested, row-major) to a tensor of `dtype`.
+fn from_json(name: &str, dtype: DataType, shape: Vec<i64>, data: &Value) -> Result<Tensor, ApiError> {
+    let mut flat = Vec::new();
+    flatten(data, &mut flat);
+    let n = element_count(&shape).ok_or_else(|| malformed(format!("input '{name}': invalid shape {shape:?}")))?;
+    if flat.len() != n {
+        return Err(ApiError::Infer(lattice_inference::InferError::InvalidInput(format!(
+            "input '{name}' has {} elements, shape {shape:?} needs {n}",
+            flat.len()
+        ))));
+    }
+    let bad = |v: &Value| malformed(format!("input '{name}': {v} is not a valid {dtype} value"));
+    if dtype == DataType::Bytes {
+        let items = flat
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+                    .ok_or_else(|| bad(v))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Tensor::strings(shape, items));
+    }
+    let size = dtype.size().expect("fixed-size type");
+    let mut buf = BytesMut::with_capacity(n * size);
+    macro_rules! ints {
+        ($t:ty, $get:ident) => {
+            for v in &flat {
+                let x = v
+                    .$get()
+                    .and_then(|x| <$t>::try_from(x).ok())
+                    .ok_or_else(|| bad(v))?;
+                buf.put_slice(&x.to_le_bytes());
+            }
+        };
+    }
+    match dtype {
+        DataType::Bool => {
+            for v in &flat {
+                buf.put_u8(v.as_bool().ok_or_else(|| bad(v))? as u8);
+            }
+        }
+        DataType::U8 => ints!(u8, as_u64),
+        DataType::U16 => ints!(u16, as_u64),
+        DataType::U32 => ints!(u32, as_u64),
+        DataType::U64 => ints!(u64, as_u64),
+        DataType::I8 => ints!(i8, as_i64),
+        DataType::I16 => ints!(i16, as_i64),
+        DataType::I32 => ints!(i32, as_i64),
+        DataType::I64 => ints!(i64, as_i64),
+        DataType::F32 => {
+            for v in &flat {
+                buf.put_f32_le(v.as_f64().ok_or_else(|| bad(v))? as f32);
+            }
+        }
+        DataType::F64 => {
+            for v in &flat {
+                buf.put_f64_le(v.as_f64().ok_or_else(|| bad(v))?);
+            }
+        }
+        DataType::F16 | DataType::Bf16 => {
+            return Err(malformed(format!(
+                "input '{name}': {dtype} can only be sent as binary data"
+            )))
+        }
+        DataType::Bytes => unreachable!("handled above"),
+    }
+    Ok(Tensor::raw(dtype, shape, buf.freeze()))
+}
+
+/// Serialises tensor elements as a flat JSON array without building `Value`s.
+struct JsonData<'a>(&'a Tensor);
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let t = self.0;
+        let b = t.raw_bytes();
+        macro_rules! seq {
+            ($n:expr, $conv:expr) => {{
+                let mut seq = s.serialize_seq(Some(b.len() / $n))?;
+                for c in b.chunks_exact($n) {
+                    seq.serialize_element(&$conv(c))?;
+                }
+                seq.end()
+            }};
+        }
+        match t.dtype {
+            DataType::Bool => seq!(1, |c: &[u8]| c[0] != 0),
+            DataType::U8 => seq!(1, |c: &[u8]| c[0]),
+            DataType::I8 => seq!(1, |c: &[u8]| c[0] as i8),
+            DataType::U16 => seq!(2, |c: &[u8]| u16::from_le_bytes([c[0], c[1]])),
+            DataType::I16 => seq!(2, |c: &[u8]| i16::from_le_bytes([c[0], c[1]])),
+            DataType::U32 => seq!(4, |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DataType::I32 => seq!(4, |c: &[u8]| i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DataType::F32 => seq!(4, |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            DataType::U64 => seq!(8, |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            DataType::I64 => seq!(8, |c: &[u8]| i64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            DataType::F64 => seq!(8, |c: &[u8]| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            DataType::F16 => seq!(2, |c: &[u8]| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            DataType::Bf16 => seq!(2, |c: &[u8]| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            DataType::Bytes => {
+                let TensorData::Strings(items) = &t.data else {
+                    return s.serialize_seq(Some(0))?.end();
+                };
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for i in items {
+                    seq.serialize_element(&String::from_utf8_lossy(i))?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OutputOut<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+}
+
+#[derive(Serialize)]
+struct ResponseOut<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    id: &'a str,
+    outputs: Vec<OutputOut<'a>>,
+}
+
+/// Encodes a response; returns the body and, with binary outputs, the JSON length for
+/// the `Inference-Header-Content-Length` header.
+pub fn encode_response(
+    model: &str,
+    version: i64,
+    resp: &InferResponse,
+    binary: &BinaryOutputs,
+) -> (Bytes, Option<usize>) {
+    let mut tail: Vec<Bytes> = Vec::new();
+    let outputs = resp
+        .outputs
+        .iter()
+        .map(|(name, t)| {
+            if binary.wants_binary(name) {
+                let wire = t.to_wire_bytes();
+                let params = serde_json::json!({ "binary_data_size": wire.len() });
+                tail.push(wire);
+                OutputOut {
+                    name,
+                    datatype: t.dtype.as_str(),
+                    shape: &t.shape,
+                    parameters: Some(params),
+                    data: None,
+                }
+            } else {
+                OutputOut {
+                    name,
+                    datatype: t.dtype.as_str(),
+                    shape: &t.shape,
+                    parameters: None,
+                    data: Some(JsonData(t)),
+                }
+            }
+        })
+        .collect();
+    let out = ResponseOut {
+        model_name: model,
+        model_version: version.to_string(),
+        id: &resp.id,
+        outputs,
+    };
+    let mut body = serde_json::to_vec(&out).expect("serialising plain data cannot fail");
+    if tail.is_empty() {
+        return (Bytes::from(body), None);
+    }
+    let json_len = body.len();
+    for t in tail {
+        body.extend_from_slice(&t);
+    }
+    (Bytes::from(body), Some(json_len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_json_flattens_row_major() {
+        let d = decode_request(
+            Bytes::from(r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"INT32","data":[[1,2],[3,4]]}]}"#),
+            None,
+        )
+        .ok()
+        .unwrap();
+        let t = &d.parts.inputs[0].1;
+        assert_eq!(t.to_i64_vec().unwrap(), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn out_of_range_and_wrong_types_are_malformed() {
+        for body in [
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#,
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#,
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP16","data":[1.0]}]}"#,
+            r#"{"inputs": 3}"#,
+        ] {
+            let e = decode_request(Bytes::from(body), None).err().unwrap();
+            assert!(matches!(e, ApiError::Malformed(_)), "{body}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn binary_inputs_are_split_in_order() {
+        let json = r#"{"inputs":[{"name":"a","shape":[1],"datatype":"FP32","parameters":{"binary_data_size":4}},{"name":"b","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}],"parameters":{"binary_data_output":true}}"#;
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(&1.5f32.to_le_bytes());
+        body.extend_from_slice(b"\x02\0\0\0hi");
+        let d = decode_request(Bytes::from(body), Some(json.len())).ok().unwrap();
+        assert_eq!(d.parts.inputs[0].1.to_f32_vec().unwrap(), vec![1.5]);
+        assert_eq!(d.parts.inputs[1].1.data, TensorData::Strings(vec![Bytes::from("hi")]));
+        assert!(d.binary.wants_binary("anything"));
+    }
+}

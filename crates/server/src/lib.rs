@@ -1,0 +1,202 @@
+//! The edge of Lattice: the Open Inference Protocol v2 over REST ([`http`]) and gRPC
+//! ([`grpc`]), the error table ([`error`]), a metrics endpoint and graceful shutdown.
+//!
+//! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0
+//! and production passes SIGTERM.
+
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod json;
+pub mod metrics;
+
+use std::{
+    future::{Future, IntoFuture},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use lattice_inference::ModelRepository;
+use lattice_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const SERVER_NAME: &str = "lattice";
+
+/// Protocol extensions advertised in server metadata.
+pub const EXTENSIONS: &[&str] = &[
+    "binary_tensor_data",
+    "model_repository",
+    "schedule_policy",
+    "statistics",
+    "model_configuration",
+];
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest accepted request body (REST) or message (gRPC), in bytes.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub repo: ModelRepository,
+    pub cfg: Arc<ServerConfig>,
+    ready: Arc<AtomicBool>,
+    /// Cancelled when draining starts; streams end on it.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(repo: ModelRepository, cfg: ServerConfig) -> AppState {
+        AppState {
+            repo,
+            cfg: Arc::new(cfg),
+            ready: Arc::new(AtomicBool::new(false)),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+    pub metrics: TcpListener,
+}
+
+const GRPC_SERVICE: &str = "inference.GRPCInferenceService";
+
+/// Serves until `shutdown` resolves, then drains.
+///
+/// Start-up order: listeners serve liveness at once; models load and warm up; only
+/// then do readiness and gRPC health turn to SERVING. On shutdown readiness turns
+/// false first, then the servers stop accepting and in-flight requests get
+/// `drain_timeout` to finish.
+pub async fn run(
+    state: AppState,
+    listeners: Listeners,
+    load_models: bool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let token = state.shutdown.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<GrpcInferenceServiceServer<grpc::InferenceService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lattice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let infer = GrpcInferenceServiceServer::new(grpc::InferenceService { state: state.clone() })
+        .max_decoding_message_size(state.cfg.max_body_bytes)
+        .max_encoding_message_size(usize::MAX);
+
+    let grpc_token = token.clone();
+    let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    let grpc_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            // Keepalive pings keep idle streams alive through load balancers.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(infer)
+            .serve_with_incoming_shutdown(grpc_incoming, grpc_token.cancelled_owned()),
+    );
+
+    let http_token = token.clone();
+    let http_server = tokio::spawn(
+        axum::serve(listeners.http, http::router(state.clone()))
+            .with_graceful_shutdown(http_token.cancelled_owned())
+            .into_future(),
+    );
+    let metrics_token = token.clone();
+    let metrics_server = tokio::spawn(
+        axum::serve(listeners.metrics, metrics::router(state.clone()))
+            .with_graceful_shutdown(metrics_token.cancelled_owned())
+            .into_future(),
+    );
+
+    if load_models {
+        for e in state.repo.load_all().await {
+            tracing::error!(error = %e, "model not loaded at start-up");
+        }
+    }
+    if !token.is_cancelled() {
+        state.set_ready(true);
+        health
+            .set_serving::<GrpcInferenceServiceServer<grpc::InferenceService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        tracing::info!("ready");
+    }
+
+    tokio::select! {
+        () = shutdown => {}
+        () = token.cancelled() => {}
+    }
+    tracing::info!("shutdown signal: readiness off, draining");
+    state.set_ready(false);
+    health
+        .set_not_serving::<GrpcInferenceServiceServer<grpc::InferenceService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(GRPC_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    token.cancel();
+    let drained = tokio::time::timeout(state.cfg.drain_timeout, async {
+        let _ = grpc_server.await;
+        let _ = http_server.await;
+        let _ = metrics_server.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?state.cfg.drain_timeout, "drain timeout reached with requests in flight");
+    }
+    Ok(())
+}
+
+/// SIGTERM (what Kubernetes sends to start a graceful shutdown) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

