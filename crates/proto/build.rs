@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Encoded descriptors feed gRPC server reflection.
     fs::write(out.join("inference_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Malformed protobuf is bad client input: INVALID_ARGUMENT, as malformed JSON
+        // is on REST, rather than the INTERNAL that prost's stock codec reports.
+        .codec_path("crate::codec::StrictCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -97,33 +97,8 @@ fn init_logging(filter: &str, format: LogFormat) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The ONNX Runtime library setup installs: .venv/lib/python*/site-packages/onnxruntime/capi/.
-pub fn default_ort_library() -> Option<PathBuf> {
-    let lib = std::fs::read_dir(".venv/lib").ok()?;
-    for py in lib.flatten() {
-        let capi = py.path().join("site-packages/onnxruntime/capi");
-        if let Ok(entries) = std::fs::read_dir(&capi) {
-            let mut found: Vec<PathBuf> = entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-                })
-                .collect();
-            // Prefer the versioned file (libonnxruntime.so.1.x.y) over a symlink.
-            found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-            if let Some(p) = found.into_iter().next() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
 pub fn resolve_ort(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
-    flag.or_else(default_ort_library)
+    flag.or_else(|| lattice_inference::backend::onnx::find_library(std::path::Path::new(".")))
         .ok_or_else(|| Failure::Usage("no ONNX Runtime library: run scripts/setup.sh or pass --ort-library".into()))
 }
 

@@ -30,6 +30,25 @@ pub mod onnx {
     use super::Backend;
     use crate::tensor::{DataType, Tensor, TensorData};
 
+    /// The library scripts/setup.sh installs under `<root>/.venv`:
+    /// `.venv/lib/python*/site-packages/onnxruntime/capi/libonnxruntime.so.<version>`.
+    pub fn find_library(root: &Path) -> Option<std::path::PathBuf> {
+        let lib = std::fs::read_dir(root.join(".venv/lib")).ok()?;
+        let mut found: Vec<std::path::PathBuf> = lib
+            .flatten()
+            .filter_map(|py| std::fs::read_dir(py.path().join("site-packages/onnxruntime/capi")).ok())
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+            })
+            .collect();
+        // Prefer the versioned file (libonnxruntime.so.1.x.y) over a bare symlink.
+        found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        found.into_iter().next()
+    }
+
     static RUNTIME: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
     /// Loads the ONNX Runtime library once per process. Later calls return the first

@@ -1,6 +1,8 @@
 //! Generated wire types. Nothing here is hand-written except this file: the `.proto`
 //! sources in `proto/` are the contract, compiled by `build.rs` with protox.
 
+pub mod codec;
+
 /// `inference.GRPCInferenceService`: Open Inference Protocol v2, Triton dialect.
 pub mod inference {
     #![allow(clippy::all, clippy::pedantic)]

@@ -1,0 +1,155 @@
+//! The `lattice` binary as an operator runs it: start-up output, exit codes for bad
+//! configuration, and a graceful SIGTERM under load.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn lattice() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lattice"));
+    c.current_dir(root()).env_remove("RUST_LOG");
+    c
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_line() {
+    for args in [
+        vec!["serve", "--model-repository", "/nonexistent/models", "--http-port", "0"],
+        vec!["serve", "--http-port", "eighty"],
+        vec!["serve", "--log", "info,[[", "--http-port", "0"],
+        vec![
+            "serve",
+            "--ort-library",
+            "/nonexistent/libonnxruntime.so",
+            "--http-port",
+            "0",
+        ],
+        vec!["serve", "--no-such-flag"],
+    ] {
+        let out = lattice().args(&args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one-line reason, got {err}");
+        assert!(err.starts_with("lattice: "), "{err}");
+    }
+}
+
+#[test]
+fn help_documents_every_flag_with_its_env_var() {
+    let out = lattice().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for env in [
+        "LATTICE_HOST",
+        "LATTICE_HTTP_PORT",
+        "LATTICE_GRPC_PORT",
+        "LATTICE_METRICS_PORT",
+        "LATTICE_MODEL_REPOSITORY",
+        "LATTICE_ORT_LIBRARY",
+        "LATTICE_MAX_BODY_BYTES",
+        "LATTICE_DRAIN_TIMEOUT_SECS",
+    ] {
+        assert!(help.contains(env), "--help mentions {env}");
+    }
+}
+
+struct Server {
+    child: Child,
+    http: String,
+}
+
+fn spawn_server() -> Server {
+    let mut child = lattice()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let http = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap_or_else(|| panic!("bound addresses on the first line, got {line:?}"))
+        .to_string();
+    Server { child, http }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let started = Instant::now();
+    let mut server = spawn_server();
+    let http = reqwest::Client::new();
+    let ready = format!("http://{}/v2/health/ready", server.http);
+    loop {
+        if http.get(&ready).send().await.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "server never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long requests: a batch of 32 sentences, so they are still running at SIGTERM.
+    let body = json!({"inputs": [{"name": "TEXT", "shape": [32], "datatype": "BYTES",
+        "data": vec!["Graceful shutdown lets every accepted request finish before the process exits."; 32]}],
+        "outputs": [{"name": "embedding"}]});
+    let url = format!("http://{}/v2/models/minilm/infer", server.http);
+    let mut in_flight = Vec::new();
+    for _ in 0..8 {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        in_flight.push(tokio::spawn(async move { http.post(url).json(&body).send().await }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    sigterm(&server.child);
+    for r in in_flight {
+        let r = r.await.unwrap().expect("an in-flight request was dropped");
+        assert_eq!(r.status(), 200, "in-flight requests finish");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["outputs"][0]["shape"], json!([32, 384]));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}

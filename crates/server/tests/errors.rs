@@ -1,0 +1,470 @@
+//! Every bad-input kind over REST and gRPC, against a real server: each gets the one
+//! HTTP status and gRPC code of the error table, a clear message, and the server keeps
+//! serving.
+
+mod support;
+
+use bytes::{Buf, BufMut};
+use lattice_proto::inference::{self as pb, infer_parameter::ParameterChoice, model_infer_request::InferInputTensor};
+use lattice_server::error::ErrorKind;
+use serde_json::{json, Value};
+use support::{repo_copy, start, Options};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+fn magika_json(shape: Value, data: Value, datatype: &str, name: &str) -> Value {
+    json!({"inputs": [{"name": name, "shape": shape, "datatype": datatype, "data": data}]})
+}
+
+fn zeros(n: usize) -> Value {
+    Value::Array(vec![json!(0); n])
+}
+
+fn raw_i32(n: usize) -> Vec<u8> {
+    vec![0u8; n * 4]
+}
+
+fn grpc_req(
+    model: &str,
+    version: &str,
+    name: &str,
+    datatype: &str,
+    shape: Vec<i64>,
+    raw: Vec<Vec<u8>>,
+) -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        model_version: version.into(),
+        inputs: vec![InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            ..Default::default()
+        }],
+        raw_input_contents: raw,
+        ..Default::default()
+    }
+}
+
+enum Grpc {
+    Typed(pb::ModelInferRequest),
+    /// Bytes sent as the request message body as they are.
+    Raw(Vec<u8>),
+}
+
+struct Case {
+    what: &'static str,
+    path: String,
+    header_len: Option<usize>,
+    body: Vec<u8>,
+    grpc: Grpc,
+    kind: ErrorKind,
+}
+
+/// Sends pre-encoded bytes as a gRPC message: the only way to send malformed protobuf.
+#[derive(Default, Clone)]
+struct RawCodec;
+struct RawEncoder;
+struct RawDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let v = buf.chunk().to_vec();
+        buf.advance(v.len());
+        Ok(Some(v))
+    }
+}
+
+async fn grpc_call(server: &support::TestServer, g: Grpc) -> tonic::Status {
+    match g {
+        Grpc::Typed(req) => server
+            .grpc_client()
+            .await
+            .model_infer(req)
+            .await
+            .expect_err("request must fail"),
+        Grpc::Raw(bytes) => {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = tonic::client::Grpc::new(channel);
+            client.ready().await.unwrap();
+            let path =
+                tonic::codegen::http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+            client
+                .unary(tonic::Request::new(bytes), path, RawCodec)
+                .await
+                .expect_err("request must fail")
+        }
+    }
+}
+
+async fn check(server: &support::TestServer, http: &reqwest::Client, c: Case) {
+    let (status, code) = c.kind.codes();
+    let mut req = http.post(server.url(&c.path)).body(c.body.clone());
+    if let Some(n) = c.header_len {
+        req = req
+            .header("Inference-Header-Content-Length", n.to_string())
+            .header("content-type", "application/octet-stream");
+    }
+    let resp = req.send().await.expect("http send");
+    assert_eq!(resp.status().as_u16(), status.as_u16(), "{}: HTTP status", c.what);
+    let retry_after = resp.headers().get("retry-after").is_some();
+    let body: Value = resp
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{}: JSON error body: {e}", c.what));
+    let msg = body["error"].as_str().unwrap_or_default().to_string();
+    assert!(!msg.is_empty(), "{}: error message in {body}", c.what);
+    if c.kind == ErrorKind::Overloaded {
+        assert!(retry_after, "429 carries Retry-After");
+    }
+    let st = grpc_call(server, c.grpc).await;
+    assert_eq!(st.code(), code, "{}: gRPC code ({})", c.what, st.message());
+    assert!(!st.message().is_empty(), "{}: gRPC message", c.what);
+}
+
+async fn still_serving(server: &support::TestServer, http: &reqwest::Client) {
+    let body = magika_json(json!([1, 2048]), zeros(2048), "INT32", "bytes");
+    let r = http
+        .post(server.url("/v2/models/magika/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out = server
+        .grpc_client()
+        .await
+        .model_infer(grpc_req(
+            "magika",
+            "",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            vec![raw_i32(2048)],
+        ))
+        .await
+        .expect("good gRPC request after errors");
+    assert_eq!(out.into_inner().raw_output_contents[0].len(), 214 * 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_error_kind_on_both_protocols() {
+    let repo = repo_copy(&["magika"]);
+    let server = start(repo.path(), Options::default()).await;
+    let http = reqwest::Client::new();
+    let infer = "/v2/models/magika/infer".to_string();
+    let ok_body = magika_json(json!([1, 2048]), zeros(2048), "INT32", "bytes");
+    let json_bytes = |v: &Value| serde_json::to_vec(v).unwrap();
+    let timeout_req = {
+        let mut r = grpc_req("magika", "", "bytes", "INT32", vec![1, 2048], vec![raw_i32(2048)]);
+        r.parameters.insert(
+            "timeout".into(),
+            pb::InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(1)),
+            },
+        );
+        r
+    };
+    let mut deadline_body = ok_body.clone();
+    deadline_body["parameters"] = json!({"timeout": 1});
+    let cases = vec![
+        Case {
+            what: "unknown model",
+            path: "/v2/models/nope/infer".into(),
+            header_len: None,
+            body: json_bytes(&ok_body),
+            grpc: Grpc::Typed(grpc_req(
+                "nope",
+                "",
+                "bytes",
+                "INT32",
+                vec![1, 2048],
+                vec![raw_i32(2048)],
+            )),
+            kind: ErrorKind::ModelNotFound,
+        },
+        Case {
+            what: "unknown version",
+            path: "/v2/models/magika/versions/9/infer".into(),
+            header_len: None,
+            body: json_bytes(&ok_body),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "9",
+                "bytes",
+                "INT32",
+                vec![1, 2048],
+                vec![raw_i32(2048)],
+            )),
+            kind: ErrorKind::ModelNotFound,
+        },
+        Case {
+            what: "wrong input name",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&magika_json(json!([1, 2048]), zeros(2048), "INT32", "byts")),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "byts",
+                "INT32",
+                vec![1, 2048],
+                vec![raw_i32(2048)],
+            )),
+            kind: ErrorKind::InvalidInput,
+        },
+        Case {
+            what: "wrong datatype",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&magika_json(json!([1, 2048]), zeros(2048), "FP32", "bytes")),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "FP32",
+                vec![1, 2048],
+                vec![raw_i32(2048)],
+            )),
+            kind: ErrorKind::InvalidInput,
+        },
+        Case {
+            what: "wrong shape",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&magika_json(json!([1, 100]), zeros(100), "INT32", "bytes")),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "INT32",
+                vec![1, 100],
+                vec![raw_i32(100)],
+            )),
+            kind: ErrorKind::InvalidInput,
+        },
+        Case {
+            what: "wrong element count",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&magika_json(json!([1, 2048]), zeros(10), "INT32", "bytes")),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "INT32",
+                vec![1, 2048],
+                vec![raw_i32(10)],
+            )),
+            kind: ErrorKind::InvalidInput,
+        },
+        Case {
+            what: "missing input",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&json!({"inputs": []})),
+            grpc: Grpc::Typed(pb::ModelInferRequest {
+                model_name: "magika".into(),
+                ..Default::default()
+            }),
+            kind: ErrorKind::InvalidInput,
+        },
+        Case {
+            what: "batch too large",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&magika_json(json!([33, 2048]), zeros(33 * 2048), "INT32", "bytes")),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "INT32",
+                vec![33, 2048],
+                vec![raw_i32(33 * 2048)],
+            )),
+            kind: ErrorKind::BatchTooLarge,
+        },
+        Case {
+            what: "malformed JSON / protobuf",
+            path: infer.clone(),
+            header_len: None,
+            body: b"{\"inputs\": [".to_vec(),
+            // Field 1 (model_name) as a length-delimited value claiming 100 bytes.
+            grpc: Grpc::Raw(vec![0x0a, 100, b'x']),
+            kind: ErrorKind::Malformed,
+        },
+        Case {
+            what: "malformed binary header / raw contents",
+            path: infer.clone(),
+            header_len: Some(100_000),
+            body: json_bytes(&ok_body),
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "INT32",
+                vec![1, 2048],
+                vec![raw_i32(2048), raw_i32(1)],
+            )),
+            kind: ErrorKind::Malformed,
+        },
+        Case {
+            what: "deadline passed before compute",
+            path: infer.clone(),
+            header_len: None,
+            body: json_bytes(&deadline_body),
+            grpc: Grpc::Typed(timeout_req),
+            kind: ErrorKind::DeadlineExceeded,
+        },
+    ];
+    for c in cases {
+        check(&server, &http, c).await;
+    }
+    still_serving(&server, &http).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_body_is_rejected_on_both_protocols() {
+    let repo = repo_copy(&["magika"]);
+    let server = start(
+        repo.path(),
+        Options {
+            max_body_bytes: 64 * 1024,
+            ..Options::default()
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let rows = 20;
+    let json = serde_json::to_vec(
+        &json!({"inputs": [{"name": "bytes", "shape": [rows, 2048], "datatype": "INT32",
+        "parameters": {"binary_data_size": rows * 2048 * 4}}]}),
+    )
+    .unwrap();
+    let mut body = json.clone();
+    body.extend(raw_i32(rows * 2048));
+    check(
+        &server,
+        &http,
+        Case {
+            what: "oversize body",
+            path: "/v2/models/magika/infer".into(),
+            header_len: Some(json.len()),
+            body,
+            grpc: Grpc::Typed(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "INT32",
+                vec![rows as i64, 2048],
+                vec![raw_i32(rows * 2048)],
+            )),
+            kind: ErrorKind::PayloadTooLarge,
+        },
+    )
+    .await;
+    still_serving(&server, &http).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_answers_overloaded_and_loses_nothing_else() {
+    let repo = repo_copy(&["magika"]);
+    support::edit_config(repo.path(), "magika", |s| {
+        s.replace("max_batch_size = 32", "max_batch_size = 1")
+            .replace("max_queue_size = 512", "max_queue_size = 2")
+            .replace("count = 2", "count = 1")
+    });
+    let server = start(repo.path(), Options::default()).await;
+    let http = reqwest::Client::new();
+    let body = magika_json(json!([1, 2048]), zeros(2048), "INT32", "bytes");
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (http, url, body) = (http.clone(), server.url("/v2/models/magika/infer"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()),
+            )
+        }));
+    }
+    let mut ok = 0;
+    let mut rejected = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (200, _) => ok += 1,
+            (429, Some(after)) => {
+                assert!(after.parse::<u64>().unwrap() >= 1);
+                rejected += 1
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(ok >= 3 && rejected >= 1, "ok {ok}, rejected {rejected}");
+    let mut client = server.grpc_client().await;
+    let mut calls = Vec::new();
+    for _ in 0..32 {
+        let mut c = client.clone();
+        calls.push(tokio::spawn(async move {
+            c.model_infer(grpc_req(
+                "magika",
+                "",
+                "bytes",
+                "INT32",
+                vec![1, 2048],
+                vec![raw_i32(2048)],
+            ))
+            .await
+        }));
+    }
+    let mut exhausted = 0;
+    for c in calls {
+        if let Err(st) = c.await.unwrap() {
+            assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{}", st.message());
+            exhausted += 1;
+        }
+    }
+    assert!(exhausted >= 1);
+    // The queue drains and the model serves again.
+    let r = client
+        .model_infer(grpc_req(
+            "magika",
+            "",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            vec![raw_i32(2048)],
+        ))
+        .await;
+    assert!(r.is_ok());
+    server.stop().await;
+}
