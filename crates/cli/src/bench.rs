@@ -1,9 +1,706 @@
-//! `lattice bench`: filled in below.
-use clap::Args;
+//! `lattice bench`: the serving benchmark. In one run it measures
+//! - the raw engine in-process on both cores (no server: the physical limit),
+//! - `lattice serve` over HTTP/JSON and gRPC,
+//! - the Python peers a user would otherwise pick (Flask under gunicorn, FastAPI under
+//!   uvicorn, 2 workers each; `bench/peers/`),
+//!
+//! with the same request, closed-loop at each concurrency, and reports throughput,
+//! p50/p99 latency, resident memory and start-up time, with ratios against the raw
+//! engine and the best peer. Everything runs on 127.0.0.1 and stops by itself.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use lattice_inference::{
+    backend::{onnx::OnnxBackend, Backend},
+    config,
+    pipeline::TextPipeline,
+    DataType, Tensor,
+};
+use lattice_proto::inference::{
+    self as pb, grpc_inference_service_client::GrpcInferenceServiceClient, model_infer_request::InferInputTensor,
+};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::cli::Failure;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    LatticeHttp,
+    LatticeGrpc,
+    #[value(name = "gunicorn-2w")]
+    #[serde(rename = "gunicorn-2w")]
+    Gunicorn2w,
+    #[value(name = "uvicorn-2w")]
+    #[serde(rename = "uvicorn-2w")]
+    Uvicorn2w,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::LatticeHttp => "lattice-http",
+            Target::LatticeGrpc => "lattice-grpc",
+            Target::Gunicorn2w => "gunicorn-2w",
+            Target::Uvicorn2w => "uvicorn-2w",
+        }
+    }
+
+    fn is_peer(self) -> bool {
+        matches!(self, Target::Gunicorn2w | Target::Uvicorn2w)
+    }
+}
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Models to measure (directories of the model repository).
+    #[arg(
+        long,
+        env = "LATTICE_BENCH_MODELS",
+        value_delimiter = ',',
+        default_value = "magika,minilm,silero_vad"
+    )]
+    pub models: Vec<String>,
+    /// Closed-loop client concurrency levels.
+    #[arg(
+        long,
+        env = "LATTICE_BENCH_CONCURRENCY",
+        value_delimiter = ',',
+        default_value = "1,8,64"
+    )]
+    pub concurrency: Vec<usize>,
+    /// Servers to load.
+    #[arg(
+        long,
+        env = "LATTICE_BENCH_TARGETS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lattice-http,lattice-grpc,gunicorn-2w,uvicorn-2w"
+    )]
+    pub targets: Vec<Target>,
+    /// Measured seconds per point (after the warm-up).
+    #[arg(long, env = "LATTICE_BENCH_DURATION_SECS", default_value_t = 10.0)]
+    pub duration_secs: f64,
+    /// Unrecorded seconds of load before each measured point.
+    #[arg(long, env = "LATTICE_BENCH_WARMUP_SECS", default_value_t = 2.0)]
+    pub warmup_secs: f64,
+    /// Model repository served by every target.
+    #[arg(long, env = "LATTICE_MODEL_REPOSITORY", default_value = "models")]
+    pub model_repository: PathBuf,
+    /// ONNX Runtime library for the raw-engine baseline and the server.
+    #[arg(long, env = "LATTICE_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+    /// Where the JSON report is written.
+    #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
+    pub out_dir: PathBuf,
+}
 
-pub async fn run(_args: BenchArgs) -> Result<(), crate::cli::Failure> {
+/// The same request in every encoding a target needs.
+struct Workload {
+    model: String,
+    http_body: Bytes,
+    grpc: pb::ModelInferRequest,
+    /// What the engine itself receives (tokenized for text models).
+    raw: Vec<(String, Tensor)>,
+    raw_outputs: Vec<String>,
+    describe: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Point {
+    target: String,
+    concurrency: usize,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    rss_mb: Option<f64>,
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), Failure> {
+    let ort = crate::cli::resolve_ort(args.ort_library.clone())?;
+    lattice_inference::backend::onnx::init(&ort).map_err(Failure::Usage)?;
+    if args.duration_secs <= 0.0 || args.concurrency.contains(&0) {
+        return Err(Failure::Usage("duration and concurrency must be positive".into()));
+    }
+    let dur = Duration::from_secs_f64(args.duration_secs);
+    let warm = Duration::from_secs_f64(args.warmup_secs);
+    let mut report = Vec::new();
+
+    let needs_lattice = args.targets.iter().any(|t| !t.is_peer());
+    let mut lattice = if needs_lattice {
+        Some(LatticeProcess::start(&args, &ort).context("starting lattice serve")?)
+    } else {
+        None
+    };
+    if let Some(l) = &lattice {
+        println!(
+            "lattice serve: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, RSS {:.1} MB",
+            l.listen_ms,
+            l.ready_ms,
+            l.rss_mb()
+        );
+    }
+
+    for model in &args.models {
+        let w = workload(&args.model_repository, model).with_context(|| format!("preparing a request for {model}"))?;
+        println!("\n## {model}: {}", w.describe);
+        let raw = raw_engine(&args.model_repository, &w, warm, dur).context("raw engine baseline")?;
+        println!(
+            "raw engine, 2 threads x 1 intra-op thread: {:.0} inferences/s, p50 {:.3} ms, p99 {:.3} ms",
+            raw.rps, raw.p50_ms, raw.p99_ms
+        );
+        let mut points = Vec::new();
+        for &target in &args.targets {
+            let mut peer = None;
+            let startup_ms;
+            let pid;
+            let client = match target {
+                Target::LatticeHttp | Target::LatticeGrpc => {
+                    let l = lattice.as_ref().expect("started above");
+                    startup_ms = l.ready_ms;
+                    pid = l.child.id();
+                    if target == Target::LatticeHttp {
+                        LoadClient::http(&l.http, &w)
+                    } else {
+                        LoadClient::grpc(&l.grpc, &w).await?
+                    }
+                }
+                Target::Gunicorn2w | Target::Uvicorn2w => {
+                    let p = PeerProcess::start(target, model).await?;
+                    startup_ms = p.ready_ms;
+                    pid = p.child.id();
+                    let c = LoadClient::http(&p.addr, &w);
+                    peer = Some(p);
+                    c
+                }
+            };
+            println!(
+                "{}: ready after {:.0} ms, RSS idle {:.1} MB",
+                target.name(),
+                startup_ms,
+                tree_rss_mb(pid)
+            );
+            for &c in &args.concurrency {
+                let mut p = client.run(c, warm, dur).await;
+                p.target = target.name().into();
+                p.rss_mb = Some(tree_rss_mb(pid));
+                println!(
+                    "  {:<13} c={:<3} {:>8.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}  RSS {:.1} MB  ({:.2}x raw)",
+                    p.target,
+                    c,
+                    p.rps,
+                    p.p50_ms,
+                    p.p99_ms,
+                    p.errors,
+                    p.rss_mb.unwrap_or_default(),
+                    p.rps / raw.rps
+                );
+                points.push(p);
+            }
+            if let Some(p) = peer {
+                p.stop();
+            }
+        }
+        print_summary(&raw, &points, &args.concurrency);
+        report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
+    }
+    if let Some(l) = lattice.take() {
+        l.stop()?;
+    }
+    std::fs::create_dir_all(&args.out_dir).context("creating the output directory")?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let path = args.out_dir.join(format!("serving-{stamp}.json"));
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&json!({"models": report})).context("encoding")?,
+    )
+    .context("writing the report")?;
+    println!("\nreport: {}", path.display());
     Ok(())
+}
+
+fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
+    println!("\n| c | target | req/s | p50 ms | p99 ms | x raw | x best peer | p99 / best peer p99 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &c in levels {
+        let at: Vec<&Point> = points.iter().filter(|p| p.concurrency == c).collect();
+        let best_peer = at
+            .iter()
+            .filter(|p| p.target.contains("corn"))
+            .max_by(|a, b| a.rps.total_cmp(&b.rps))
+            .copied();
+        for p in &at {
+            let (xp, p99r) = match best_peer {
+                Some(b) if !p.target.contains("corn") => {
+                    (format!("{:.2}", p.rps / b.rps), format!("{:.2}", p.p99_ms / b.p99_ms))
+                }
+                _ => ("".into(), "".into()),
+            };
+            println!(
+                "| {c} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {xp} | {p99r} |",
+                p.target,
+                p.rps,
+                p.p50_ms,
+                p.p99_ms,
+                p.rps / raw.rps
+            );
+        }
+    }
+}
+
+// === Workloads ===
+
+fn tensor_json(name: &str, t: &Tensor) -> Value {
+    let data: Value = match t.dtype {
+        DataType::F32 => json!(t.to_f32_vec().expect("fp32")),
+        DataType::I32 | DataType::I64 => json!(t.to_i64_vec().expect("ints")),
+        DataType::Bytes => match &t.data {
+            lattice_inference::TensorData::Strings(s) => {
+                json!(s
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .collect::<Vec<_>>())
+            }
+            _ => json!([]),
+        },
+        other => panic!("bench workloads do not use {other}"),
+    };
+    json!({"name": name, "shape": t.shape, "datatype": t.dtype.as_str(), "data": data})
+}
+
+fn workload(repo: &Path, model: &str) -> anyhow::Result<Workload> {
+    let (inputs, outputs, describe): (Vec<(String, Tensor)>, Vec<String>, String) = match model {
+        "magika" => {
+            // Magika's features of a real file: this very binary.
+            let exe = std::fs::read(std::env::current_exe()?)?;
+            let f = magika_features(&exe);
+            let bytes: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (
+                vec![("bytes".into(), Tensor::raw(DataType::I32, vec![1, 2048], bytes))],
+                vec!["target_label".into()],
+                "features of one file, INT32 [1,2048] -> FP32 [1,214]".into(),
+            )
+        }
+        "minilm" => (
+            vec![(
+                "TEXT".into(),
+                Tensor::strings(
+                    vec![1],
+                    vec![Bytes::from_static(
+                        b"How do I reset my password if I no longer have access to my email account?",
+                    )],
+                ),
+            )],
+            vec!["embedding".into()],
+            "one sentence as TEXT (19 tokens) -> embedding FP32 [1,384]".into(),
+        ),
+        "silero_vad" => {
+            let audio: Vec<f32> = (0..576).map(|i| (i as f32 * 0.1728).sin() * 0.3).collect();
+            (
+                vec![
+                    ("input".into(), Tensor::from_f32(vec![1, 576], &audio)),
+                    ("state".into(), Tensor::from_f32(vec![2, 1, 128], &[0.0; 256])),
+                    ("sr".into(), Tensor::from_i64(vec![], &[16000])),
+                ],
+                vec!["output".into(), "stateN".into()],
+                "one 36 ms chunk at 16 kHz with state -> speech probability".into(),
+            )
+        }
+        other => bail!("no benchmark request is defined for model '{other}'"),
+    };
+    let http_body = serde_json::to_vec(&json!({
+        "inputs": inputs.iter().map(|(n, t)| tensor_json(n, t)).collect::<Vec<_>>(),
+        "outputs": outputs.iter().map(|o| json!({"name": o})).collect::<Vec<_>>(),
+    }))?;
+    let grpc = pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: inputs
+            .iter()
+            .map(|(n, t)| InferInputTensor {
+                name: n.clone(),
+                datatype: t.dtype.as_str().into(),
+                shape: t.shape.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| pb::model_infer_request::InferRequestedOutputTensor {
+                name: o.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: inputs.iter().map(|(_, t)| t.to_wire_bytes().to_vec()).collect(),
+        ..Default::default()
+    };
+    // The engine sees token tensors where the server receives text.
+    let cfg = config::load(&repo.join(model)).map_err(anyhow::Error::msg)?;
+    let (raw, raw_outputs) = match &cfg.text {
+        Some(t) => {
+            let pipeline = TextPipeline::load(&repo.join(model), t).map_err(anyhow::Error::msg)?;
+            let texts = match &inputs[0].1.data {
+                lattice_inference::TensorData::Strings(s) => s.clone(),
+                _ => bail!("text workload without strings"),
+            };
+            let source = cfg.pooling.as_ref().map(|p| p.source.clone()).unwrap_or_default();
+            (pipeline.encode(&texts).map_err(anyhow::Error::msg)?, vec![source])
+        }
+        None => (inputs.clone(), outputs.clone()),
+    };
+    Ok(Workload {
+        model: model.into(),
+        http_body: Bytes::from(http_body),
+        grpc,
+        raw,
+        raw_outputs,
+        describe,
+    })
+}
+
+/// Magika's input features: the first and last 1024 bytes (whitespace-stripped),
+/// padded with 256.
+fn magika_features(content: &[u8]) -> Vec<i32> {
+    let head = &content[..content.len().min(4096)];
+    let head = &head[head.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(head.len())..];
+    let tail = &content[content.len().saturating_sub(4096)..];
+    let tail = &tail[..tail.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(0, |i| i + 1)];
+    let mut out: Vec<i32> = head.iter().take(1024).map(|&b| i32::from(b)).collect();
+    out.resize(1024, 256);
+    let t = &tail[tail.len().saturating_sub(1024)..];
+    out.extend(std::iter::repeat_n(256, 1024 - t.len()));
+    out.extend(t.iter().map(|&b| i32::from(b)));
+    out
+}
+
+// === Raw engine ===
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i]
+}
+
+fn summarize(target: &str, c: usize, mut lat: Vec<f64>, errors: u64, dur: Duration) -> Point {
+    lat.sort_by(f64::total_cmp);
+    Point {
+        target: target.into(),
+        concurrency: c,
+        rps: lat.len() as f64 / dur.as_secs_f64(),
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        errors,
+        rss_mb: None,
+    }
+}
+
+/// Two threads, each with its own session and one intra-op thread, running the
+/// engine back to back: what two cores can do with no server at all.
+fn raw_engine(repo: &Path, w: &Workload, warm: Duration, dur: Duration) -> anyhow::Result<Point> {
+    let model = std::fs::read(repo.join(&w.model).join("1/model.onnx")).context("reading the model")?;
+    let threads = 2;
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + warm;
+    let end = measure_from + dur;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let mut backend = OnnxBackend::new(&model, 1).map_err(anyhow::Error::msg)?;
+            let (inputs, outputs) = (w.raw.clone(), w.raw_outputs.clone());
+            Ok(std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                while Instant::now() < start {
+                    std::hint::spin_loop();
+                }
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= end {
+                        break;
+                    }
+                    backend.run(inputs.clone(), &outputs).expect("raw engine run");
+                    if t0 >= measure_from {
+                        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                lat
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.join().map_err(|_| anyhow::anyhow!("raw engine thread panicked"))?);
+    }
+    Ok(summarize("raw-engine", threads, all, 0, dur))
+}
+
+// === Load generation ===
+
+#[derive(Clone)]
+enum LoadClient {
+    Http {
+        client: reqwest::Client,
+        url: String,
+        body: Bytes,
+    },
+    Grpc {
+        channels: Vec<GrpcInferenceServiceClient<Channel>>,
+        req: pb::ModelInferRequest,
+    },
+}
+
+impl LoadClient {
+    fn http(addr: &str, w: &Workload) -> LoadClient {
+        LoadClient::Http {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .tcp_nodelay(true)
+                .build()
+                .expect("HTTP client"),
+            url: format!("http://{addr}/v2/models/{}/infer", w.model),
+            body: w.http_body.clone(),
+        }
+    }
+
+    async fn grpc(addr: &str, w: &Workload) -> anyhow::Result<LoadClient> {
+        // A few HTTP/2 connections, as a pool of gRPC clients would hold.
+        let mut channels = Vec::new();
+        for _ in 0..4 {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
+            channels.push(GrpcInferenceServiceClient::new(ch));
+        }
+        Ok(LoadClient::Grpc {
+            channels,
+            req: w.grpc.clone(),
+        })
+    }
+
+    async fn once(&self, worker: usize) -> bool {
+        match self {
+            LoadClient::Http { client, url, body } => match client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+            {
+                Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                Err(_) => false,
+            },
+            LoadClient::Grpc { channels, req } => {
+                let mut c = channels[worker % channels.len()].clone();
+                c.model_infer(req.clone()).await.is_ok()
+            }
+        }
+    }
+
+    /// Closed loop: `c` workers send back to back; only the measured window counts.
+    async fn run(&self, c: usize, warm: Duration, dur: Duration) -> Point {
+        let measure_from = Instant::now() + warm;
+        let end = measure_from + dur;
+        let tasks: Vec<_> = (0..c)
+            .map(|i| {
+                let me = Arc::new(self.clone());
+                tokio::spawn(async move {
+                    let (mut lat, mut errors) = (Vec::new(), 0u64);
+                    loop {
+                        let t0 = Instant::now();
+                        if t0 >= end {
+                            break;
+                        }
+                        let ok = me.once(i).await;
+                        if t0 >= measure_from && Instant::now() <= end {
+                            if ok {
+                                lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        let (mut all, mut errors) = (Vec::new(), 0);
+        for t in tasks {
+            if let Ok((l, e)) = t.await {
+                all.extend(l);
+                errors += e;
+            }
+        }
+        summarize("", c, all, errors, dur)
+    }
+}
+
+// === Processes ===
+
+/// Sums VmRSS over a process and its descendants.
+fn tree_rss_mb(pid: u32) -> f64 {
+    let mut total = 0u64;
+    let mut stack = vec![pid];
+    let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            let ppid: u32 = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    while let Some(p) = stack.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        stack.extend(procs.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+    }
+    total as f64 / 1024.0
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+struct LatticeProcess {
+    child: Child,
+    http: String,
+    grpc: String,
+    listen_ms: f64,
+    ready_ms: f64,
+}
+
+impl LatticeProcess {
+    fn start(args: &BenchArgs, ort: &Path) -> anyhow::Result<LatticeProcess> {
+        let t0 = Instant::now();
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+            ])
+            .arg("--model-repository")
+            .arg(&args.model_repository)
+            .arg("--ort-library")
+            .arg(ort)
+            .args(["--log", "warn"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let listen_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .map(str::to_string)
+                .with_context(|| format!("no {k} in {line:?}"))
+        };
+        let (http, grpc) = (field("http=")?, field("grpc=")?);
+        wait_ready(&http, Duration::from_secs(60))?;
+        Ok(LatticeProcess {
+            child,
+            http,
+            grpc,
+            listen_ms,
+            ready_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn rss_mb(&self) -> f64 {
+        tree_rss_mb(self.child.id())
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        terminate(&mut self.child);
+        Ok(())
+    }
+}
+
+fn wait_ready(addr: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let req = format!("GET /v2/health/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            if s.write_all(req.as_bytes()).is_ok() {
+                let mut buf = [0u8; 12];
+                if s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200") {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} not ready within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct PeerProcess {
+    child: Child,
+    addr: String,
+    ready_ms: f64,
+}
+
+impl PeerProcess {
+    async fn start(target: Target, model: &str) -> anyhow::Result<PeerProcess> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let t0 = Instant::now();
+        let child = Command::new("bench/peers/run_peer.sh")
+            .args([target.name(), &port.to_string(), model])
+            .env("ORT_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting a Python peer (run scripts/setup.sh first)")?;
+        let addr = format!("127.0.0.1:{port}");
+        let a = addr.clone();
+        tokio::task::spawn_blocking(move || wait_ready(&a, Duration::from_secs(60))).await??;
+        Ok(PeerProcess {
+            child,
+            addr,
+            ready_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn stop(mut self) {
+        terminate(&mut self.child);
+    }
 }

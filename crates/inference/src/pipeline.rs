@@ -41,6 +41,31 @@ impl TextPipeline {
         &self.cfg.input
     }
 
+    /// Rejects what would fail at tokenization or in the embedding lookup: text that
+    /// is not UTF-8, and token ids outside the vocabulary.
+    pub fn check(&self, inputs: &[(String, Tensor)]) -> Result<(), String> {
+        for (name, t) in inputs {
+            if *name == self.cfg.input {
+                if let crate::tensor::TensorData::Strings(items) = &t.data {
+                    if let Some(i) = items.iter().position(|s| std::str::from_utf8(s).is_err()) {
+                        return Err(format!("input '{name}' item {i} is not valid UTF-8"));
+                    }
+                }
+            } else if *name == self.cfg.input_ids {
+                let vocab = self.tokenizer.get_vocab_size(true) as i64;
+                if let Some(id) = t
+                    .to_i64_vec()
+                    .and_then(|ids| ids.into_iter().find(|&id| id < 0 || id >= vocab))
+                {
+                    return Err(format!(
+                        "input '{name}' has token id {id} outside the vocabulary 0..{vocab}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Tokenizes a batch of texts into the model's integer inputs, padded to the
     /// longest item.
     pub fn encode(&self, texts: &[Bytes]) -> Result<Vec<(String, Tensor)>, String> {

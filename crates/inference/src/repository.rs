@@ -233,7 +233,7 @@ impl ModelRepository {
     pub async fn infer(&self, name: &str, version: &str, parts: RequestParts) -> Result<InferResponse, InferError> {
         let mv = self.version(name, version)?;
         let rt = mv.scheduler.runtime().clone();
-        let req = prepare(&rt.config, rt.text.as_ref().map(|t| t.input_name()), parts)?;
+        let req = prepare(&rt.config, rt.text.as_ref(), parts)?;
         let deadline = req.deadline;
         let rx = mv.scheduler.submit(req)?;
         let reply = match deadline {
@@ -244,9 +244,10 @@ impl ModelRepository {
                 .map_err(|_| InferError::DeadlineExceeded)?,
             None => rx.await,
         };
-        // The version must outlive its queued requests: keep `mv` alive until here.
-        drop(mv);
-        reply.map_err(|_| InferError::Backend("model instance stopped before answering".into()))?
+        let mut resp = reply.map_err(|_| InferError::Backend("model instance stopped before answering".into()))??;
+        resp.version = mv.version;
+        // `mv` lived until here: a version outlives the requests queued on it.
+        Ok(resp)
     }
 }
 
@@ -255,8 +256,13 @@ fn is_safe_name(name: &str) -> bool {
 }
 
 /// Builds a request from edge parts, checking it against the model config.
-pub fn prepare(cfg: &ModelConfig, text_input: Option<&str>, parts: RequestParts) -> Result<InferRequest, InferError> {
+pub fn prepare(
+    cfg: &ModelConfig,
+    text: Option<&TextPipeline>,
+    parts: RequestParts,
+) -> Result<InferRequest, InferError> {
     let invalid = |m: String| Err(InferError::InvalidInput(m));
+    let text_input = text.map(|t| t.input_name());
     let batching = cfg.max_batch_size > 0;
     let mut inputs = parts.inputs;
     let mut batch: Option<i64> = None;
@@ -328,6 +334,11 @@ pub fn prepare(cfg: &ModelConfig, text_input: Option<&str>, parts: RequestParts)
         }
     }
     let text_given = text_input.is_some_and(|t| has(&inputs, t));
+    // Checked per request: a bad item found only when its batch runs would fail
+    // every request batched with it.
+    if let Some(text) = text {
+        text.check(&inputs).map_err(InferError::InvalidInput)?;
+    }
     if !text_given {
         // Fill defaulted inputs, then require every non-optional one.
         if let Some((_, first)) = inputs.first() {
@@ -542,7 +553,8 @@ async fn warm_up(model: &LoadedModel) {
             priority: Some(0),
             timeout: None,
         };
-        let result = match prepare(cfg, text, parts) {
+        let pipeline = v.scheduler.runtime().text.as_ref();
+        let result = match prepare(cfg, pipeline, parts) {
             Ok(req) => match v.scheduler.submit(req) {
                 Ok(rx) => rx.await.unwrap_or(Err(InferError::Cancelled)).map(|_| ()),
                 Err(e) => Err(e),

@@ -59,6 +59,8 @@ pub struct Timing {
 #[derive(Debug)]
 pub struct InferResponse {
     pub id: String,
+    /// The version that computed the answer (set by the repository).
+    pub version: i64,
     pub outputs: Vec<(String, Tensor)>,
     pub timing: Timing,
 }
@@ -330,6 +332,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
                 let resp = mine.map(|outputs| InferResponse {
                     id: e.req.id,
+                    version: 0,
                     outputs,
                     timing: Timing {
                         queue: queued,
@@ -338,6 +341,14 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                     },
                 });
                 let _ = e.reply.send(resp);
+            }
+        }
+        // One request's bad input must not fail the others merged with it: run each
+        // alone so only the culprit gets the error.
+        Err(InferError::Backend(_)) if batch.len() > 1 => {
+            for e in batch {
+                let items = e.items;
+                run_batch(rt, backend, vec![e], items);
             }
         }
         Err(err) => {

@@ -137,6 +137,9 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
             },
         ));
     }
+    if let Some(o) = req.outputs.iter().find(|o| o.parameters.contains_key("classification")) {
+        return Err(crate::json::unsupported_classification(&o.name));
+    }
     let int = |k: &str| -> Result<Option<i64>, ApiError> {
         req.parameters
             .get(k)
@@ -158,7 +161,7 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
     })
 }
 
-pub fn response_proto(model: &str, version: i64, resp: InferResponse) -> pb::ModelInferResponse {
+pub fn response_proto(model: &str, resp: InferResponse) -> pb::ModelInferResponse {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut raw = Vec::with_capacity(resp.outputs.len());
     for (name, t) in resp.outputs {
@@ -173,7 +176,7 @@ pub fn response_proto(model: &str, version: i64, resp: InferResponse) -> pb::Mod
     }
     pb::ModelInferResponse {
         model_name: model.to_string(),
-        model_version: version.to_string(),
+        model_version: resp.version.to_string(),
         id: resp.id,
         parameters: Default::default(),
         outputs,
@@ -192,10 +195,10 @@ impl InferenceService {
             return Err(ApiError::NotReady);
         }
         let model = req.model_name.clone();
-        let mv = state.repo.version(&model, &req.model_version)?;
+        let version = req.model_version.clone();
         let parts = request_parts(req, deadline)?;
-        let resp = state.repo.infer(&model, &mv.version.to_string(), parts).await?;
-        Ok(response_proto(&model, mv.version, resp))
+        let resp = state.repo.infer(&model, &version, parts).await?;
+        Ok(response_proto(&model, resp))
     }
 }
 

@@ -8,8 +8,9 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use lattice_inference::{config::ModelConfig, repository::ModelVersion, stats::Snapshot};
+use lattice_inference::{config::ModelConfig, stats::Snapshot};
 use serde_json::{json, Value};
+use tower_http::{compression::CompressionLayer, decompression::RequestDecompressionLayer};
 
 use crate::{
     error::ApiError,
@@ -41,6 +42,11 @@ pub fn router(state: AppState) -> Router {
         // Bodies above the limit are rejected while being read (never buffered whole);
         // the handlers turn the rejection into a JSON 413.
         .layer(DefaultBodyLimit::max(limit))
+        // tritonclient's request_compression_algorithm / response_compression_algorithm.
+        // The limit above applies to the decompressed body, so a small compressed
+        // body cannot expand past it.
+        .layer(RequestDecompressionLayer::new())
+        .layer(CompressionLayer::new())
         .with_state(state)
 }
 
@@ -166,9 +172,8 @@ async fn infer_for(
         })
         .transpose()?;
     let decoded = decode_request(body, header_len)?;
-    let mv: std::sync::Arc<ModelVersion> = s.repo.version(&model, &version)?;
-    let resp = s.repo.infer(&model, &mv.version.to_string(), decoded.parts).await?;
-    let (body, json_len) = encode_response(&model, mv.version, &resp, &decoded.binary);
+    let resp = s.repo.infer(&model, &version, decoded.parts).await?;
+    let (body, json_len) = encode_response(&model, &resp, &decoded.binary);
     let mut r = body.into_response();
     let h = r.headers_mut();
     match json_len {

@@ -73,6 +73,14 @@ fn malformed(m: impl Into<String>) -> ApiError {
     ApiError::Malformed(m.into())
 }
 
+/// `class_count` asks for the classification extension, which is not served: say so
+/// rather than silently returning the whole tensor.
+pub fn unsupported_classification(output: &str) -> ApiError {
+    ApiError::Infer(lattice_inference::InferError::InvalidInput(format!(
+        "output '{output}' asks for classification (class_count), which this server does not support; request the tensor itself"
+    )))
+}
+
 /// Reads `priority` and `timeout` (microseconds) from request parameters, as the
 /// schedule-policy extension names them.
 pub fn schedule_params(
@@ -327,12 +335,7 @@ struct ResponseOut<'a> {
 
 /// Encodes a response; returns the body and, with binary outputs, the JSON length for
 /// the `Inference-Header-Content-Length` header.
-pub fn encode_response(
-    model: &str,
-    version: i64,
-    resp: &InferResponse,
-    binary: &BinaryOutputs,
-) -> (Bytes, Option<usize>) {
+pub fn encode_response(model: &str, resp: &InferResponse, binary: &BinaryOutputs) -> (Bytes, Option<usize>) {
     let mut tail: Vec<Bytes> = Vec::new();
     let outputs = resp
         .outputs
@@ -362,7 +365,7 @@ pub fn encode_response(
         .collect();
     let out = ResponseOut {
         model_name: model,
-        model_version: version.to_string(),
+        model_version: resp.version.to_string(),
         id: &resp.id,
         outputs,
     };

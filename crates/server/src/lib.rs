@@ -23,6 +23,7 @@ use lattice_inference::ModelRepository;
 use lattice_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 
 pub const SERVER_NAME: &str = "lattice";
 
@@ -107,7 +108,13 @@ pub async fn run(
         .build_v1()?;
     let infer = GrpcInferenceServiceServer::new(grpc::InferenceService { state: state.clone() })
         .max_decoding_message_size(state.cfg.max_body_bytes)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(usize::MAX)
+        // Clients may compress requests (tritonclient's compression_algorithm); answers
+        // are compressed only for clients that ask for it.
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Deflate);
 
     let grpc_token = token.clone();
     let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
