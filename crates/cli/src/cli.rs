@@ -4,11 +4,16 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lattice_inference::{ModelRepository, RepositoryOptions};
+use lattice_observability::{
+    telemetry::{self, TelemetryConfig},
+    Metrics,
+};
 use lattice_server::{AppState, Listeners, ServerConfig};
 use tokio::net::TcpListener;
 
@@ -67,9 +72,38 @@ pub struct ServeArgs {
     /// Log filter, in tracing's EnvFilter syntax (e.g. "info,lattice_inference=debug").
     #[arg(long, env = "LATTICE_LOG", default_value = "info")]
     pub log: String,
-    /// Log line format: human text or JSON (one object per line).
+    /// Log line format: human text or JSON (one object per line, with trace_id and span_id).
     #[arg(long, env = "LATTICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector that receives spans, e.g. http://127.0.0.1:4317. Off when unset.
+    #[arg(long, env = "LATTICE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces sampled when no route rule matches (0.0 to 1.0). A request that
+    /// carries a sampled `traceparent` is always sampled.
+    #[arg(long, env = "LATTICE_TRACE_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub trace_sample_ratio: f64,
+    /// Per-route sampling, comma-separated ROUTE=RATIO; the first route that is a
+    /// substring of the span name wins, e.g. "/v2/health=0,/infer=0.1".
+    #[arg(long, env = "LATTICE_TRACE_ROUTE_SAMPLE_RATIOS", value_delimiter = ',', value_parser = parse_route_ratio)]
+    pub trace_route_sample_ratios: Vec<(String, f64)>,
+    /// Request spans and metrics recording. "off" exists to measure their overhead.
+    #[arg(long, env = "LATTICE_TELEMETRY", value_enum, default_value_t = Switch::On)]
+    pub telemetry: Switch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+fn parse_route_ratio(s: &str) -> Result<(String, f64), String> {
+    let (route, ratio) = s.rsplit_once('=').ok_or_else(|| format!("expected ROUTE=RATIO, got '{s}'"))?;
+    let ratio: f64 = ratio.parse().map_err(|_| format!("'{ratio}' is not a number"))?;
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(format!("ratio {ratio} is outside 0..=1"));
+    }
+    Ok((route.to_string(), ratio))
 }
 
 pub enum Failure {
@@ -84,19 +118,6 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn init_logging(filter: &str, format: LogFormat) -> Result<(), Failure> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| Failure::Usage(format!("invalid --log filter '{filter}': {e}")))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
-
 pub fn resolve_ort(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
     flag.or_else(|| lattice_inference::backend::onnx::find_library(std::path::Path::new(".")))
         .ok_or_else(|| Failure::Usage("no ONNX Runtime library: run scripts/setup.sh or pass --ort-library".into()))
@@ -109,13 +130,31 @@ async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, Failur
 }
 
 pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    init_logging(&args.log, args.log_format)?;
+    if !(0.0..=1.0).contains(&args.trace_sample_ratio) {
+        return Err(Failure::Usage(format!("--trace-sample-ratio {} is outside 0..=1", args.trace_sample_ratio)));
+    }
+    let _telemetry = telemetry::init(&TelemetryConfig {
+        filter: args.log.clone(),
+        json_logs: matches!(args.log_format, LogFormat::Json),
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        service_name: "lattice".into(),
+        sample_ratio: args.trace_sample_ratio,
+        route_sample_ratios: args.trace_route_sample_ratios.clone(),
+    })
+    .map_err(Failure::Usage)?;
     let started = std::time::Instant::now();
     let ort_library = resolve_ort(args.ort_library.clone())?;
-    let repo = ModelRepository::open(&RepositoryOptions {
-        root: args.model_repository.clone(),
-        ort_library,
-    })
+    let metrics = Arc::new(match args.telemetry {
+        Switch::On => Metrics::new(),
+        Switch::Off => Metrics::disabled(),
+    });
+    let repo = ModelRepository::open(
+        &RepositoryOptions {
+            root: args.model_repository.clone(),
+            ort_library,
+        },
+        metrics,
+    )
     .map_err(Failure::Usage)?;
     let listeners = Listeners {
         http: bind(args.host, args.http_port, "HTTP").await?,
@@ -136,6 +175,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         ServerConfig {
             max_body_bytes: args.max_body_bytes,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            telemetry: args.telemetry == Switch::On,
         },
     );
     lattice_server::run(state, listeners, true, lattice_server::shutdown_signal()).await?;

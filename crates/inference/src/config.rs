@@ -36,6 +36,49 @@ pub struct ModelConfig {
     /// Mean pooling over a token-level output, producing a sentence embedding.
     #[serde(default)]
     pub pooling: Option<PoolingConfig>,
+    /// Which output holds probabilities, for confidence and entropy signals.
+    #[serde(default)]
+    pub quality: Option<QualityConfig>,
+    /// Input features whose distribution is watched for drift.
+    #[serde(default)]
+    pub drift: Option<DriftConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbabilityKind {
+    /// Each item is a probability vector over classes (softmax already applied).
+    Probabilities,
+    /// Each item is one probability of the positive class (sigmoid output).
+    Binary,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QualityConfig {
+    pub output: String,
+    pub kind: ProbabilityKind,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    /// Inputs to summarise per item: numeric ones as `<input>:mean` and `<input>:std`,
+    /// `BYTES` ones as `<input>:length`.
+    pub inputs: Vec<String>,
+    /// JSON object `{feature: [reference values]}` relative to the model directory;
+    /// without it the first `reference_size` items become the reference.
+    #[serde(default)]
+    pub reference_file: Option<String>,
+    #[serde(default = "default_drift_n")]
+    pub reference_size: usize,
+    /// Recent items compared against the reference.
+    #[serde(default = "default_drift_n")]
+    pub window: usize,
+}
+
+fn default_drift_n() -> usize {
+    500
 }
 
 fn default_platform() -> String {
@@ -236,6 +279,20 @@ impl ModelConfig {
         if let Some(db) = &self.dynamic_batching {
             if db.max_queue_size == 0 {
                 return Err("dynamic_batching.max_queue_size must be >= 1".to_string());
+            }
+        }
+        if let Some(q) = &self.quality {
+            let out = self.output_by_name(&q.output);
+            if out.is_none_or(|o| DataType::parse(&o.data_type) != Some(DataType::F32)) {
+                return Err(format!("quality.output '{}' must be a declared FP32 output", q.output));
+            }
+        }
+        if let Some(d) = &self.drift {
+            if let Some(i) = d.inputs.iter().find(|i| self.input_by_name(i).is_none()) {
+                return Err(format!("drift input '{i}' is not a declared input"));
+            }
+            if d.window == 0 || d.reference_size == 0 {
+                return Err("drift window and reference_size must be >= 1".to_string());
             }
         }
         if let Some(text) = &self.text {

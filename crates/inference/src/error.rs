@@ -35,3 +35,22 @@ pub enum InferError {
     #[error("inference failed: {0}")]
     Backend(String),
 }
+
+impl InferError {
+    /// The metrics' closed set of outcomes.
+    pub fn error_type(&self) -> lattice_observability::ErrorType {
+        use lattice_observability::ErrorType;
+        match self {
+            InferError::ModelNotFound(_)
+            | InferError::VersionNotFound { .. }
+            | InferError::ModelNotReady(_)
+            | InferError::ShuttingDown
+            | InferError::LoadFailed { .. } => ErrorType::Unavailable,
+            InferError::InvalidInput(_) | InferError::BatchTooLarge { .. } => ErrorType::InputSchemaViolation,
+            InferError::Overloaded { .. } => ErrorType::Overloaded,
+            InferError::DeadlineExceeded => ErrorType::ModelTimeout,
+            InferError::Cancelled => ErrorType::Cancelled,
+            InferError::Backend(_) => ErrorType::Internal,
+        }
+    }
+}

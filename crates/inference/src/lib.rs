@@ -7,6 +7,7 @@
 //! - [`pipeline`]: text tokenization in front of a model, pooling behind it.
 //! - [`scheduler`]: per-model bounded priority queue, batch formation, instance threads.
 //! - [`repository`]: loads, reloads (atomic swap) and unloads model versions.
+//! - [`quality`]: confidence, entropy and drift features for the metrics.
 //!
 //! Nothing here knows HTTP, gRPC or JSON: the edge converts (see `lattice-server`).
 
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod quality;
 pub mod repository;
 pub mod scheduler;
 pub mod stats;

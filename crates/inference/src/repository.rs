@@ -9,9 +9,14 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
+
+use lattice_observability::{ErrorType, Metrics, ModelLabels};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -38,13 +43,24 @@ pub struct ModelVersion {
     pub version: i64,
     pub scheduler: Scheduler,
     pub load_time: Duration,
+    /// Tells this loaded instance apart from a reload of the same version.
+    id: u64,
+}
+
+impl ModelVersion {
+    pub fn labels(&self) -> &ModelLabels {
+        &self.scheduler.runtime().labels
+    }
 }
 
 impl Drop for ModelVersion {
     fn drop(&mut self) {
         self.scheduler.close();
+        self.scheduler.runtime().metrics.forget_model(self.labels(), self.id);
     }
 }
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
 /// The versions of a model that are loaded together, swapped as a unit.
 pub struct LoadedModel {
@@ -73,6 +89,7 @@ pub struct RequestParts {
 
 struct Inner {
     root: PathBuf,
+    metrics: Arc<Metrics>,
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
     /// Why the last load of a model failed, for the repository index.
     failures: Mutex<HashMap<String, String>>,
@@ -88,7 +105,7 @@ pub struct ModelRepository {
 
 impl ModelRepository {
     /// Loads the ONNX Runtime library and checks the repository directory.
-    pub fn open(opts: &RepositoryOptions) -> Result<ModelRepository, String> {
+    pub fn open(opts: &RepositoryOptions, metrics: Arc<Metrics>) -> Result<ModelRepository, String> {
         if !opts.root.is_dir() {
             return Err(format!("model repository {} is not a directory", opts.root.display()));
         }
@@ -96,6 +113,7 @@ impl ModelRepository {
         Ok(ModelRepository {
             inner: Arc::new(Inner {
                 root: opts.root.clone(),
+                metrics,
                 models: RwLock::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),
                 admin: tokio::sync::Mutex::new(()),
@@ -124,7 +142,9 @@ impl ModelRepository {
         }
         let dir = self.inner.root.join(name);
         let model_name = name.to_string();
-        let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &model_name))
+        let metrics = self.inner.metrics.clone();
+        let started = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &model_name, metrics))
             .await
             .map_err(|e| InferError::LoadFailed {
                 name: name.to_string(),
@@ -134,6 +154,11 @@ impl ModelRepository {
             Ok(model) => {
                 let model = Arc::new(model);
                 warm_up(&model).await;
+                // Cold start: sessions built and the warm-up answered.
+                for v in model.versions.values() {
+                    self.inner.metrics.load_duration.get_or_create(v.labels()).observe(started.elapsed().as_secs_f64());
+                    track(&self.inner.root.join(name), &model.config, v, &self.inner.metrics);
+                }
                 self.inner.models.write().insert(name.to_string(), model);
                 self.inner.failures.lock().remove(name);
                 tracing::info!(model = name, "model loaded");
@@ -229,11 +254,44 @@ impl ModelRepository {
         out
     }
 
-    /// Validates and runs one request.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Validates and runs one request, and records it in the metrics.
     pub async fn infer(&self, name: &str, version: &str, parts: RequestParts) -> Result<InferResponse, InferError> {
         let mv = self.version(name, version)?;
+        let metrics = &self.inner.metrics;
+        if !metrics.enabled() {
+            return self.infer_on(&mv, parts).await;
+        }
+        let started = Instant::now();
+        let concurrent = metrics.concurrent_requests.get_or_create(mv.labels()).clone();
+        concurrent.inc();
+        let result = self.infer_on(&mv, parts).await;
+        concurrent.dec();
+        let (confidence, error) = match &result {
+            Ok(r) => (r.confidence, ErrorType::None),
+            Err(e) => (None, e.error_type()),
+        };
+        metrics.observe_inference(
+            mv.labels(),
+            started.elapsed(),
+            confidence,
+            error,
+            lattice_observability::telemetry::current_trace_id(),
+        );
+        result
+    }
+
+    async fn infer_on(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
         let rt = mv.scheduler.runtime().clone();
         let req = prepare(&rt.config, rt.text.as_ref(), parts)?;
+        if let Some(drift) = &rt.config.drift {
+            for item in crate::quality::item_features(drift, &req.inputs, rt.config.max_batch_size > 0) {
+                self.inner.metrics.observe_features(&rt.labels, &item);
+            }
+        }
         let deadline = req.deadline;
         let rx = mv.scheduler.submit(req)?;
         let reply = match deadline {
@@ -399,7 +457,7 @@ pub fn prepare(
 }
 
 /// Loads every selected version of a model, with all its instances, or nothing.
-fn load_model(dir: &Path, name: &str) -> Result<LoadedModel, String> {
+fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedModel, String> {
     let started = Instant::now();
     let mut cfg = config::load(dir)?;
     cfg.name = name.to_string();
@@ -443,6 +501,11 @@ fn load_model(dir: &Path, name: &str) -> Result<LoadedModel, String> {
                 .transpose()?,
             engine_outputs: engine_outputs.clone(),
             stats: Stats::default(),
+            metrics: metrics.clone(),
+            labels: ModelLabels {
+                model_name: name.to_string(),
+                model_version: v.to_string(),
+            },
         });
         versions.insert(
             v,
@@ -451,10 +514,38 @@ fn load_model(dir: &Path, name: &str) -> Result<LoadedModel, String> {
                 version: v,
                 scheduler: Scheduler::start(runtime, backends),
                 load_time: started.elapsed(),
+                id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             }),
         );
     }
     Ok(LoadedModel { config: cfg, versions })
+}
+
+/// Registers a served version's queue depth and drift features with the metrics.
+fn track(dir: &Path, cfg: &ModelConfig, v: &ModelVersion, metrics: &Metrics) {
+    let scheduler = v.scheduler.clone();
+    let pending: lattice_observability::metrics::GaugeSource = Box::new(move || scheduler.pending() as i64);
+    let (features, reference_size, window) = match &cfg.drift {
+        Some(d) => {
+            let names = crate::quality::feature_names(cfg, d);
+            let reference: HashMap<String, Vec<f64>> = d
+                .reference_file
+                .as_ref()
+                .and_then(|f| std::fs::read(dir.join(f)).ok())
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let features = names
+                .into_iter()
+                .map(|n| {
+                    let r = reference.get(&n).cloned().unwrap_or_default();
+                    (n, r)
+                })
+                .collect();
+            (features, d.reference_size, d.window)
+        }
+        None => (Vec::new(), 1, 1),
+    };
+    metrics.track_model(v.labels(), v.id, pending, features, reference_size, window);
 }
 
 /// Maps the model file once and builds every instance from the same mapping.
@@ -547,7 +638,7 @@ async fn warm_up(model: &LoadedModel) {
     };
     for v in model.versions.values() {
         let parts = RequestParts {
-            id: "warm-up".into(),
+            id: crate::scheduler::WARM_UP_ID.into(),
             inputs: inputs.clone(),
             outputs: Vec::new(),
             priority: Some(0),

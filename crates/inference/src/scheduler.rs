@@ -23,6 +23,8 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
+use lattice_observability::{quality::std_dev, Metrics, ModelLabels};
+
 use crate::{
     backend::Backend,
     config::ModelConfig,
@@ -35,6 +37,9 @@ use crate::{
 /// Priority levels: 0 = background ... 5 = realtime.
 pub const PRIORITY_LEVELS: usize = 6;
 pub const DEFAULT_PRIORITY: u8 = 2;
+/// Request id of the warm-up inference a new version runs before it serves; it is
+/// kept out of the metrics.
+pub const WARM_UP_ID: &str = "lattice-warm-up";
 
 /// A validated request for one model version.
 #[derive(Debug)]
@@ -61,6 +66,9 @@ pub struct InferResponse {
     pub id: String,
     /// The version that computed the answer (set by the repository).
     pub version: i64,
+    /// Mean top-1 probability over this request's items, for models with a
+    /// probability output.
+    pub confidence: Option<f64>,
     pub outputs: Vec<(String, Tensor)>,
     pub timing: Timing,
 }
@@ -72,6 +80,8 @@ pub struct ModelRuntime {
     /// Outputs the engine itself produces (pooled outputs are computed after it).
     pub engine_outputs: Vec<String>,
     pub stats: Stats,
+    pub metrics: Arc<Metrics>,
+    pub labels: ModelLabels,
 }
 
 struct Entry {
@@ -255,13 +265,15 @@ fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
     let max_batch = rt.config.max_batch_size.max(1);
     let db = rt.config.queue();
     let delay = db.max_queue_delay();
-    let preferred = db
+    // Dynamic batches grow up to the largest preferred size (Triton's meaning of
+    // preferred sizes); a single request may still carry up to max_batch_size items.
+    let cap = db
         .preferred_batch_size
         .iter()
         .copied()
         .max()
         .unwrap_or(max_batch)
-        .min(max_batch);
+        .clamp(1, max_batch);
     loop {
         let mut q = shared.queue.lock();
         let Some(first) = next_live(&shared, &mut q) else {
@@ -271,8 +283,8 @@ fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
         let mut batch = vec![first];
         if rt.config.dynamic_batching.is_some() {
             let until = batch[0].enqueued + delay;
-            while size < max_batch {
-                if let Some(e) = q.pop_compatible(&batch[0].signature, max_batch - size) {
+            while size < cap {
+                if let Some(e) = q.pop_compatible(&batch[0].signature, cap - size) {
                     match check_live(&e) {
                         Ok(()) => {
                             size += e.items;
@@ -282,7 +294,7 @@ fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
                     }
                     continue;
                 }
-                if size >= preferred || q.closed || Instant::now() >= until {
+                if q.closed || Instant::now() >= until {
                     break;
                 }
                 // Wait for company; a notify means a new request arrived.
@@ -317,6 +329,13 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
     match result {
         Ok((outputs, timing)) => {
             rt.stats.record_batch(&timing);
+            let m = &rt.metrics;
+            let recording = m.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
+            if recording {
+                m.batch_size.get_or_create(&rt.labels).observe(size as f64);
+                m.compute_duration.get_or_create(&rt.labels).observe(compute_time.as_secs_f64());
+            }
+            let confidences = if recording { batch_quality(rt, &outputs) } else { Vec::new() };
             let mut offset = 0;
             for e in batch {
                 let queued = started.duration_since(e.enqueued);
@@ -328,11 +347,20 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                     &e.req.outputs,
                     rt.config.max_batch_size > 0,
                 );
+                let confidence = (!confidences.is_empty()).then(|| {
+                    let own = &confidences[offset.min(confidences.len())..(offset + e.items).min(confidences.len())];
+                    own.iter().sum::<f64>() / own.len().max(1) as f64
+                });
                 offset += e.items;
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
+                if recording {
+                    m.queue_duration.get_or_create(&rt.labels).observe(queued.as_secs_f64());
+                    m.request_duration.get_or_create(&rt.labels).observe(e.enqueued.elapsed().as_secs_f64());
+                }
                 let resp = mine.map(|outputs| InferResponse {
                     id: e.req.id,
                     version: 0,
+                    confidence,
                     outputs,
                     timing: Timing {
                         queue: queued,
@@ -359,6 +387,27 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
             }
         }
     }
+}
+
+/// Records confidence and entropy of every item and their spread across the batch;
+/// returns the items' top-1 confidences in batch order.
+fn batch_quality(rt: &ModelRuntime, outputs: &[(String, Tensor)]) -> Vec<f64> {
+    let Some(q) = &rt.config.quality else {
+        return Vec::new();
+    };
+    let Some((_, t)) = outputs.iter().find(|(n, _)| *n == q.output) else {
+        return Vec::new();
+    };
+    let items = crate::quality::item_confidences(q.kind, t);
+    let confidence = rt.metrics.confidence.get_or_create(&rt.labels);
+    let entropy = rt.metrics.entropy.get_or_create(&rt.labels);
+    for &(c, h) in &items {
+        confidence.observe(c);
+        entropy.observe(h);
+    }
+    let tops: Vec<f64> = items.iter().map(|&(c, _)| c).collect();
+    rt.metrics.batch_confidence_stddev.get_or_create(&rt.labels).observe(std_dev(&tops));
+    tops
 }
 
 /// Concatenates the batch, runs the engine and adds pooled outputs.

@@ -505,3 +505,41 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_units() {
+        let mut md = MetadataMap::new();
+        for (v, want) in [
+            ("100m", Some(Duration::from_millis(100))),
+            ("5S", Some(Duration::from_secs(5))),
+            ("2M", Some(Duration::from_secs(120))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("250u", Some(Duration::from_micros(250))),
+            ("7n", Some(Duration::from_nanos(7))),
+            ("5x", None),
+            ("m", None),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn tighter_of_timeout_parameter_and_deadline_wins() {
+        let mut req = pb::ModelInferRequest::default();
+        req.parameters.insert(
+            "timeout".into(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(5_000_000)),
+            },
+        );
+        let parts = request_parts(req.clone(), Some(Duration::from_millis(20))).ok().unwrap();
+        assert_eq!(parts.timeout, Some(Duration::from_millis(20)));
+        let parts = request_parts(req, None).ok().unwrap();
+        assert_eq!(parts.timeout, Some(Duration::from_secs(5)));
+    }
+}

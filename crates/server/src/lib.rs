@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod metrics;
+pub mod observe;
 
 use std::{
     future::{Future, IntoFuture},
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
+    /// Request spans and edge metrics on (the default) or off, for overhead benchmarks.
+    pub telemetry: bool,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -117,12 +120,19 @@ pub async fn run(
         .send_compressed(CompressionEncoding::Deflate);
 
     let grpc_token = token.clone();
-    let grpc_incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+    // Nagle's algorithm would hold small gRPC frames back ~40 ms behind delayed ACKs.
+    // The builder's tcp_nodelay only covers listeners tonic binds itself.
+    let grpc_incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(observe::GrpcLayer {
+                metrics: state.repo.metrics().clone(),
+                enabled: state.cfg.telemetry,
+            })
             // Keepalive pings keep idle streams alive through load balancers.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .tcp_nodelay(true)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(infer)

@@ -112,10 +112,13 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
     let root = workspace_root();
     let ort = lattice_inference::backend::onnx::find_library(&root)
         .expect("ONNX Runtime library in .venv: run scripts/setup.sh first");
-    let repository = ModelRepository::open(&RepositoryOptions {
-        root: repo.to_path_buf(),
-        ort_library: ort,
-    })
+    let repository = ModelRepository::open(
+        &RepositoryOptions {
+            root: repo.to_path_buf(),
+            ort_library: ort,
+        },
+        std::sync::Arc::new(lattice_observability::Metrics::new()),
+    )
     .expect("open repository");
     let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
     let listeners = Listeners {
@@ -133,6 +136,7 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
         ServerConfig {
             max_body_bytes: opts.max_body_bytes,
             drain_timeout: Duration::from_secs(10),
+            telemetry: true,
         },
     );
     let (tx, rx) = oneshot::channel::<()>();

@@ -1,0 +1,709 @@
+//! The one metrics registry. Every metric name is declared here, once, as a field of
+//! [`Metrics`]; the autoscaling manifests and alert rules name these series, so the
+//! names are API.
+//!
+//! Histograms are the source of truth for latency. Values that exist only at scrape
+//! time (QPS over the last second, queue gauges read from schedulers, drift scores,
+//! windowed quantiles, process figures) come from collectors registered here.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{
+        atomic::AtomicI64,
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder},
+    metrics::{
+        counter::Counter,
+        exemplar::HistogramWithExemplars,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::quality::DriftFeature;
+
+/// Content type of the OpenMetrics exposition (what Prometheus negotiates; it carries
+/// exemplars).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the classic Prometheus text format, for every other reader.
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+// === Labels ===
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `http` or `grpc`.
+    pub protocol: String,
+    /// HTTP method, or the gRPC method name.
+    pub method: String,
+    /// HTTP status, or the gRPC status code number.
+    pub status_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub protocol: String,
+    pub route: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model_name: String,
+    pub model_version: String,
+}
+
+/// Top-1 confidence of a response, bucketed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ConfidenceLevel {
+    /// >= 0.9
+    High,
+    /// >= 0.6
+    Medium,
+    Low,
+    /// The model produces no probabilities (embeddings) or the request failed.
+    None,
+}
+
+impl ConfidenceLevel {
+    pub fn of(top1: Option<f64>) -> ConfidenceLevel {
+        match top1 {
+            Some(c) if c >= 0.9 => ConfidenceLevel::High,
+            Some(c) if c >= 0.6 => ConfidenceLevel::Medium,
+            Some(_) => ConfidenceLevel::Low,
+            None => ConfidenceLevel::None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfidenceLevel::High => "high",
+            ConfidenceLevel::Medium => "medium",
+            ConfidenceLevel::Low => "low",
+            ConfidenceLevel::None => "none",
+        }
+    }
+}
+
+/// The closed set of inference outcomes.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorType {
+    None,
+    /// The request's deadline passed before it was computed.
+    ModelTimeout,
+    /// Wrong input name, datatype, shape, count, or batch too large.
+    InputSchemaViolation,
+    /// The queue was full.
+    Overloaded,
+    /// The client went away.
+    Cancelled,
+    /// The model or version is not loaded, or is shutting down.
+    Unavailable,
+    /// The engine failed.
+    Internal,
+}
+
+impl ErrorType {
+    pub const ALL: [ErrorType; 7] = [
+        ErrorType::None,
+        ErrorType::ModelTimeout,
+        ErrorType::InputSchemaViolation,
+        ErrorType::Overloaded,
+        ErrorType::Cancelled,
+        ErrorType::Unavailable,
+        ErrorType::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::None => "none",
+            ErrorType::ModelTimeout => "model_timeout",
+            ErrorType::InputSchemaViolation => "input_schema_violation",
+            ErrorType::Overloaded => "overloaded",
+            ErrorType::Cancelled => "cancelled",
+            ErrorType::Unavailable => "unavailable",
+            ErrorType::Internal => "internal",
+        }
+    }
+}
+
+impl EncodeLabelValue for ConfidenceLevel {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for ErrorType {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub model_name: String,
+    pub model_version: String,
+    pub confidence_level: ConfidenceLevel,
+    pub error_type: ErrorType,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub model_name: String,
+    pub model_version: String,
+    pub error_type: ErrorType,
+}
+
+/// Exemplar label: the trace that produced an observation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabel {
+    pub trace_id: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s, doubling: covers the compute-light model and slow batches.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+fn latency_with_exemplars() -> HistogramWithExemplars<TraceLabel> {
+    HistogramWithExemplars::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 8))
+}
+
+fn probability_histogram() -> Histogram {
+    Histogram::new((1..=10).map(|i| f64::from(i) / 10.0))
+}
+
+fn entropy_histogram() -> Histogram {
+    // Nats; ln(214) ~ 5.4 is Magika's maximum.
+    Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+}
+
+fn load_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 14))
+}
+
+// === Scrape-time state ===
+
+/// Completions over the last second, in 100 ms slots.
+#[derive(Debug)]
+struct RateWindow {
+    slots: [u64; 10],
+    slot_start: Instant,
+    current: usize,
+}
+
+impl RateWindow {
+    const SLOT: Duration = Duration::from_millis(100);
+
+    fn new() -> RateWindow {
+        RateWindow {
+            slots: [0; 10],
+            slot_start: Instant::now(),
+            current: 0,
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
+        let mut elapsed = now.saturating_duration_since(self.slot_start);
+        let mut steps = 0;
+        while elapsed >= Self::SLOT && steps < 10 {
+            self.current = (self.current + 1) % 10;
+            self.slots[self.current] = 0;
+            self.slot_start += Self::SLOT;
+            elapsed -= Self::SLOT;
+            steps += 1;
+        }
+        if steps == 10 {
+            self.slot_start = now;
+        }
+    }
+
+    fn add(&mut self, now: Instant) {
+        self.advance(now);
+        self.slots[self.current] += 1;
+    }
+
+    fn per_second(&mut self, now: Instant) -> f64 {
+        self.advance(now);
+        self.slots.iter().sum::<u64>() as f64
+    }
+}
+
+/// Latencies of the last requests, for client-side style quantiles, with the
+/// cumulative sum and count a summary carries.
+#[derive(Debug, Default)]
+struct LatencyWindow {
+    values: std::collections::VecDeque<f64>,
+    sum: f64,
+    count: u64,
+}
+
+const LATENCY_WINDOW: usize = 1024;
+
+/// Per-model state read at scrape time.
+#[derive(Debug, Default)]
+struct ModelWindows {
+    qps: HashMap<ModelLabels, RateWindow>,
+    latency: HashMap<ModelLabels, LatencyWindow>,
+    /// Keyed by model version, tagged with the id of the loaded instance that owns it.
+    drift: HashMap<ModelLabels, (u64, Vec<(String, DriftFeature)>)>,
+}
+
+/// Reads a live value at scrape time (queue depth from a scheduler).
+pub type GaugeSource = Box<dyn Fn() -> i64 + Send + Sync>;
+
+#[derive(Default)]
+struct Sources {
+    /// (labels, id of the loaded version instance, source)
+    pending: Vec<(ModelLabels, u64, GaugeSource)>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources").field("pending", &self.pending.len()).finish()
+    }
+}
+
+// === Metrics ===
+
+/// Every metric of the process. Cheap to share (`Arc`); pass it explicitly.
+pub struct Metrics {
+    registry: Registry,
+    enabled: bool,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_request_duration: HistogramFamily<RouteLabels>,
+    pub inference_latency: Family<LatencyLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
+    pub queue_duration: HistogramFamily<ModelLabels>,
+    pub compute_duration: HistogramFamily<ModelLabels>,
+    pub request_duration: HistogramFamily<ModelLabels>,
+    pub batch_size: HistogramFamily<ModelLabels>,
+    pub concurrent_requests: Family<ModelLabels, Gauge<i64, AtomicI64>>,
+    pub success: Family<ModelLabels, Counter>,
+    pub failure: Family<FailureLabels, Counter>,
+    pub load_duration: HistogramFamily<ModelLabels>,
+    pub confidence: HistogramFamily<ModelLabels>,
+    pub entropy: HistogramFamily<ModelLabels>,
+    pub batch_confidence_stddev: HistogramFamily<ModelLabels>,
+    windows: Arc<Mutex<ModelWindows>>,
+    sources: Arc<Mutex<Sources>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry whose recorders do nothing, to measure what recording costs.
+    pub fn disabled() -> Metrics {
+        Metrics {
+            enabled: false,
+            ..Metrics::new()
+        }
+    }
+
+    /// Whether recorders should record; checked once per request or batch.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn new() -> Metrics {
+        let mut r = Registry::default();
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        r.register("http_requests", "Requests served, by protocol, method and status code", http_requests.clone());
+        let http_request_duration: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
+        r.register(
+            "http_request_duration_seconds",
+            "Request duration at the edge, by protocol, route and method",
+            http_request_duration.clone(),
+        );
+        let inference_latency: Family<_, _, fn() -> HistogramWithExemplars<TraceLabel>> =
+            Family::new_with_constructor(latency_with_exemplars);
+        r.register(
+            "ai_inference_latency_seconds",
+            "End-to-end inference latency (validation, queue, compute), by model, top-1 confidence level and outcome; exemplars carry trace_id",
+            inference_latency.clone(),
+        );
+        let queue_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
+        r.register("ai_inference_queue_duration_seconds", "Time a request waited in the model's queue", queue_duration.clone());
+        let compute_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
+        r.register(
+            "ai_inference_compute_duration_seconds",
+            "Time one batch spent in compute (input preparation, engine, output)",
+            compute_duration.clone(),
+        );
+        let request_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
+        r.register(
+            "ai_inference_request_duration_seconds",
+            "Time from enqueue to answer (queue plus compute)",
+            request_duration.clone(),
+        );
+        let batch_size: HistogramFamily<ModelLabels> = Family::new_with_constructor(batch_histogram);
+        r.register("ai_inference_batch_size", "Items per executed batch", batch_size.clone());
+        let concurrent_requests = Family::<ModelLabels, Gauge<i64, AtomicI64>>::default();
+        r.register(
+            "inference_concurrent_requests",
+            "Inference requests in progress (queued or computing)",
+            concurrent_requests.clone(),
+        );
+        let success = Family::<ModelLabels, Counter>::default();
+        r.register("ai_inference_success", "Inference requests that succeeded", success.clone());
+        let failure = Family::<FailureLabels, Counter>::default();
+        r.register("ai_inference_failure", "Inference requests that failed, by error type", failure.clone());
+        let load_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(load_histogram);
+        r.register(
+            "ai_model_load_duration_seconds",
+            "Cold start of a model version: engine sessions built and a warm-up inference run",
+            load_duration.clone(),
+        );
+        let confidence: HistogramFamily<ModelLabels> = Family::new_with_constructor(probability_histogram);
+        r.register("ai_prediction_confidence", "Top-1 probability of each predicted item", confidence.clone());
+        let entropy: HistogramFamily<ModelLabels> = Family::new_with_constructor(entropy_histogram);
+        r.register("ai_prediction_entropy_nats", "Entropy of each predicted item's probability vector", entropy.clone());
+        let batch_confidence_stddev: HistogramFamily<ModelLabels> = Family::new_with_constructor(probability_histogram);
+        r.register(
+            "ai_batch_confidence_stddev",
+            "Standard deviation of top-1 confidence across the items of one executed batch",
+            batch_confidence_stddev.clone(),
+        );
+        let windows = Arc::new(Mutex::new(ModelWindows::default()));
+        let sources = Arc::new(Mutex::new(Sources::default()));
+        r.register_collector(Box::new(ScrapeCollector {
+            windows: windows.clone(),
+            sources: sources.clone(),
+        }));
+        r.register_collector(Box::new(crate::process::ProcessCollector::new()));
+        Metrics {
+            registry: r,
+            enabled: true,
+            http_requests,
+            http_request_duration,
+            inference_latency,
+            queue_duration,
+            compute_duration,
+            request_duration,
+            batch_size,
+            concurrent_requests,
+            success,
+            failure,
+            load_duration,
+            confidence,
+            entropy,
+            batch_confidence_stddev,
+            windows,
+            sources,
+        }
+    }
+
+    /// OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        self.encode_summary(&mut out);
+        out.push_str("# EOF\n");
+        out
+    }
+
+    /// The classic Prometheus text format of the same metrics (no exemplars, counters
+    /// named with `_total`), for readers that do not negotiate OpenMetrics.
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+
+    /// `ai_inference_latency_recent_seconds`: p50/p95/p99 over each model's last
+    /// 1024 successful requests. prometheus-client has no summary type, so it is
+    /// written here, in the shape both text formats share.
+    fn encode_summary(&self, out: &mut String) {
+        let w = self.windows.lock();
+        let mut models: Vec<_> = w.latency.iter().filter(|(_, lw)| !lw.values.is_empty()).collect();
+        if models.is_empty() {
+            return;
+        }
+        models.sort_by(|a, b| a.0.cmp(b.0));
+        let name = "ai_inference_latency_recent_seconds";
+        let _ = writeln!(out, "# HELP {name} Inference latency quantiles over the last {LATENCY_WINDOW} successful requests of this process (histograms are the source of truth).");
+        let _ = writeln!(out, "# TYPE {name} summary");
+        for (m, lw) in models {
+            let labels = format!("model_name=\"{}\",model_version=\"{}\"", m.model_name, m.model_version);
+            let mut v: Vec<f64> = lw.values.iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            for q in [0.5, 0.95, 0.99] {
+                let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+                let _ = writeln!(out, "{name}{{{labels},quantile=\"{q}\"}} {}", v[i]);
+            }
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", lw.sum);
+            let _ = writeln!(out, "{name}_count{{{labels}}} {}", lw.count);
+        }
+    }
+
+    /// Records one finished inference request.
+    pub fn observe_inference(
+        &self,
+        model: &ModelLabels,
+        latency: Duration,
+        top1: Option<f64>,
+        error: ErrorType,
+        trace_id: Option<String>,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let secs = latency.as_secs_f64();
+        self.inference_latency
+            .get_or_create(&LatencyLabels {
+                model_name: model.model_name.clone(),
+                model_version: model.model_version.clone(),
+                confidence_level: ConfidenceLevel::of(top1),
+                error_type: error,
+            })
+            .observe(secs, trace_id.map(|trace_id| TraceLabel { trace_id }), None);
+        if error == ErrorType::None {
+            self.success.get_or_create(model).inc();
+        } else {
+            self.failure
+                .get_or_create(&FailureLabels {
+                    model_name: model.model_name.clone(),
+                    model_version: model.model_version.clone(),
+                    error_type: error,
+                })
+                .inc();
+        }
+        let now = Instant::now();
+        let mut w = self.windows.lock();
+        w.qps.entry(model.clone()).or_insert_with(RateWindow::new).add(now);
+        if error == ErrorType::None {
+            let lw = w.latency.entry(model.clone()).or_default();
+            if lw.values.len() == LATENCY_WINDOW {
+                lw.values.pop_front();
+            }
+            lw.values.push_back(secs);
+            lw.sum += secs;
+            lw.count += 1;
+        }
+    }
+
+    /// Registers a loaded model version (`id` tells a reload of the same version
+    /// apart from the instance it replaces): its live queue depth and its drift
+    /// features (name, optional fixed reference).
+    pub fn track_model(
+        &self,
+        model: &ModelLabels,
+        id: u64,
+        pending: GaugeSource,
+        features: Vec<(String, Vec<f64>)>,
+        reference_size: usize,
+        window: usize,
+    ) {
+        let mut sources = self.sources.lock();
+        sources.pending.retain(|(m, _, _)| m != model);
+        sources.pending.push((model.clone(), id, pending));
+        let list = features
+            .into_iter()
+            .map(|(name, reference)| (name, DriftFeature::new(reference, reference_size, window)))
+            .collect();
+        self.windows.lock().drift.insert(model.clone(), (id, list));
+    }
+
+    /// Feeds one item's feature values, in the order given to [`Metrics::track_model`].
+    pub fn observe_features(&self, model: &ModelLabels, values: &[f64]) {
+        if !self.enabled {
+            return;
+        }
+        if let Some((_, list)) = self.windows.lock().drift.get_mut(model) {
+            for ((_, f), v) in list.iter_mut().zip(values) {
+                f.observe(*v);
+            }
+        }
+    }
+
+    /// Current drift score of one feature (tests and the scrape use this).
+    pub fn drift_score(&self, model: &ModelLabels, feature: &str) -> Option<f64> {
+        let w = self.windows.lock();
+        w.drift.get(model)?.1.iter().find(|(n, _)| n == feature)?.1.score()
+    }
+
+    /// Forgets a model version's scrape-time state when the instance `id` stops
+    /// serving, unless a newer instance of the same version already took over.
+    pub fn forget_model(&self, model: &ModelLabels, id: u64) {
+        let mut sources = self.sources.lock();
+        let before = sources.pending.len();
+        sources.pending.retain(|(m, i, _)| !(m == model && *i == id));
+        if sources.pending.len() == before {
+            return;
+        }
+        let mut w = self.windows.lock();
+        w.qps.remove(model);
+        w.latency.remove(model);
+        if w.drift.get(model).is_some_and(|(i, _)| *i == id) {
+            w.drift.remove(model);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ScrapeCollector {
+    windows: Arc<Mutex<ModelWindows>>,
+    sources: Arc<Mutex<Sources>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DriftLabels {
+    model_name: String,
+    model_version: String,
+    feature: String,
+}
+
+fn gauge_family<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: Vec<(L, V)>,
+) -> Result<(), std::fmt::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+    for (labels, v) in rows {
+        let g = ConstGauge::new(v);
+        g.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pending: Vec<(ModelLabels, i64)> =
+            self.sources.lock().pending.iter().map(|(m, _, f)| (m.clone(), f())).collect();
+        gauge_family(&mut enc, "ai_inference_pending_requests", "Requests waiting in the model's queue", pending)?;
+        let now = Instant::now();
+        let mut w = self.windows.lock();
+        let mut qps: Vec<(ModelLabels, f64)> = w.qps.iter_mut().map(|(m, r)| (m.clone(), r.per_second(now))).collect();
+        qps.sort_by(|a, b| a.0.cmp(&b.0));
+        gauge_family(&mut enc, "ai_inference_qps", "Completed inference requests over the last second", qps)?;
+        let mut drift = Vec::new();
+        for (m, (_, list)) in &w.drift {
+            for (name, f) in list {
+                if let Some(score) = f.score() {
+                    drift.push((
+                        DriftLabels {
+                            model_name: m.model_name.clone(),
+                            model_version: m.model_version.clone(),
+                            feature: name.clone(),
+                        },
+                        score,
+                    ));
+                }
+            }
+        }
+        gauge_family(
+            &mut enc,
+            "ai_feature_drift_score",
+            "Kolmogorov-Smirnov statistic between a feature's reference distribution and its recent window",
+            drift,
+        )
+    }
+}
+
+
+/// Rewrites OpenMetrics text as classic Prometheus text: counter families are named
+/// with their `_total` suffix, and exemplars, `# UNIT` and `# EOF` are dropped.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            i += 1;
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split_whitespace().next().unwrap_or_default();
+            let type_line = lines.get(i + 1).copied().unwrap_or_default();
+            let is_counter = type_line == format!("# TYPE {name} counter");
+            if is_counter {
+                let _ = writeln!(out, "# HELP {name}_total{}", &rest[name.len()..]);
+                let _ = writeln!(out, "# TYPE {name}_total counter");
+                i += 2;
+                continue;
+            }
+        }
+        match line.find(" # {") {
+            Some(cut) if !line.starts_with('#') => out.push_str(&line[..cut]),
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> ModelLabels {
+        ModelLabels {
+            model_name: "m".into(),
+            model_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn exposition_names_and_exemplars() {
+        let m = Metrics::new();
+        m.observe_inference(&labels(), Duration::from_millis(3), Some(0.95), ErrorType::None, Some("abc".into()));
+        m.observe_inference(&labels(), Duration::from_millis(3), None, ErrorType::Overloaded, None);
+        m.track_model(&labels(), 1, Box::new(|| 7), Vec::new(), 1, 1);
+        let text = m.encode();
+        assert!(
+            text.contains("confidence_level=\"high\",error_type=\"none\"} 1 # {trace_id=\"abc\"} 0.003"),
+            "exemplar on the bucket the observation fell in: {text}"
+        );
+        assert!(text.contains("ai_inference_failure_total{model_name=\"m\",model_version=\"1\",error_type=\"overloaded\"} 1"));
+        assert!(text.contains("ai_inference_pending_requests{model_name=\"m\",model_version=\"1\"} 7"));
+        assert!(text.contains("ai_inference_qps{model_name=\"m\",model_version=\"1\"} 2"));
+        assert!(text.contains("process_resident_memory_bytes"));
+        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("ai_inference_latency_recent_seconds{model_name=\"m\",model_version=\"1\",quantile=\"0.99\"} 0.003"));
+        let classic = to_classic(&text);
+        assert!(classic.contains("# TYPE ai_inference_success_total counter"));
+        assert!(!classic.contains("# {trace_id"));
+        assert!(!classic.contains("# EOF"));
+    }
+
+    #[test]
+    fn rate_window_forgets_after_a_second() {
+        let mut r = RateWindow::new();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            r.add(t0);
+        }
+        assert_eq!(r.per_second(t0 + Duration::from_millis(500)), 5.0);
+        assert_eq!(r.per_second(t0 + Duration::from_millis(1500)), 0.0);
+    }
+}

@@ -1,0 +1,180 @@
+//! Logs and traces, set up in one place.
+//!
+//! - Logs: env-filtered, text or JSON; JSON lines carry the `trace_id` and `span_id`
+//!   of the request span they were written under.
+//! - Traces: OpenTelemetry spans through `tracing-opentelemetry`. A tracer provider is
+//!   always installed so every request has W3C trace ids (for logs and metric
+//!   exemplars); spans leave the process only when an OTLP endpoint is configured.
+//! - Sampling: parent-based; a root span is sampled by the ratio of the first route
+//!   prefix its name matches, or the default ratio.
+//! - Propagation: W3C `traceparent` / `tracestate`, extracted from HTTP headers and
+//!   gRPC metadata (both are HTTP/2 headers here) and injected into outgoing calls.
+
+use opentelemetry::{
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _},
+    Context, KeyValue,
+};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample},
+    Resource,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+
+#[derive(Clone, Debug)]
+pub struct TelemetryConfig {
+    /// EnvFilter directives, e.g. "info,lattice_inference=debug".
+    pub filter: String,
+    pub json_logs: bool,
+    /// OTLP/gRPC collector endpoint, e.g. "http://127.0.0.1:4317"; `None` keeps spans local.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// Ratio of root spans sampled when no route rule matches.
+    pub sample_ratio: f64,
+    /// (span-name substring, ratio), first match wins; e.g. ("/v2/health", 0.0).
+    pub route_sample_ratios: Vec<(String, f64)>,
+}
+
+/// Flushes and stops the exporter when dropped.
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RouteSampler {
+    default: Sampler,
+    routes: Vec<(String, Sampler)>,
+}
+
+impl ShouldSample for RouteSampler {
+    fn should_sample(
+        &self,
+        parent: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let sampler = self
+            .routes
+            .iter()
+            .find(|(route, _)| name.contains(route.as_str()))
+            .map_or(&self.default, |(_, s)| s);
+        sampler.should_sample(parent, trace_id, name, kind, attributes, links)
+    }
+}
+
+/// Builds the tracer provider (and its exporter, when configured).
+pub fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
+    let sampler = Sampler::ParentBased(Box::new(RouteSampler {
+        default: Sampler::TraceIdRatioBased(cfg.sample_ratio),
+        routes: cfg
+            .route_sample_ratios
+            .iter()
+            .map(|(r, ratio)| (r.clone(), Sampler::TraceIdRatioBased(*ratio)))
+            .collect(),
+    }));
+    let mut builder = SdkTracerProvider::builder()
+        .with_sampler(sampler)
+        .with_resource(Resource::builder().with_service_name(cfg.service_name.clone()).build());
+    if let Some(endpoint) = &cfg.otlp_endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()
+            .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    Ok(builder.build())
+}
+
+/// Installs the global subscriber. Call once, at start-up, inside the runtime.
+pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
+    let filter = EnvFilter::try_new(&cfg.filter).map_err(|e| format!("invalid log filter '{}': {e}", cfg.filter))?;
+    let provider = tracer_provider(cfg)?;
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("lattice"));
+    let fmt = if cfg.json_logs {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(fmt)
+        .try_init()
+        .map_err(|e| format!("tracing already initialised: {e}"))?;
+    Ok(TelemetryGuard { provider })
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value)) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// The remote parent carried by `traceparent` / `tracestate` headers, if any.
+pub fn extract(headers: &http::HeaderMap) -> Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+}
+
+/// Writes the current span's context as `traceparent` / `tracestate` headers, so the
+/// next hop continues the trace.
+pub fn inject_current(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// Makes `span` a child of the remote context (when valid) and records its W3C ids as
+/// the span fields `trace_id` and `span_id`, which JSON logs then carry.
+pub fn adopt(span: &tracing::Span, remote: Context) {
+    if remote.span().span_context().is_valid() {
+        let _ = span.set_parent(remote);
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+        span.record("span_id", tracing::field::display(sc.span_id()));
+    }
+}
+
+/// Trace id of the current span, when tracing is installed and the id is valid.
+pub fn current_trace_id() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}

@@ -1,0 +1,153 @@
+//! Request-level observability at the edge: one span per request (continuing the
+//! caller's W3C trace when `traceparent` is present) and the request counters and
+//! duration histograms, for REST (an axum middleware) and gRPC (a tower layer).
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    middleware::Next,
+    response::Response,
+};
+use futures::future::BoxFuture;
+use lattice_observability::{
+    metrics::{RequestLabels, RouteLabels},
+    telemetry, Metrics,
+};
+use tracing::{field::Empty, Instrument};
+
+use crate::AppState;
+
+/// axum middleware for the REST port.
+pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !state.cfg.telemetry {
+        return next.run(req).await;
+    }
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().as_str().to_string();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    telemetry::adopt(&span, telemetry::extract(req.headers()));
+    let started = Instant::now();
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
+    record(state.repo.metrics(), "http", method, route, status.to_string(), started);
+    resp
+}
+
+fn record(metrics: &Metrics, protocol: &str, method: String, route: String, status_code: String, started: Instant) {
+    metrics
+        .http_request_duration
+        .get_or_create(&RouteLabels {
+            protocol: protocol.to_string(),
+            route,
+            method: method.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .get_or_create(&RequestLabels {
+            protocol: protocol.to_string(),
+            method,
+            status_code,
+        })
+        .inc();
+}
+
+/// tower layer for the gRPC server.
+#[derive(Clone)]
+pub struct GrpcLayer {
+    pub metrics: Arc<Metrics>,
+    pub enabled: bool,
+}
+
+impl<S> tower::Layer<S> for GrpcLayer {
+    type Service = GrpcObserve<S>;
+
+    fn layer(&self, inner: S) -> GrpcObserve<S> {
+        GrpcObserve {
+            inner,
+            metrics: self.metrics.clone(),
+            enabled: self.enabled,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcObserve<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    enabled: bool,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for GrpcObserve<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // The clone that was driven to readiness serves this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !self.enabled {
+            return Box::pin(inner.call(req));
+        }
+        let metrics = self.metrics.clone();
+        let path = req.uri().path().to_string();
+        let method = path.rsplit('/').next().unwrap_or_default().to_string();
+        let span = tracing::info_span!(
+            "grpc.request",
+            otel.name = %path,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.method = %method,
+            rpc.grpc.status_code = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        telemetry::adopt(&span, telemetry::extract(req.headers()));
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = inner.call(req).instrument(span.clone()).await;
+            // A failed call is answered trailers-only, so its status is a header; a
+            // successful one puts grpc-status 0 in the trailers.
+            let code = match &result {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_string(),
+                Err(_) => "13".to_string(),
+            };
+            span.record("rpc.grpc.status_code", code.as_str());
+            record(&metrics, "grpc", method, path, code, started);
+            result
+        })
+    }
+}
