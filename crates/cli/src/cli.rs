@@ -98,7 +98,9 @@ pub enum Switch {
 }
 
 fn parse_route_ratio(s: &str) -> Result<(String, f64), String> {
-    let (route, ratio) = s.rsplit_once('=').ok_or_else(|| format!("expected ROUTE=RATIO, got '{s}'"))?;
+    let (route, ratio) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected ROUTE=RATIO, got '{s}'"))?;
     let ratio: f64 = ratio.parse().map_err(|_| format!("'{ratio}' is not a number"))?;
     if !(0.0..=1.0).contains(&ratio) {
         return Err(format!("ratio {ratio} is outside 0..=1"));
@@ -131,7 +133,10 @@ async fn bind(host: IpAddr, port: u16, what: &str) -> Result<TcpListener, Failur
 
 pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     if !(0.0..=1.0).contains(&args.trace_sample_ratio) {
-        return Err(Failure::Usage(format!("--trace-sample-ratio {} is outside 0..=1", args.trace_sample_ratio)));
+        return Err(Failure::Usage(format!(
+            "--trace-sample-ratio {} is outside 0..=1",
+            args.trace_sample_ratio
+        )));
     }
     let _telemetry = telemetry::init(&TelemetryConfig {
         filter: args.log.clone(),

@@ -52,7 +52,11 @@ pub fn item_features(drift: &DriftConfig, inputs: &[(String, Tensor)], batching:
         let Some((_, t)) = inputs.iter().find(|(n, _)| n == name) else {
             return Vec::new();
         };
-        let items = if batching { t.shape.first().copied().unwrap_or(1).max(1) as usize } else { 1 };
+        let items = if batching {
+            t.shape.first().copied().unwrap_or(1).max(1) as usize
+        } else {
+            1
+        };
         per_item.resize_with(items, Vec::new);
         match &t.data {
             TensorData::Strings(s) => {
@@ -80,7 +84,12 @@ pub fn item_features(drift: &DriftConfig, inputs: &[(String, Tensor)], batching:
 fn numeric(t: &Tensor) -> Vec<f64> {
     match t.dtype {
         DataType::F32 => t.to_f32_vec().unwrap_or_default().into_iter().map(f64::from).collect(),
-        DataType::I32 | DataType::I64 => t.to_i64_vec().unwrap_or_default().into_iter().map(|v| v as f64).collect(),
+        DataType::I32 | DataType::I64 => t
+            .to_i64_vec()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
         // Other types are summarised by their raw bytes: still a distribution to watch.
         _ => t.raw_bytes().iter().map(|&b| f64::from(b)).collect(),
     }
@@ -108,7 +117,14 @@ mod tests {
             reference_size: 1,
             window: 1,
         };
-        let t = Tensor::raw(DataType::I32, vec![2, 2], [1i32, 3, 10, 10].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        let t = Tensor::raw(
+            DataType::I32,
+            vec![2, 2],
+            [1i32, 3, 10, 10]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
         let f = item_features(&drift, &[("x".into(), t)], true);
         assert_eq!(f, vec![vec![2.0, 1.0], vec![10.0, 0.0]]);
     }

@@ -156,7 +156,11 @@ impl ModelRepository {
                 warm_up(&model).await;
                 // Cold start: sessions built and the warm-up answered.
                 for v in model.versions.values() {
-                    self.inner.metrics.load_duration.get_or_create(v.labels()).observe(started.elapsed().as_secs_f64());
+                    self.inner
+                        .metrics
+                        .load_duration
+                        .get_or_create(v.labels())
+                        .observe(started.elapsed().as_secs_f64());
                     track(&self.inner.root.join(name), &model.config, v, &self.inner.metrics);
                 }
                 self.inner.models.write().insert(name.to_string(), model);

@@ -333,9 +333,15 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
             let recording = m.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
             if recording {
                 m.batch_size.get_or_create(&rt.labels).observe(size as f64);
-                m.compute_duration.get_or_create(&rt.labels).observe(compute_time.as_secs_f64());
+                m.compute_duration
+                    .get_or_create(&rt.labels)
+                    .observe(compute_time.as_secs_f64());
             }
-            let confidences = if recording { batch_quality(rt, &outputs) } else { Vec::new() };
+            let confidences = if recording {
+                batch_quality(rt, &outputs)
+            } else {
+                Vec::new()
+            };
             let mut offset = 0;
             for e in batch {
                 let queued = started.duration_since(e.enqueued);
@@ -355,7 +361,9 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
                 if recording {
                     m.queue_duration.get_or_create(&rt.labels).observe(queued.as_secs_f64());
-                    m.request_duration.get_or_create(&rt.labels).observe(e.enqueued.elapsed().as_secs_f64());
+                    m.request_duration
+                        .get_or_create(&rt.labels)
+                        .observe(e.enqueued.elapsed().as_secs_f64());
                 }
                 let resp = mine.map(|outputs| InferResponse {
                     id: e.req.id,
@@ -406,7 +414,10 @@ fn batch_quality(rt: &ModelRuntime, outputs: &[(String, Tensor)]) -> Vec<f64> {
         entropy.observe(h);
     }
     let tops: Vec<f64> = items.iter().map(|&(c, _)| c).collect();
-    rt.metrics.batch_confidence_stddev.get_or_create(&rt.labels).observe(std_dev(&tops));
+    rt.metrics
+        .batch_confidence_stddev
+        .get_or_create(&rt.labels)
+        .observe(std_dev(&tops));
     tops
 }
 

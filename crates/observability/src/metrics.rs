@@ -9,10 +9,7 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    sync::{
-        atomic::AtomicI64,
-        Arc,
-    },
+    sync::{atomic::AtomicI64, Arc},
     time::{Duration, Instant},
 };
 
@@ -288,7 +285,8 @@ pub struct Metrics {
     enabled: bool,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: HistogramFamily<RouteLabels>,
-    pub inference_latency: Family<LatencyLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
+    pub inference_latency:
+        Family<LatencyLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
     pub queue_duration: HistogramFamily<ModelLabels>,
     pub compute_duration: HistogramFamily<ModelLabels>,
     pub request_duration: HistogramFamily<ModelLabels>,
@@ -333,7 +331,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut r = Registry::default();
         let http_requests = Family::<RequestLabels, Counter>::default();
-        r.register("http_requests", "Requests served, by protocol, method and status code", http_requests.clone());
+        r.register(
+            "http_requests",
+            "Requests served, by protocol, method and status code",
+            http_requests.clone(),
+        );
         let http_request_duration: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
         r.register(
             "http_request_duration_seconds",
@@ -348,7 +350,11 @@ impl Metrics {
             inference_latency.clone(),
         );
         let queue_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
-        r.register("ai_inference_queue_duration_seconds", "Time a request waited in the model's queue", queue_duration.clone());
+        r.register(
+            "ai_inference_queue_duration_seconds",
+            "Time a request waited in the model's queue",
+            queue_duration.clone(),
+        );
         let compute_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
         r.register(
             "ai_inference_compute_duration_seconds",
@@ -362,7 +368,11 @@ impl Metrics {
             request_duration.clone(),
         );
         let batch_size: HistogramFamily<ModelLabels> = Family::new_with_constructor(batch_histogram);
-        r.register("ai_inference_batch_size", "Items per executed batch", batch_size.clone());
+        r.register(
+            "ai_inference_batch_size",
+            "Items per executed batch",
+            batch_size.clone(),
+        );
         let concurrent_requests = Family::<ModelLabels, Gauge<i64, AtomicI64>>::default();
         r.register(
             "inference_concurrent_requests",
@@ -370,9 +380,17 @@ impl Metrics {
             concurrent_requests.clone(),
         );
         let success = Family::<ModelLabels, Counter>::default();
-        r.register("ai_inference_success", "Inference requests that succeeded", success.clone());
+        r.register(
+            "ai_inference_success",
+            "Inference requests that succeeded",
+            success.clone(),
+        );
         let failure = Family::<FailureLabels, Counter>::default();
-        r.register("ai_inference_failure", "Inference requests that failed, by error type", failure.clone());
+        r.register(
+            "ai_inference_failure",
+            "Inference requests that failed, by error type",
+            failure.clone(),
+        );
         let load_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(load_histogram);
         r.register(
             "ai_model_load_duration_seconds",
@@ -380,9 +398,17 @@ impl Metrics {
             load_duration.clone(),
         );
         let confidence: HistogramFamily<ModelLabels> = Family::new_with_constructor(probability_histogram);
-        r.register("ai_prediction_confidence", "Top-1 probability of each predicted item", confidence.clone());
+        r.register(
+            "ai_prediction_confidence",
+            "Top-1 probability of each predicted item",
+            confidence.clone(),
+        );
         let entropy: HistogramFamily<ModelLabels> = Family::new_with_constructor(entropy_histogram);
-        r.register("ai_prediction_entropy_nats", "Entropy of each predicted item's probability vector", entropy.clone());
+        r.register(
+            "ai_prediction_entropy_nats",
+            "Entropy of each predicted item's probability vector",
+            entropy.clone(),
+        );
         let batch_confidence_stddev: HistogramFamily<ModelLabels> = Family::new_with_constructor(probability_histogram);
         r.register(
             "ai_batch_confidence_stddev",
@@ -596,14 +622,29 @@ fn gauge_family<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeVa
 
 impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let pending: Vec<(ModelLabels, i64)> =
-            self.sources.lock().pending.iter().map(|(m, _, f)| (m.clone(), f())).collect();
-        gauge_family(&mut enc, "ai_inference_pending_requests", "Requests waiting in the model's queue", pending)?;
+        let pending: Vec<(ModelLabels, i64)> = self
+            .sources
+            .lock()
+            .pending
+            .iter()
+            .map(|(m, _, f)| (m.clone(), f()))
+            .collect();
+        gauge_family(
+            &mut enc,
+            "ai_inference_pending_requests",
+            "Requests waiting in the model's queue",
+            pending,
+        )?;
         let now = Instant::now();
         let mut w = self.windows.lock();
         let mut qps: Vec<(ModelLabels, f64)> = w.qps.iter_mut().map(|(m, r)| (m.clone(), r.per_second(now))).collect();
         qps.sort_by(|a, b| a.0.cmp(&b.0));
-        gauge_family(&mut enc, "ai_inference_qps", "Completed inference requests over the last second", qps)?;
+        gauge_family(
+            &mut enc,
+            "ai_inference_qps",
+            "Completed inference requests over the last second",
+            qps,
+        )?;
         let mut drift = Vec::new();
         for (m, (_, list)) in &w.drift {
             for (name, f) in list {
@@ -627,7 +668,6 @@ impl Collector for ScrapeCollector {
         )
     }
 }
-
 
 /// Rewrites OpenMetrics text as classic Prometheus text: counter families are named
 /// with their `_total` suffix, and exemplars, `# UNIT` and `# EOF` are dropped.
@@ -676,7 +716,13 @@ mod tests {
     #[test]
     fn exposition_names_and_exemplars() {
         let m = Metrics::new();
-        m.observe_inference(&labels(), Duration::from_millis(3), Some(0.95), ErrorType::None, Some("abc".into()));
+        m.observe_inference(
+            &labels(),
+            Duration::from_millis(3),
+            Some(0.95),
+            ErrorType::None,
+            Some("abc".into()),
+        );
         m.observe_inference(&labels(), Duration::from_millis(3), None, ErrorType::Overloaded, None);
         m.track_model(&labels(), 1, Box::new(|| 7), Vec::new(), 1, 1);
         let text = m.encode();
@@ -684,12 +730,15 @@ mod tests {
             text.contains("confidence_level=\"high\",error_type=\"none\"} 1 # {trace_id=\"abc\"} 0.003"),
             "exemplar on the bucket the observation fell in: {text}"
         );
-        assert!(text.contains("ai_inference_failure_total{model_name=\"m\",model_version=\"1\",error_type=\"overloaded\"} 1"));
+        assert!(text
+            .contains("ai_inference_failure_total{model_name=\"m\",model_version=\"1\",error_type=\"overloaded\"} 1"));
         assert!(text.contains("ai_inference_pending_requests{model_name=\"m\",model_version=\"1\"} 7"));
         assert!(text.contains("ai_inference_qps{model_name=\"m\",model_version=\"1\"} 2"));
         assert!(text.contains("process_resident_memory_bytes"));
         assert!(text.ends_with("# EOF\n"));
-        assert!(text.contains("ai_inference_latency_recent_seconds{model_name=\"m\",model_version=\"1\",quantile=\"0.99\"} 0.003"));
+        assert!(text.contains(
+            "ai_inference_latency_recent_seconds{model_name=\"m\",model_version=\"1\",quantile=\"0.99\"} 0.003"
+        ));
         let classic = to_classic(&text);
         assert!(classic.contains("# TYPE ai_inference_success_total counter"));
         assert!(!classic.contains("# {trace_id"));

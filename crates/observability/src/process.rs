@@ -5,11 +5,7 @@
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{
-        counter::ConstCounter,
-        gauge::ConstGauge,
-        MetricType,
-    },
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 
 #[derive(Debug)]
@@ -51,20 +47,45 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: Option<f64>) ->
 impl Collector for ProcessCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        gauge(&mut enc, "process_resident_memory_bytes", "Resident memory size in bytes", status_kb(&status, "VmRSS:").map(|k| k * 1024.0))?;
-        gauge(&mut enc, "process_virtual_memory_bytes", "Virtual memory size in bytes", status_kb(&status, "VmSize:").map(|k| k * 1024.0))?;
-        gauge(&mut enc, "process_threads", "OS threads in the process", status_kb(&status, "Threads:"))?;
+        gauge(
+            &mut enc,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            status_kb(&status, "VmRSS:").map(|k| k * 1024.0),
+        )?;
+        gauge(
+            &mut enc,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            status_kb(&status, "VmSize:").map(|k| k * 1024.0),
+        )?;
+        gauge(
+            &mut enc,
+            "process_threads",
+            "OS threads in the process",
+            status_kb(&status, "Threads:"),
+        )?;
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
         let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
         if let (Some(u), Some(s)) = (ticks(11), ticks(12)) {
             let c = ConstCounter::new((u + s) / USER_HZ);
-            c.encode(enc.encode_descriptor("process_cpu_seconds", "User and system CPU time spent, in seconds", None, MetricType::Counter)?)?;
+            c.encode(enc.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                MetricType::Counter,
+            )?)?;
         }
-        let btime = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse::<f64>().ok()));
+        let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
         gauge(
             &mut enc,
             "process_start_time_seconds",
@@ -82,8 +103,18 @@ impl Collector for ProcessCollector {
         gauge(&mut enc, "process_max_fds", "Limit of open file descriptors", max_fds)?;
         if let Some(rt) = &self.runtime {
             let m = rt.metrics();
-            gauge(&mut enc, "tokio_workers", "Worker threads of the async runtime", Some(m.num_workers() as f64))?;
-            gauge(&mut enc, "tokio_alive_tasks", "Tasks alive in the async runtime", Some(m.num_alive_tasks() as f64))?;
+            gauge(
+                &mut enc,
+                "tokio_workers",
+                "Worker threads of the async runtime",
+                Some(m.num_workers() as f64),
+            )?;
+            gauge(
+                &mut enc,
+                "tokio_alive_tasks",
+                "Tasks alive in the async runtime",
+                Some(m.num_alive_tasks() as f64),
+            )?;
             gauge(
                 &mut enc,
                 "tokio_global_queue_depth",

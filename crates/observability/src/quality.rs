@@ -66,7 +66,11 @@ impl DriftFeature {
     /// filled by the first `reference_size` observations.
     pub fn new(reference: Vec<f64>, reference_size: usize, window_size: usize) -> DriftFeature {
         DriftFeature {
-            reference_size: if reference.is_empty() { reference_size } else { reference.len() },
+            reference_size: if reference.is_empty() {
+                reference_size
+            } else {
+                reference.len()
+            },
             reference,
             window: VecDeque::with_capacity(window_size),
             window_size,

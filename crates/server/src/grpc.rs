@@ -537,7 +537,9 @@ mod tests {
                 parameter_choice: Some(ParameterChoice::Int64Param(5_000_000)),
             },
         );
-        let parts = request_parts(req.clone(), Some(Duration::from_millis(20))).ok().unwrap();
+        let parts = request_parts(req.clone(), Some(Duration::from_millis(20)))
+            .ok()
+            .unwrap();
         assert_eq!(parts.timeout, Some(Duration::from_millis(20)));
         let parts = request_parts(req, None).ok().unwrap();
         assert_eq!(parts.timeout, Some(Duration::from_secs(5)));

@@ -40,7 +40,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/models/{model}/unload", post(unload))
         .route("/metrics", get(crate::metrics::render))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::observe::http))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::observe::http,
+        ))
         // Bodies above the limit are rejected while being read (never buffered whole);
         // the handlers turn the rejection into a JSON 413.
         .layer(DefaultBodyLimit::max(limit))

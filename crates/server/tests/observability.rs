@@ -29,7 +29,11 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let out = child.wait_with_output().unwrap();
     (
         out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -37,10 +41,20 @@ async fn some_traffic(server: &support::TestServer, http: &reqwest::Client, n: u
     for i in 0..n {
         let body = json!({"inputs": [{"name": "bytes", "shape": [1, 2048], "datatype": "INT32",
             "data": (0..2048).map(|j| (i * 7 + j) % 256).collect::<Vec<_>>()}]});
-        let r = http.post(server.url("/v2/models/magika/infer")).json(&body).send().await.unwrap();
+        let r = http
+            .post(server.url("/v2/models/magika/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let r = http.post(server.url("/v2/models/magika/infer")).body("{").send().await.unwrap();
+    let r = http
+        .post(server.url("/v2/models/magika/infer"))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }
 
@@ -49,9 +63,13 @@ async fn some_traffic(server: &support::TestServer, http: &reqwest::Client, n: u
 fn series_names(exposition: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for line in exposition.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
         let mut it = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (it.next(), it.next()) else { continue };
+        let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+            continue;
+        };
         out.insert(name.to_string());
         match kind {
             "counter" => {
@@ -71,7 +89,11 @@ fn series_names(exposition: &str) -> BTreeSet<String> {
 /// Metric-like identifiers used in a rules or dashboard file.
 fn referenced_metrics(text: &str) -> BTreeSet<String> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .filter(|t| ["ai_", "inference_", "http_", "process_", "tokio_"].iter().any(|p| t.starts_with(p)))
+        .filter(|t| {
+            ["ai_", "inference_", "http_", "process_", "tokio_"]
+                .iter()
+                .any(|p| t.starts_with(p))
+        })
         .map(str::to_string)
         .collect()
 }
@@ -80,20 +102,44 @@ fn referenced_metrics(text: &str) -> BTreeSet<String> {
 async fn exposition_is_promtool_clean_and_rules_name_real_series() {
     let repo = repo_copy(&["magika", "minilm"]);
     support::edit_config(repo.path(), "magika", |s| {
-        s.replace("inputs = [\"bytes\"]\n", "inputs = [\"bytes\"]\nreference_size = 4\nwindow = 4\n")
+        s.replace(
+            "inputs = [\"bytes\"]\n",
+            "inputs = [\"bytes\"]\nreference_size = 4\nwindow = 4\n",
+        )
     });
     let server = start(repo.path(), Options::default()).await;
     let http = reqwest::Client::new();
     some_traffic(&server, &http, 5).await;
     // One request that fails inside inference (a schema violation).
     let bad = json!({"inputs": [{"name": "bytes", "shape": [1, 3], "datatype": "INT32", "data": [1, 2, 3]}]});
-    assert_eq!(http.post(server.url("/v2/models/magika/infer")).json(&bad).send().await.unwrap().status(), 400);
+    assert_eq!(
+        http.post(server.url("/v2/models/magika/infer"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
     let text_req = json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hello world"]}]});
-    assert_eq!(http.post(server.url("/v2/models/minilm/infer")).json(&text_req).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.post(server.url("/v2/models/minilm/infer"))
+            .json(&text_req)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     // A plain scrape gets the classic text format, which promtool lints.
-    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics)).await.unwrap();
-    assert!(scrape.headers()["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics))
+        .await
+        .unwrap();
+    assert!(scrape.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     let exposition = scrape.text().await.unwrap();
     let (ok, out) = promtool(&["check", "metrics"], Some(&exposition));
     assert!(ok && out.trim().is_empty(), "promtool check metrics:\n{out}");
@@ -104,7 +150,10 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
         .send()
         .await
         .unwrap();
-    assert!(om.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(om.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
     assert!(om.text().await.unwrap().ends_with("# EOF\n"));
     for needle in [
         "http_requests_total{protocol=\"http\",method=\"POST\",status_code=\"200\"}",
@@ -122,18 +171,26 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
     }
     // Latency carries its confidence level: Magika's answers are probabilities.
     assert!(exposition.contains("confidence_level=\"high\"") || exposition.contains("confidence_level=\"low\""));
-    assert!(exposition.contains("model_name=\"minilm\",model_version=\"1\",confidence_level=\"none\",error_type=\"none\""));
+    assert!(
+        exposition.contains("model_name=\"minilm\",model_version=\"1\",confidence_level=\"none\",error_type=\"none\"")
+    );
     let known = series_names(&exposition);
 
     let rules = workspace_root().join("deploy/observability/alerts.yaml");
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
     assert!(ok, "promtool check rules:\n{out}");
-    for file in ["deploy/observability/alerts.yaml", "deploy/observability/grafana-dashboard.json"] {
+    for file in [
+        "deploy/observability/alerts.yaml",
+        "deploy/observability/grafana-dashboard.json",
+    ] {
         let text = std::fs::read_to_string(workspace_root().join(file)).unwrap();
         let used = referenced_metrics(&text);
         assert!(!used.is_empty());
         let unknown: Vec<_> = used.difference(&known).collect();
-        assert!(unknown.is_empty(), "{file} names series the registry does not declare: {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "{file} names series the registry does not declare: {unknown:?}"
+        );
     }
     let dash: Value = serde_json::from_str(
         &std::fs::read_to_string(workspace_root().join("deploy/observability/grafana-dashboard.json")).unwrap(),
@@ -148,7 +205,11 @@ async fn prometheus_scrapes_under_load_and_answers_queries() {
     let repo = repo_copy(&["magika"]);
     let server = start(repo.path(), Options::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,
@@ -189,7 +250,9 @@ async fn prometheus_scrapes_under_load_and_answers_queries() {
         p90 = query("histogram_quantile(0.9, sum by (le) (rate(ai_inference_latency_seconds_bucket{model_name=\"magika\"}[30s])))")
             .await
             .filter(|v| v.is_finite() && *v > 0.0);
-        qps = query("max_over_time(ai_inference_qps{model_name=\"magika\"}[30s])").await.filter(|v| *v > 0.0);
+        qps = query("max_over_time(ai_inference_qps{model_name=\"magika\"}[30s])")
+            .await
+            .filter(|v| *v > 0.0);
     }
     let _ = prom.kill();
     let _ = prom.wait();
@@ -203,7 +266,10 @@ async fn prometheus_scrapes_under_load_and_answers_queries() {
 async fn shifted_inputs_raise_the_drift_score_and_the_reference_does_not() {
     let repo = repo_copy(&["magika"]);
     support::edit_config(repo.path(), "magika", |s| {
-        s.replace("inputs = [\"bytes\"]\n", "inputs = [\"bytes\"]\nreference_size = 60\nwindow = 60\n")
+        s.replace(
+            "inputs = [\"bytes\"]\n",
+            "inputs = [\"bytes\"]\nreference_size = 60\nwindow = 60\n",
+        )
     });
     let server = start(repo.path(), Options::default()).await;
     let metrics = server.repo().metrics().clone();
@@ -226,14 +292,21 @@ async fn shifted_inputs_raise_the_drift_score_and_the_reference_does_not() {
     for _ in 0..60 + 60 {
         send(false).await;
     }
-    let same = metrics.drift_score(&labels, "bytes:mean").expect("score after reference and window filled");
+    let same = metrics
+        .drift_score(&labels, "bytes:mean")
+        .expect("score after reference and window filled");
     assert!(same < 0.3, "same distribution scores {same}");
     for _ in 0..60 {
         send(true).await;
     }
     let shifted = metrics.drift_score(&labels, "bytes:mean").unwrap();
     assert!(shifted > 0.3, "shifted distribution scores {shifted}");
-    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics)).await.unwrap().text().await.unwrap();
+    let scrape = reqwest::get(format!("http://{}/metrics", server.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let line = scrape
         .lines()
         .find(|l| l.starts_with("ai_feature_drift_score{") && l.contains("feature=\"bytes:mean\""))
