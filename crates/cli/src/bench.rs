@@ -38,6 +38,8 @@ use crate::cli::Failure;
 pub enum Target {
     LatticeHttp,
     LatticeGrpc,
+    /// `lattice serve --telemetry off` over HTTP: what metrics and tracing cost.
+    LatticeHttpNoTelemetry,
     #[value(name = "gunicorn-2w")]
     #[serde(rename = "gunicorn-2w")]
     Gunicorn2w,
@@ -51,13 +53,10 @@ impl Target {
         match self {
             Target::LatticeHttp => "lattice-http",
             Target::LatticeGrpc => "lattice-grpc",
+            Target::LatticeHttpNoTelemetry => "lattice-http-no-telemetry",
             Target::Gunicorn2w => "gunicorn-2w",
             Target::Uvicorn2w => "uvicorn-2w",
         }
-    }
-
-    fn is_peer(self) -> bool {
-        matches!(self, Target::Gunicorn2w | Target::Uvicorn2w)
     }
 }
 
@@ -137,9 +136,14 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     let warm = Duration::from_secs_f64(args.warmup_secs);
     let mut report = Vec::new();
 
-    let needs_lattice = args.targets.iter().any(|t| !t.is_peer());
-    let mut lattice = if needs_lattice {
-        Some(LatticeProcess::start(&args, &ort).context("starting lattice serve")?)
+    let needs = |f: fn(&Target) -> bool| args.targets.iter().any(f);
+    let mut lattice = if needs(|t| matches!(t, Target::LatticeHttp | Target::LatticeGrpc)) {
+        Some(LatticeProcess::start(&args, &ort, &[]).context("starting lattice serve")?)
+    } else {
+        None
+    };
+    let mut bare = if needs(|t| *t == Target::LatticeHttpNoTelemetry) {
+        Some(LatticeProcess::start(&args, &ort, &["--telemetry", "off"]).context("starting lattice serve")?)
     } else {
         None
     };
@@ -166,6 +170,12 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             let startup_ms;
             let pid;
             let client = match target {
+                Target::LatticeHttpNoTelemetry => {
+                    let l = bare.as_ref().expect("started above");
+                    startup_ms = l.ready_ms;
+                    pid = l.child.id();
+                    LoadClient::http(&l.http, &w)
+                }
                 Target::LatticeHttp | Target::LatticeGrpc => {
                     let l = lattice.as_ref().expect("started above");
                     startup_ms = l.ready_ms;
@@ -215,7 +225,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         print_summary(&raw, &points, &args.concurrency);
         report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
     }
-    if let Some(l) = lattice.take() {
+    for l in [lattice.take(), bare.take()].into_iter().flatten() {
         l.stop()?;
     }
     std::fs::create_dir_all(&args.out_dir).context("creating the output directory")?;
@@ -233,6 +243,10 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn is_peer(target: &str) -> bool {
+    target == Target::Gunicorn2w.name() || target == Target::Uvicorn2w.name()
+}
+
 fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
     println!("\n| c | target | req/s | p50 ms | p99 ms | x raw | x best peer | p99 / best peer p99 |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -240,7 +254,7 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
         let at: Vec<&Point> = points.iter().filter(|p| p.concurrency == c).collect();
         let best_peer = at
             .iter()
-            .filter(|p| p.target.contains("corn"))
+            .filter(|p| is_peer(&p.target))
             .max_by(|a, b| a.rps.total_cmp(&b.rps))
             .copied();
         for p in &at {
@@ -600,7 +614,7 @@ struct LatticeProcess {
 }
 
 impl LatticeProcess {
-    fn start(args: &BenchArgs, ort: &Path) -> anyhow::Result<LatticeProcess> {
+    fn start(args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
         let t0 = Instant::now();
         let mut child = Command::new(std::env::current_exe()?)
             .args([
@@ -619,6 +633,7 @@ impl LatticeProcess {
             .arg("--ort-library")
             .arg(ort)
             .args(["--log", "warn"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;

@@ -153,3 +153,71 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_trace_id_of_the_request() {
+    let mut child = lattice()
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args(["--log-format", "json", "--log", "info,lattice_server=debug"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let http = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap()
+        .to_string();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        let r = client
+            .get(format!("http://{http}/v2/health/ready"))
+            .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let found = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains(trace_id) => break l,
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("log stream ended: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no JSON log line carried the trace id");
+    };
+    let v: serde_json::Value = serde_json::from_str(&found).expect("a JSON log line");
+    assert_eq!(v["span"]["trace_id"], trace_id, "{found}");
+    assert_eq!(v["span"]["span_id"].as_str().map(str::len), Some(16), "{found}");
+    sigterm(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -20,6 +20,7 @@ use lattice_observability::{ErrorType, Metrics, ModelLabels};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
+use tracing::Instrument;
 
 use crate::{
     backend::{onnx::OnnxBackend, Backend},
@@ -272,7 +273,10 @@ impl ModelRepository {
         let started = Instant::now();
         let concurrent = metrics.concurrent_requests.get_or_create(mv.labels()).clone();
         concurrent.inc();
-        let result = self.infer_on(&mv, parts).await;
+        // The core's own span: a child of the edge's request span, so a trace shows
+        // where the time went between protocol handling and the model.
+        let span = tracing::info_span!("inference", model_name = %name, model_version = mv.version);
+        let result = self.infer_on(&mv, parts).instrument(span).await;
         concurrent.dec();
         let (confidence, error) = match &result {
             Ok(r) => (r.confidence, ErrorType::None),

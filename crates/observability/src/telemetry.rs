@@ -42,6 +42,13 @@ pub struct TelemetryGuard {
     provider: SdkTracerProvider,
 }
 
+impl TelemetryGuard {
+    /// Exports every finished span now (tests, and before exit).
+    pub fn flush(&self) {
+        let _ = self.provider.force_flush();
+    }
+}
+
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         let _ = self.provider.shutdown();
@@ -103,7 +110,11 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
     let filter = EnvFilter::try_new(&cfg.filter).map_err(|e| format!("invalid log filter '{}': {e}", cfg.filter))?;
     let provider = tracer_provider(cfg)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("lattice"));
+    // The log filter applies to log output only: request spans are traced whatever
+    // the log level says.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("lattice"))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let fmt = if cfg.json_logs {
         tracing_subscriber::fmt::layer()
             .json()
@@ -111,12 +122,15 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
     };
     tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
         .with(fmt)
         .try_init()

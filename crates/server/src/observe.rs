@@ -47,6 +47,8 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.record("http.response.status_code", status);
+    // An access log line at debug level; under the span, so JSON logs carry its ids.
+    tracing::debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request served");
     record(state.repo.metrics(), "http", method, route, status.to_string(), started);
     resp
 }

@@ -468,3 +468,47 @@ async fn full_queue_answers_overloaded_and_loses_nothing_else() {
     assert!(r.is_ok());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_and_health_follows_readiness() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let repo = repo_copy(&["magika"]);
+    let server = start(repo.path(), Options::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["inference.GRPCInferenceService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == s), "{s} in {names:?}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = |svc: &str| tonic_health::pb::HealthCheckRequest { service: svc.into() };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    for svc in ["", "inference.GRPCInferenceService"] {
+        assert_eq!(
+            health.check(check(svc)).await.unwrap().into_inner().status,
+            serving,
+            "{svc:?}"
+        );
+    }
+    server.stop().await;
+}

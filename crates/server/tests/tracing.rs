@@ -1,0 +1,145 @@
+//! Traces leave the process over OTLP and continue the caller's W3C trace on both
+//! protocols: an in-test OTLP receiver gets the REST and gRPC server spans as
+//! children of the caller's spans, and the core's inference spans as their children.
+//! (Its own test binary: the tracing subscriber is global to a process.)
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use lattice_observability::telemetry::{self, TelemetryConfig};
+use lattice_proto::inference as pb;
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    trace::v1::Span,
+};
+use parking_lot_free::Spans;
+use serde_json::json;
+use support::{assert_eventually, repo_copy, start, Options};
+
+mod parking_lot_free {
+    use std::sync::Mutex;
+
+    use super::Span;
+
+    #[derive(Default)]
+    pub struct Spans(pub Mutex<Vec<Span>>);
+}
+
+struct Receiver(Arc<Spans>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0 .0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
+    let spans = Arc::new(Spans::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Receiver(spans.clone())))
+            .serve_with_incoming(tokio_stream_shim::incoming(listener)),
+    );
+    let guard = telemetry::init(&TelemetryConfig {
+        filter: "warn".into(),
+        json_logs: false,
+        otlp_endpoint: Some(format!("http://{otlp}")),
+        service_name: "lattice-test".into(),
+        sample_ratio: 1.0,
+        route_sample_ratios: vec![("/v2/health".into(), 0.0)],
+    })
+    .expect("telemetry init");
+
+    let repo = repo_copy(&["magika"]);
+    let server = start(repo.path(), Options::default()).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (rest_parent, grpc_parent) = ("00f067aa0ba902b7", "1a2b3c4d5e6f7081");
+
+    let body = json!({"inputs": [{"name": "bytes", "shape": [1, 2048], "datatype": "INT32", "data": vec![1; 2048]}]});
+    let r = reqwest::Client::new()
+        .post(server.url("/v2/models/magika/infer"))
+        .header("traceparent", format!("00-{trace_id}-{rest_parent}-01"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let mut req = tonic::Request::new(pb::ModelInferRequest {
+        model_name: "magika".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "bytes".into(),
+            datatype: "INT32".into(),
+            shape: vec![1, 2048],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 2048 * 4]],
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{grpc_parent}-01").parse().unwrap(),
+    );
+    server.grpc_client().await.model_infer(req).await.expect("gRPC infer");
+
+    let find = |name_part: &str, parent: &str| {
+        spans
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.name.contains(name_part) && hex(&s.trace_id) == trace_id && hex(&s.parent_span_id) == parent)
+            .cloned()
+    };
+    assert_eventually(Duration::from_secs(20), || {
+        guard.flush();
+        find("/v2/models/{model}/infer", rest_parent).is_some() && find("ModelInfer", grpc_parent).is_some()
+    })
+    .await;
+    let rest = find("/v2/models/{model}/infer", rest_parent).unwrap();
+    let grpc = find("ModelInfer", grpc_parent).unwrap();
+    assert_eq!(rest.name, "POST /v2/models/{model}/infer");
+    // The core's span hangs under each server span, in the same trace.
+    for edge in [&rest, &grpc] {
+        let edge_id = hex(&edge.span_id);
+        assert_eventually(Duration::from_secs(10), || {
+            guard.flush();
+            find("inference", &edge_id).is_some()
+        })
+        .await;
+    }
+    server.stop().await;
+}
+
+/// tonic's `serve_with_incoming` wants a stream of connections.
+mod tokio_stream_shim {
+    pub fn incoming(l: tokio::net::TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        futures::stream::unfold(l, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            Some((r, l))
+        })
+    }
+}
