@@ -99,9 +99,20 @@ pub struct BenchArgs {
     /// ONNX Runtime library for the raw-engine baseline and the server.
     #[arg(long, env = "LATTICE_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
+    /// HTTP load generator: wrk when installed (lighter, as in the published peer
+    /// figures), else the built-in async client; or force one.
+    #[arg(long, env = "LATTICE_BENCH_LOAD_GENERATOR", value_enum, default_value_t = LoadGenerator::Auto)]
+    pub load_generator: LoadGenerator,
     /// Where the JSON report is written.
     #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
     pub out_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LoadGenerator {
+    Auto,
+    Wrk,
+    Builtin,
 }
 
 /// The same request in every encoding a target needs.
@@ -174,14 +185,14 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                     let l = bare.as_ref().expect("started above");
                     startup_ms = l.ready_ms;
                     pid = l.child.id();
-                    LoadClient::http(&l.http, &w)
+                    LoadClient::http(&l.http, &w, args.load_generator)
                 }
                 Target::LatticeHttp | Target::LatticeGrpc => {
                     let l = lattice.as_ref().expect("started above");
                     startup_ms = l.ready_ms;
                     pid = l.child.id();
                     if target == Target::LatticeHttp {
-                        LoadClient::http(&l.http, &w)
+                        LoadClient::http(&l.http, &w, args.load_generator)
                     } else {
                         LoadClient::grpc(&l.grpc, &w).await?
                     }
@@ -190,7 +201,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                     let p = PeerProcess::start(target, model).await?;
                     startup_ms = p.ready_ms;
                     pid = p.child.id();
-                    let c = LoadClient::http(&p.addr, &w);
+                    let c = LoadClient::http(&p.addr, &w, args.load_generator);
                     peer = Some(p);
                     c
                 }
@@ -470,6 +481,13 @@ enum LoadClient {
         url: String,
         body: Bytes,
     },
+    /// wrk (C, epoll, one thread): a lighter load generator than an async Rust
+    /// client, so more of the two cores go to the server under test.
+    Wrk {
+        url: String,
+        script: PathBuf,
+        _dir: Arc<tempfile::TempDir>,
+    },
     Grpc {
         channels: Vec<GrpcInferenceServiceClient<Channel>>,
         req: pb::ModelInferRequest,
@@ -477,7 +495,13 @@ enum LoadClient {
 }
 
 impl LoadClient {
-    fn http(addr: &str, w: &Workload) -> LoadClient {
+    fn http(addr: &str, w: &Workload, gen: LoadGenerator) -> LoadClient {
+        let url = format!("http://{addr}/v2/models/{}/infer", w.model);
+        if gen != LoadGenerator::Builtin {
+            if let Some(wrk) = wrk_client(&url, &w.http_body) {
+                return wrk;
+            }
+        }
         LoadClient::Http {
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
@@ -521,11 +545,18 @@ impl LoadClient {
                 let mut c = channels[worker % channels.len()].clone();
                 c.model_infer(req.clone()).await.is_ok()
             }
+            LoadClient::Wrk { .. } => unreachable!("wrk runs whole points"),
         }
     }
 
     /// Closed loop: `c` workers send back to back; only the measured window counts.
     async fn run(&self, c: usize, warm: Duration, dur: Duration) -> Point {
+        if let LoadClient::Wrk { url, script, .. } = self {
+            let (url, script) = (url.clone(), script.clone());
+            return tokio::task::spawn_blocking(move || run_wrk(&url, &script, c, warm, dur))
+                .await
+                .unwrap_or_else(|_| summarize("", c, Vec::new(), 1, dur));
+        }
         let measure_from = Instant::now() + warm;
         let end = measure_from + dur;
         let tasks: Vec<_> = (0..c)
@@ -559,6 +590,84 @@ impl LoadClient {
             }
         }
         summarize("", c, all, errors, dur)
+    }
+}
+
+fn wrk_client(url: &str, body: &Bytes) -> Option<LoadClient> {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        return None;
+    }
+    let dir = tempfile::tempdir().ok()?;
+    let body_path = dir.path().join("body.json");
+    std::fs::write(&body_path, body).ok()?;
+    let script = dir.path().join("post.lua");
+    let lua = format!(
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+        body_path.display()
+    );
+    std::fs::write(&script, lua).ok()?;
+    Some(LoadClient::Wrk {
+        url: url.to_string(),
+        script,
+        _dir: Arc::new(dir),
+    })
+}
+
+/// Parses "1.23ms" / "850.00us" / "1.02s" into milliseconds.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let (num, mul) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|x| x * mul)
+}
+
+fn run_wrk(url: &str, script: &Path, c: usize, warm: Duration, dur: Duration) -> Point {
+    let wrk = |d: Duration| {
+        Command::new("wrk")
+            .args([
+                "-t1",
+                &format!("-c{c}"),
+                &format!("-d{}s", d.as_secs().max(1)),
+                "--latency",
+                "--timeout",
+                "10s",
+            ])
+            .arg("-s")
+            .arg(script)
+            .arg(url)
+            .output()
+    };
+    if !warm.is_zero() {
+        let _ = wrk(warm);
+    }
+    let out = match wrk(dur) {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(_) => return summarize("", c, Vec::new(), 1, dur),
+    };
+    let field = |prefix: &str| {
+        out.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next().map(str::to_string))
+    };
+    let errors = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + field("Socket errors:").map_or(0, |_| 1);
+    Point {
+        target: String::new(),
+        concurrency: c,
+        rps: field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        p50_ms: field("50%").and_then(|v| wrk_ms(&v)).unwrap_or(f64::NAN),
+        p99_ms: field("99%").and_then(|v| wrk_ms(&v)).unwrap_or(f64::NAN),
+        errors,
+        rss_mb: None,
     }
 }
 

@@ -9,7 +9,7 @@ use lattice_inference::{
     DataType, RequestParts, Tensor, TensorData,
 };
 use serde::{ser::SerializeSeq, Deserialize, Serialize, Serializer};
-use serde_json::{Map, Value};
+use serde_json::{value::RawValue, Map, Value};
 
 use crate::error::ApiError;
 
@@ -37,7 +37,7 @@ struct InputJson {
     #[serde(default)]
     parameters: Map<String, Value>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -192,81 +192,146 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
     })
 }
 
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other),
+/// Streams JSON `data` (flat or nested arrays, row-major) straight into the tensor's
+/// little-endian buffer, checking each value against the datatype: no `Value` per
+/// element, which on small-tensor models was the largest cost of a JSON request.
+struct Elements<'a> {
+    dtype: DataType,
+    out: &'a mut BytesMut,
+    strings: &'a mut Vec<Bytes>,
+    count: &'a mut usize,
+}
+
+impl Elements<'_> {
+    fn int<E: serde::de::Error>(self, v: i128) -> Result<(), E> {
+        let bad = || E::custom(format_args!("{v} is not a valid {} value", self.dtype));
+        macro_rules! put {
+            ($t:ty) => {
+                self.out
+                    .put_slice(&<$t>::try_from(v).map_err(|_| bad())?.to_le_bytes())
+            };
+        }
+        match self.dtype {
+            DataType::U8 => put!(u8),
+            DataType::U16 => put!(u16),
+            DataType::U32 => put!(u32),
+            DataType::U64 => put!(u64),
+            DataType::I8 => put!(i8),
+            DataType::I16 => put!(i16),
+            DataType::I32 => put!(i32),
+            DataType::I64 => put!(i64),
+            DataType::F32 => self.out.put_f32_le(v as f32),
+            DataType::F64 => self.out.put_f64_le(v as f64),
+            _ => return Err(bad()),
+        }
+        *self.count += 1;
+        Ok(())
     }
 }
 
-/// Converts JSON `data` (flat or nested, row-major) to a tensor of `dtype`.
-fn from_json(name: &str, dtype: DataType, shape: Vec<i64>, data: &Value) -> Result<Tensor, ApiError> {
-    let mut flat = Vec::new();
-    flatten(data, &mut flat);
+impl<'de> serde::de::DeserializeSeed<'de> for Elements<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Elements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an array of {} values", self.dtype)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Elements {
+            dtype,
+            out,
+            strings,
+            count,
+        } = self;
+        while seq
+            .next_element_seed(Elements {
+                dtype,
+                out: &mut *out,
+                strings: &mut *strings,
+                count: &mut *count,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.int(i128::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.int(i128::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        match self.dtype {
+            DataType::F32 => self.out.put_f32_le(v as f32),
+            DataType::F64 => self.out.put_f64_le(v),
+            d => return Err(E::custom(format_args!("{v} is not a valid {d} value"))),
+        }
+        *self.count += 1;
+        Ok(())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        if self.dtype != DataType::Bool {
+            return Err(E::custom(format_args!("{v} is not a valid {} value", self.dtype)));
+        }
+        self.out.put_u8(u8::from(v));
+        *self.count += 1;
+        Ok(())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if self.dtype != DataType::Bytes {
+            return Err(E::custom(format_args!("\"{v}\" is not a valid {} value", self.dtype)));
+        }
+        self.strings.push(Bytes::copy_from_slice(v.as_bytes()));
+        *self.count += 1;
+        Ok(())
+    }
+}
+
+/// Converts JSON `data` to a tensor of `dtype`.
+fn from_json(name: &str, dtype: DataType, shape: Vec<i64>, data: &RawValue) -> Result<Tensor, ApiError> {
+    if matches!(dtype, DataType::F16 | DataType::Bf16) {
+        return Err(malformed(format!(
+            "input '{name}': {dtype} can only be sent as binary data"
+        )));
+    }
     let n = element_count(&shape).ok_or_else(|| malformed(format!("input '{name}': invalid shape {shape:?}")))?;
-    if flat.len() != n {
+    // The shape bounds the allocation only as far as the body's own size allows.
+    let hint = n.min(data.get().len());
+    let mut out = BytesMut::with_capacity(hint * dtype.size().unwrap_or(0));
+    let mut strings = Vec::new();
+    let mut count = 0;
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    let seed = Elements {
+        dtype,
+        out: &mut out,
+        strings: &mut strings,
+        count: &mut count,
+    };
+    serde::de::DeserializeSeed::deserialize(seed, &mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| malformed(format!("input '{name}': {e}")))?;
+    if count != n {
         return Err(ApiError::Infer(lattice_inference::InferError::InvalidInput(format!(
-            "input '{name}' has {} elements, shape {shape:?} needs {n}",
-            flat.len()
+            "input '{name}' has {count} elements, shape {shape:?} needs {n}"
         ))));
     }
-    let bad = |v: &Value| malformed(format!("input '{name}': {v} is not a valid {dtype} value"));
-    if dtype == DataType::Bytes {
-        let items = flat
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(|s| Bytes::copy_from_slice(s.as_bytes()))
-                    .ok_or_else(|| bad(v))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        return Ok(Tensor::strings(shape, items));
-    }
-    let size = dtype.size().expect("fixed-size type");
-    let mut buf = BytesMut::with_capacity(n * size);
-    macro_rules! ints {
-        ($t:ty, $get:ident) => {
-            for v in &flat {
-                let x = v
-                    .$get()
-                    .and_then(|x| <$t>::try_from(x).ok())
-                    .ok_or_else(|| bad(v))?;
-                buf.put_slice(&x.to_le_bytes());
-            }
-        };
-    }
-    match dtype {
-        DataType::Bool => {
-            for v in &flat {
-                buf.put_u8(v.as_bool().ok_or_else(|| bad(v))? as u8);
-            }
-        }
-        DataType::U8 => ints!(u8, as_u64),
-        DataType::U16 => ints!(u16, as_u64),
-        DataType::U32 => ints!(u32, as_u64),
-        DataType::U64 => ints!(u64, as_u64),
-        DataType::I8 => ints!(i8, as_i64),
-        DataType::I16 => ints!(i16, as_i64),
-        DataType::I32 => ints!(i32, as_i64),
-        DataType::I64 => ints!(i64, as_i64),
-        DataType::F32 => {
-            for v in &flat {
-                buf.put_f32_le(v.as_f64().ok_or_else(|| bad(v))? as f32);
-            }
-        }
-        DataType::F64 => {
-            for v in &flat {
-                buf.put_f64_le(v.as_f64().ok_or_else(|| bad(v))?);
-            }
-        }
-        DataType::F16 | DataType::Bf16 => {
-            return Err(malformed(format!(
-                "input '{name}': {dtype} can only be sent as binary data"
-            )))
-        }
-        DataType::Bytes => unreachable!("handled above"),
-    }
-    Ok(Tensor::raw(dtype, shape, buf.freeze()))
+    Ok(match dtype {
+        DataType::Bytes => Tensor::strings(shape, strings),
+        _ => Tensor::raw(dtype, shape, out.freeze()),
+    })
 }
 
 /// Serialises tensor elements as a flat JSON array without building `Value`s.
