@@ -82,14 +82,21 @@ impl ShouldSample for RouteSampler {
 
 /// Builds the tracer provider (and its exporter, when configured).
 pub fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
-    let sampler = Sampler::ParentBased(Box::new(RouteSampler {
-        default: Sampler::TraceIdRatioBased(cfg.sample_ratio),
-        routes: cfg
-            .route_sample_ratios
-            .iter()
-            .map(|(r, ratio)| (r.clone(), Sampler::TraceIdRatioBased(*ratio)))
-            .collect(),
-    }));
+    // With nowhere to send spans, recording them is pure cost: spans stay
+    // non-recording but still carry valid W3C ids for logs, exemplars and
+    // propagation.
+    let sampler = if cfg.otlp_endpoint.is_none() {
+        Sampler::AlwaysOff
+    } else {
+        Sampler::ParentBased(Box::new(RouteSampler {
+            default: Sampler::TraceIdRatioBased(cfg.sample_ratio),
+            routes: cfg
+                .route_sample_ratios
+                .iter()
+                .map(|(r, ratio)| (r.clone(), Sampler::TraceIdRatioBased(*ratio)))
+                .collect(),
+        }))
+    };
     let mut builder = SdkTracerProvider::builder()
         .with_sampler(sampler)
         .with_resource(Resource::builder().with_service_name(cfg.service_name.clone()).build());
