@@ -75,7 +75,8 @@ struct Server {
     http: String,
 }
 
-fn spawn_server() -> Server {
+/// Starts `lattice serve` on free loopback ports with `extra` flags; stderr as given.
+fn spawn_server(extra: &[&str], stderr: Stdio) -> Server {
     let mut child = lattice()
         .args([
             "serve",
@@ -88,8 +89,9 @@ fn spawn_server() -> Server {
             "--metrics-port",
             "0",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -115,7 +117,7 @@ fn sigterm(child: &Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let started = Instant::now();
-    let mut server = spawn_server();
+    let mut server = spawn_server(&[], Stdio::null());
     let http = reqwest::Client::new();
     let ready = format!("http://{}/v2/health/ready", server.http);
     loop {
@@ -156,32 +158,10 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_trace_id_of_the_request() {
-    let mut child = lattice()
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .args(["--log-format", "json", "--log", "info,lattice_server=debug"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let http = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http="))
-        .unwrap()
-        .to_string();
+    let Server { mut child, http } = spawn_server(
+        &["--log-format", "json", "--log", "info,lattice_server=debug"],
+        Stdio::piped(),
+    );
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
