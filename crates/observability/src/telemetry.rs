@@ -23,6 +23,9 @@ use opentelemetry_sdk::{
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
+/// The module that opens the per-request server spans (`lattice_server::observe`).
+pub const EDGE_TARGET: &str = "lattice_server::observe";
+
 #[derive(Clone, Debug)]
 pub struct TelemetryConfig {
     /// EnvFilter directives, e.g. "info,lattice_inference=debug".
@@ -119,9 +122,14 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     // The log filter applies to log output only: request spans are traced whatever
     // the log level says.
+    // Without an exporter only the edge's request spans are needed (their ids go into
+    // logs, exemplars and onward propagation); inner spans would be built for nothing.
+    let exporting = cfg.otlp_endpoint.is_some();
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("lattice"))
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
+            *meta.level() <= tracing::Level::INFO && (exporting || meta.target().starts_with(EDGE_TARGET))
+        }));
     let fmt = if cfg.json_logs {
         tracing_subscriber::fmt::layer()
             .json()
