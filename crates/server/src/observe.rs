@@ -72,6 +72,13 @@ fn record(metrics: &Metrics, protocol: &str, method: String, route: String, stat
         .inc();
 }
 
+/// gRPC services this server answers (path prefixes).
+const SERVICES: &[&str] = &[
+    "/inference.GRPCInferenceService",
+    "/grpc.health.v1.Health",
+    "/grpc.reflection.v1.ServerReflection",
+];
+
 /// tower layer for the gRPC server.
 #[derive(Clone)]
 pub struct GrpcLayer {
@@ -120,7 +127,17 @@ where
             return Box::pin(inner.call(req));
         }
         let metrics = self.metrics.clone();
-        let path = req.uri().path().to_string();
+        // Paths are client-chosen: only the services served here become label values,
+        // so a scan of made-up methods cannot grow the metric families.
+        let raw = req.uri().path();
+        let path = if SERVICES
+            .iter()
+            .any(|s| raw.strip_prefix(s).is_some_and(|m| m.starts_with('/')))
+        {
+            raw.to_string()
+        } else {
+            "unknown".to_string()
+        };
         let method = path.rsplit('/').next().unwrap_or_default().to_string();
         let span = tracing::info_span!(
             "grpc.request",

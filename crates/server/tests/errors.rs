@@ -98,6 +98,33 @@ impl Decoder for RawDecoder {
     }
 }
 
+/// One INT32-sized tensor request sent both ways: `n` zeros as JSON data and as raw
+/// bytes, against `model` (and `version`, when given).
+#[allow(clippy::too_many_arguments)]
+fn tensor_case(
+    what: &'static str,
+    model: &str,
+    version: &str,
+    name: &str,
+    datatype: &str,
+    shape: Vec<i64>,
+    n: usize,
+    kind: ErrorKind,
+) -> Case {
+    let path = match version {
+        "" => format!("/v2/models/{model}/infer"),
+        v => format!("/v2/models/{model}/versions/{v}/infer"),
+    };
+    Case {
+        what,
+        path,
+        header_len: None,
+        body: serde_json::to_vec(&magika_json(json!(shape), zeros(n), datatype, name)).unwrap(),
+        grpc: Grpc::Typed(grpc_req(model, version, name, datatype, shape, vec![raw_i32(n)])),
+        kind,
+    }
+}
+
 async fn grpc_call(server: &support::TestServer, g: Grpc) -> tonic::Status {
     match g {
         Grpc::Typed(req) => server
@@ -195,96 +222,76 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
     let mut deadline_body = ok_body.clone();
     deadline_body["parameters"] = json!({"timeout": 1});
     let cases = vec![
-        Case {
-            what: "unknown model",
-            path: "/v2/models/nope/infer".into(),
-            header_len: None,
-            body: json_bytes(&ok_body),
-            grpc: Grpc::Typed(grpc_req(
-                "nope",
-                "",
-                "bytes",
-                "INT32",
-                vec![1, 2048],
-                vec![raw_i32(2048)],
-            )),
-            kind: ErrorKind::ModelNotFound,
-        },
-        Case {
-            what: "unknown version",
-            path: "/v2/models/magika/versions/9/infer".into(),
-            header_len: None,
-            body: json_bytes(&ok_body),
-            grpc: Grpc::Typed(grpc_req(
-                "magika",
-                "9",
-                "bytes",
-                "INT32",
-                vec![1, 2048],
-                vec![raw_i32(2048)],
-            )),
-            kind: ErrorKind::ModelNotFound,
-        },
-        Case {
-            what: "wrong input name",
-            path: infer.clone(),
-            header_len: None,
-            body: json_bytes(&magika_json(json!([1, 2048]), zeros(2048), "INT32", "byts")),
-            grpc: Grpc::Typed(grpc_req(
-                "magika",
-                "",
-                "byts",
-                "INT32",
-                vec![1, 2048],
-                vec![raw_i32(2048)],
-            )),
-            kind: ErrorKind::InvalidInput,
-        },
-        Case {
-            what: "wrong datatype",
-            path: infer.clone(),
-            header_len: None,
-            body: json_bytes(&magika_json(json!([1, 2048]), zeros(2048), "FP32", "bytes")),
-            grpc: Grpc::Typed(grpc_req(
-                "magika",
-                "",
-                "bytes",
-                "FP32",
-                vec![1, 2048],
-                vec![raw_i32(2048)],
-            )),
-            kind: ErrorKind::InvalidInput,
-        },
-        Case {
-            what: "wrong shape",
-            path: infer.clone(),
-            header_len: None,
-            body: json_bytes(&magika_json(json!([1, 100]), zeros(100), "INT32", "bytes")),
-            grpc: Grpc::Typed(grpc_req(
-                "magika",
-                "",
-                "bytes",
-                "INT32",
-                vec![1, 100],
-                vec![raw_i32(100)],
-            )),
-            kind: ErrorKind::InvalidInput,
-        },
-        Case {
-            what: "wrong element count",
-            path: infer.clone(),
-            header_len: None,
-            body: json_bytes(&magika_json(json!([1, 2048]), zeros(10), "INT32", "bytes")),
-            grpc: Grpc::Typed(grpc_req(
-                "magika",
-                "",
-                "bytes",
-                "INT32",
-                vec![1, 2048],
-                vec![raw_i32(10)],
-            )),
-            kind: ErrorKind::InvalidInput,
-        },
+        tensor_case(
+            "unknown model",
+            "nope",
+            "",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            2048,
+            ErrorKind::ModelNotFound,
+        ),
+        tensor_case(
+            "unknown version",
+            "magika",
+            "9",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            2048,
+            ErrorKind::ModelNotFound,
+        ),
+        tensor_case(
+            "wrong input name",
+            "magika",
+            "",
+            "byts",
+            "INT32",
+            vec![1, 2048],
+            2048,
+            ErrorKind::InvalidInput,
+        ),
+        tensor_case(
+            "wrong datatype",
+            "magika",
+            "",
+            "bytes",
+            "FP32",
+            vec![1, 2048],
+            2048,
+            ErrorKind::InvalidInput,
+        ),
+        tensor_case(
+            "wrong shape",
+            "magika",
+            "",
+            "bytes",
+            "INT32",
+            vec![1, 100],
+            100,
+            ErrorKind::InvalidInput,
+        ),
+        tensor_case(
+            "wrong element count",
+            "magika",
+            "",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            10,
+            ErrorKind::InvalidInput,
+        ),
+        tensor_case(
+            "batch too large",
+            "magika",
+            "",
+            "bytes",
+            "INT32",
+            vec![33, 2048],
+            33 * 2048,
+            ErrorKind::BatchTooLarge,
+        ),
         Case {
             what: "missing input",
             path: infer.clone(),
@@ -295,21 +302,6 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
                 ..Default::default()
             }),
             kind: ErrorKind::InvalidInput,
-        },
-        Case {
-            what: "batch too large",
-            path: infer.clone(),
-            header_len: None,
-            body: json_bytes(&magika_json(json!([33, 2048]), zeros(33 * 2048), "INT32", "bytes")),
-            grpc: Grpc::Typed(grpc_req(
-                "magika",
-                "",
-                "bytes",
-                "INT32",
-                vec![33, 2048],
-                vec![raw_i32(33 * 2048)],
-            )),
-            kind: ErrorKind::BatchTooLarge,
         },
         Case {
             what: "malformed JSON / protobuf",
