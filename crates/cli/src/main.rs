@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => cli::serve(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Consume(args) => cli::consume(args).await,
         }
     });
     match result {

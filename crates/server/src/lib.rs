@@ -7,6 +7,7 @@
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod jetstream;
 pub mod json;
 pub mod metrics;
 pub mod observe;
