@@ -4,7 +4,11 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/grpc_service.proto", "proto/model_config.proto"];
+    let files = [
+        "proto/grpc_service.proto",
+        "proto/model_config.proto",
+        "proto/externalscaler.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

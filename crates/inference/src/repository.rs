@@ -259,6 +259,34 @@ impl ModelRepository {
         out
     }
 
+    /// Demand and capacity for autoscaling, over every served version of `model` (or
+    /// of all models): demand is requests queued or computing; capacity is how many
+    /// the instances compute at once (instances x the largest dynamic batch).
+    pub fn load_signals(&self, model: Option<&str>) -> (usize, usize) {
+        let models = self.inner.models.read();
+        let mut demand = 0;
+        let mut capacity = 0;
+        for (name, m) in models.iter() {
+            if model.is_some_and(|want| want != name) {
+                continue;
+            }
+            let cfg = &m.config;
+            let batch = cfg
+                .queue()
+                .preferred_batch_size
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(cfg.max_batch_size)
+                .clamp(1, cfg.max_batch_size.max(1));
+            for v in m.versions.values() {
+                demand += v.scheduler.pending() + v.scheduler.in_flight();
+                capacity += cfg.instance_group.count * batch;
+            }
+        }
+        (demand, capacity)
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }

@@ -9,5 +9,11 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// `externalscaler.ExternalScaler`: KEDA's external scaler contract.
+pub mod externalscaler {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("externalscaler");
+}
+
 /// Encoded `FileDescriptorSet` of every proto above, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");

@@ -11,6 +11,7 @@ pub mod jetstream;
 pub mod json;
 pub mod metrics;
 pub mod observe;
+pub mod scaler;
 
 use std::{
     future::{Future, IntoFuture},
@@ -137,6 +138,11 @@ pub async fn run(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(infer)
+            .add_service(
+                lattice_proto::externalscaler::external_scaler_server::ExternalScalerServer::new(scaler::Scaler {
+                    state: state.clone(),
+                }),
+            )
             .serve_with_incoming_shutdown(grpc_incoming, grpc_token.cancelled_owned()),
     );
 

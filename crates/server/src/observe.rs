@@ -77,6 +77,7 @@ const SERVICES: &[&str] = &[
     "/inference.GRPCInferenceService",
     "/grpc.health.v1.Health",
     "/grpc.reflection.v1.ServerReflection",
+    "/externalscaler.ExternalScaler",
 ];
 
 /// tower layer for the gRPC server.
