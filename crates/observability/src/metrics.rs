@@ -669,6 +669,33 @@ impl Collector for ScrapeCollector {
     }
 }
 
+/// Every series name an exposition offers: each family from its TYPE line plus the
+/// sample names Prometheus derives (`_total`, `_bucket`, `_sum`, `_count`). Manifests,
+/// alert rules and dashboards are checked against this set.
+pub fn series_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut it = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+            continue;
+        };
+        out.insert(name.to_string());
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            "summary" => &["_sum", "_count"],
+            _ => &[],
+        };
+        for s in suffixes {
+            out.insert(format!("{name}{s}"));
+        }
+    }
+    out
+}
+
 /// Rewrites OpenMetrics text as classic Prometheus text: counter families are named
 /// with their `_total` suffix, and exemplars, `# UNIT` and `# EOF` are dropped.
 pub fn to_classic(openmetrics: &str) -> String {

@@ -58,34 +58,6 @@ async fn some_traffic(server: &support::TestServer, http: &reqwest::Client, n: u
     assert_eq!(r.status(), 400);
 }
 
-/// Every metric family name in an exposition (from its TYPE line) plus the sample
-/// suffixes Prometheus derives.
-fn series_names(exposition: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for line in exposition.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let mut it = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (it.next(), it.next()) else {
-            continue;
-        };
-        out.insert(name.to_string());
-        match kind {
-            "counter" => {
-                out.insert(format!("{name}_total"));
-            }
-            "histogram" => {
-                for s in ["_bucket", "_sum", "_count"] {
-                    out.insert(format!("{name}{s}"));
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// Metric-like identifiers used in a rules or dashboard file.
 fn referenced_metrics(text: &str) -> BTreeSet<String> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
@@ -174,7 +146,7 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
     assert!(
         exposition.contains("model_name=\"minilm\",model_version=\"1\",confidence_level=\"none\",error_type=\"none\"")
     );
-    let known = series_names(&exposition);
+    let known = lattice_observability::metrics::series_names(&exposition);
 
     let rules = workspace_root().join("deploy/observability/alerts.yaml");
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
