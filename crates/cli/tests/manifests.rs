@@ -58,6 +58,15 @@ fn registry_names() -> BTreeSet<String> {
     m.observe_inference(&labels, Duration::from_millis(1), None, ErrorType::Overloaded, None);
     m.track_model(&labels, 1, Box::new(|| 0), vec![("x:mean".into(), vec![1.0])], 1, 1);
     m.concurrent_requests.get_or_create(&labels).set(0);
+    m.observe_service_time(0.001);
+    m.observe_queue_time(0.001);
+    m.set_load_source(Box::new(|| {
+        Some(lattice_observability::metrics::Load {
+            in_flight: 0,
+            queued: 0,
+            capacity: 1,
+        })
+    }));
     lattice_observability::metrics::series_names(&m.encode())
 }
 

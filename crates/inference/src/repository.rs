@@ -287,6 +287,16 @@ impl ModelRepository {
         (demand, capacity)
     }
 
+    /// Requests being computed, over all served versions.
+    pub fn in_flight(&self) -> usize {
+        let models = self.inner.models.read();
+        models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .map(|v| v.scheduler.in_flight())
+            .sum()
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }

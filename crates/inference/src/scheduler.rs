@@ -336,6 +336,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 m.compute_duration
                     .get_or_create(&rt.labels)
                     .observe(compute_time.as_secs_f64());
+                m.observe_service_time(compute_time.as_secs_f64() / size.max(1) as f64);
             }
             let confidences = if recording {
                 batch_quality(rt, &outputs)
@@ -361,6 +362,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
                 if recording {
                     m.queue_duration.get_or_create(&rt.labels).observe(queued.as_secs_f64());
+                    m.observe_queue_time(queued.as_secs_f64());
                     m.request_duration
                         .get_or_create(&rt.labels)
                         .observe(e.enqueued.elapsed().as_secs_f64());

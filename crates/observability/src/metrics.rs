@@ -265,10 +265,55 @@ struct ModelWindows {
 /// Reads a live value at scrape time (queue depth from a scheduler).
 pub type GaugeSource = Box<dyn Fn() -> i64 + Send + Sync>;
 
+/// What the replica holds right now, for the scaling signals; `None` while the
+/// replica is not ready, so a warming or draining pod is missing rather than idle.
+pub type LoadSource = Box<dyn Fn() -> Option<Load> + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Load {
+    /// Requests being computed.
+    pub in_flight: usize,
+    /// Requests waiting in queues.
+    pub queued: usize,
+    /// Requests the instances compute at once (instances x largest dynamic batch).
+    pub capacity: usize,
+}
+
+const RECENT: usize = 512;
+
+/// The last few hundred values of a per-replica quantity.
+#[derive(Debug, Default)]
+struct Recent(std::collections::VecDeque<f64>);
+
+impl Recent {
+    fn push(&mut self, v: f64) {
+        if self.0.len() == RECENT {
+            self.0.pop_front();
+        }
+        self.0.push_back(v);
+    }
+
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let mut v: Vec<f64> = self.0.iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(v[((v.len() as f64 - 1.0) * q).round() as usize])
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (!self.0.is_empty()).then(|| self.0.iter().sum::<f64>() / self.0.len() as f64)
+    }
+}
+
 #[derive(Default)]
 struct Sources {
     /// (labels, id of the loaded version instance, source)
     pending: Vec<(ModelLabels, u64, GaugeSource)>,
+    load: Option<LoadSource>,
+    queue_times: Recent,
+    service_times: Recent,
 }
 
 impl std::fmt::Debug for Sources {
@@ -554,6 +599,21 @@ impl Metrics {
         self.windows.lock().drift.insert(model.clone(), (id, list));
     }
 
+    /// Installs the replica's load source for the scaling signals.
+    pub fn set_load_source(&self, source: LoadSource) {
+        self.sources.lock().load = Some(source);
+    }
+
+    /// Time one request waited in a queue (seconds).
+    pub fn observe_queue_time(&self, secs: f64) {
+        self.sources.lock().queue_times.push(secs);
+    }
+
+    /// Compute time per item of one executed batch (seconds).
+    pub fn observe_service_time(&self, secs: f64) {
+        self.sources.lock().service_times.push(secs);
+    }
+
     /// Feeds one item's feature values, in the order given to [`Metrics::track_model`].
     pub fn observe_features(&self, model: &ModelLabels, values: &[f64]) {
         if !self.enabled {
@@ -620,15 +680,77 @@ fn gauge_family<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeVa
     Ok(())
 }
 
+/// Per-replica autoscaling signals, all gauges.
+fn scaling_signals(
+    enc: &mut DescriptorEncoder,
+    load: Load,
+    qps: f64,
+    queue_p95: Option<f64>,
+    service: Option<f64>,
+) -> Result<(), std::fmt::Error> {
+    use crate::process::gauge;
+    let capacity = load.capacity.max(1) as f64;
+    gauge(
+        enc,
+        "lattice_scaling_in_flight",
+        "Requests being computed on this replica",
+        Some(load.in_flight as f64),
+    )?;
+    gauge(
+        enc,
+        "lattice_scaling_queue_depth",
+        "Requests waiting in this replica's queues",
+        Some(load.queued as f64),
+    )?;
+    gauge(
+        enc,
+        "lattice_scaling_capacity",
+        "Requests this replica computes at once",
+        Some(capacity),
+    )?;
+    gauge(
+        enc,
+        "lattice_scaling_saturation",
+        "(queued + in flight) / capacity: above 1 the replica is queueing",
+        Some((load.queued + load.in_flight) as f64 / capacity),
+    )?;
+    gauge(
+        enc,
+        "lattice_scaling_qps",
+        "Requests completed on this replica over the last second",
+        Some(qps),
+    )?;
+    gauge(
+        enc,
+        "lattice_scaling_queue_p95_seconds",
+        "p95 queue wait of this replica's recent requests",
+        queue_p95,
+    )?;
+    // Little's law: the concurrency the arrivals need is rate x service time; divided by
+    // this replica's capacity it is the replicas' worth of work arriving here, so an
+    // AverageValue target of 1 asks for just enough replicas.
+    gauge(
+        enc,
+        "lattice_scaling_demand_replicas",
+        "Replicas' worth of work arriving at this replica (qps x service time / capacity)",
+        service.map(|s| qps * s / capacity),
+    )
+}
+
 impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let pending: Vec<(ModelLabels, i64)> = self
-            .sources
-            .lock()
-            .pending
-            .iter()
-            .map(|(m, _, f)| (m.clone(), f()))
-            .collect();
+        let (pending, scaling) = {
+            let src = self.sources.lock();
+            let pending: Vec<(ModelLabels, i64)> = src.pending.iter().map(|(m, _, f)| (m.clone(), f())).collect();
+            let load = src.load.as_ref().and_then(|f| f());
+            let scaling = load.map(|l| (l, src.queue_times.quantile(0.95), src.service_times.mean()));
+            (pending, scaling)
+        };
+        if let Some((load, queue_p95, service)) = scaling {
+            let now = Instant::now();
+            let qps: f64 = self.windows.lock().qps.values_mut().map(|r| r.per_second(now)).sum();
+            scaling_signals(&mut enc, load, qps, queue_p95, service)?;
+        }
         gauge_family(
             &mut enc,
             "ai_inference_pending_requests",

@@ -37,7 +37,12 @@ fn status_kb(status: &str, key: &str) -> Option<f64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
 }
 
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: Option<f64>) -> Result<(), std::fmt::Error> {
+pub(crate) fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: Option<f64>,
+) -> Result<(), std::fmt::Error> {
     if let Some(v) = v {
         ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
     }

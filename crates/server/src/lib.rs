@@ -159,6 +159,20 @@ pub async fn run(
             .into_future(),
     );
 
+    // Scaling signals exist only while the replica is ready: a warming or draining
+    // pod must look missing to the autoscaler, not idle.
+    let signals = state.clone();
+    state.repo.metrics().set_load_source(Box::new(move || {
+        signals.is_ready().then(|| {
+            let (demand, capacity) = signals.repo.load_signals(None);
+            let in_flight = signals.repo.in_flight();
+            lattice_observability::metrics::Load {
+                in_flight,
+                queued: demand.saturating_sub(in_flight),
+                capacity,
+            }
+        })
+    }));
     if load_models {
         for e in state.repo.load_all().await {
             tracing::error!(error = %e, "model not loaded at start-up");

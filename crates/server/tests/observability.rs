@@ -138,6 +138,10 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
         "ai_feature_drift_score{model_name=\"magika\",model_version=\"1\",feature=\"bytes:mean\"}",
         "process_resident_memory_bytes",
         "tokio_workers",
+        "lattice_scaling_capacity 34",
+        "lattice_scaling_saturation 0",
+        "lattice_scaling_queue_p95_seconds",
+        "lattice_scaling_demand_replicas",
     ] {
         assert!(exposition.contains(needle), "{needle} missing from\n{exposition}");
     }
