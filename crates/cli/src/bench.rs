@@ -270,7 +270,7 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
             .copied();
         for p in &at {
             let (xp, p99r) = match best_peer {
-                Some(b) if !p.target.contains("corn") => {
+                Some(b) if !is_peer(&p.target) => {
                     (format!("{:.2}", p.rps / b.rps), format!("{:.2}", p.p99_ms / b.p99_ms))
                 }
                 _ => ("".into(), "".into()),
@@ -283,6 +283,11 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
                 p.p99_ms,
                 p.rps / raw.rps
             );
+        }
+        // What metrics and tracing cost: the same server with them on and off.
+        let rps = |t: Target| at.iter().find(|p| p.target == t.name()).map(|p| p.rps);
+        if let (Some(on), Some(off)) = (rps(Target::LatticeHttp), rps(Target::LatticeHttpNoTelemetry)) {
+            println!("|   | telemetry on / off (HTTP) | {:.3} | | | | | |", on / off);
         }
     }
 }
