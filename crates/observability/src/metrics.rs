@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::borrow::Cow;
+
 use parking_lot::Mutex;
 use prometheus_client::{
     collector::Collector,
@@ -37,21 +39,23 @@ pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 
 // === Labels ===
 
+/// Edge request labels. Values are borrowed where they are static (protocol, common
+/// methods), so recording a request allocates at most its route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `http` or `grpc`.
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     /// HTTP method, or the gRPC method name.
-    pub method: String,
+    pub method: Cow<'static, str>,
     /// HTTP status, or the gRPC status code number.
-    pub status_code: String,
+    pub status_code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub protocol: String,
-    pub route: String,
-    pub method: String,
+    pub protocol: Cow<'static, str>,
+    pub route: Cow<'static, str>,
+    pub method: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]

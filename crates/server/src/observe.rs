@@ -3,6 +3,7 @@
 //! duration histograms, for REST (an axum middleware) and gRPC (a tower layer).
 
 use std::{
+    borrow::Cow,
     sync::Arc,
     task::{Context, Poll},
     time::Instant,
@@ -27,11 +28,11 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     if !state.cfg.telemetry {
         return next.run(req).await;
     }
-    let route = req
+    let route: Cow<'static, str> = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().as_str().to_string();
+        .map_or(Cow::Borrowed("unmatched"), |p| Cow::Owned(p.as_str().to_string()));
+    let method = http_method(req.method());
     let span = tracing::info_span!(
         "http.request",
         otel.name = %format!("{method} {route}"),
@@ -49,15 +50,31 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     span.record("http.response.status_code", status);
     // An access log line at debug level; under the span, so JSON logs carry its ids.
     tracing::debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request served");
-    record(state.repo.metrics(), "http", method, route, status.to_string(), started);
+    record(state.repo.metrics(), "http", method, route, status, started);
     resp
 }
 
-fn record(metrics: &Metrics, protocol: &str, method: String, route: String, status_code: String, started: Instant) {
+/// The standard methods as static strings; anything else is owned.
+fn http_method(m: &http::Method) -> Cow<'static, str> {
+    const KNOWN: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
+    KNOWN
+        .iter()
+        .find(|k| **k == m.as_str())
+        .map_or_else(|| Cow::Owned(m.as_str().to_string()), |k| Cow::Borrowed(*k))
+}
+
+fn record(
+    metrics: &Metrics,
+    protocol: &'static str,
+    method: Cow<'static, str>,
+    route: Cow<'static, str>,
+    status_code: u16,
+    started: Instant,
+) {
     metrics
         .http_request_duration
         .get_or_create(&RouteLabels {
-            protocol: protocol.to_string(),
+            protocol: Cow::Borrowed(protocol),
             route,
             method: method.clone(),
         })
@@ -65,7 +82,7 @@ fn record(metrics: &Metrics, protocol: &str, method: String, route: String, stat
     metrics
         .http_requests
         .get_or_create(&RequestLabels {
-            protocol: protocol.to_string(),
+            protocol: Cow::Borrowed(protocol),
             method,
             status_code,
         })
@@ -131,15 +148,15 @@ where
         // Paths are client-chosen: only the services served here become label values,
         // so a scan of made-up methods cannot grow the metric families.
         let raw = req.uri().path();
-        let path = if SERVICES
+        let path: Cow<'static, str> = if SERVICES
             .iter()
             .any(|s| raw.strip_prefix(s).is_some_and(|m| m.starts_with('/')))
         {
-            raw.to_string()
+            Cow::Owned(raw.to_string())
         } else {
-            "unknown".to_string()
+            Cow::Borrowed("unknown")
         };
-        let method = path.rsplit('/').next().unwrap_or_default().to_string();
+        let method: Cow<'static, str> = Cow::Owned(path.rsplit('/').next().unwrap_or_default().to_string());
         let span = tracing::info_span!(
             "grpc.request",
             otel.name = %path,
@@ -156,16 +173,16 @@ where
             let result = inner.call(req).instrument(span.clone()).await;
             // A failed call is answered trailers-only, so its status is a header; a
             // successful one puts grpc-status 0 in the trailers.
-            let code = match &result {
+            let code: u16 = match &result {
                 Ok(r) => r
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_string(),
-                Err(_) => "13".to_string(),
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+                Err(_) => 13,
             };
-            span.record("rpc.grpc.status_code", code.as_str());
+            span.record("rpc.grpc.status_code", code);
             record(&metrics, "grpc", method, path, code, started);
             result
         })
