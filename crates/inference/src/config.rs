@@ -307,6 +307,20 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The most items the dynamic batcher puts in one batch: the largest preferred
+    /// size (Triton's meaning), else max_batch_size; at least 1. A single request may
+    /// still carry up to max_batch_size items.
+    pub fn dynamic_batch_cap(&self) -> usize {
+        let max = self.max_batch_size.max(1);
+        self.queue()
+            .preferred_batch_size
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(max)
+            .clamp(1, max)
+    }
+
     /// Queue settings in force: the configured ones, or an unbatched bounded queue.
     pub fn queue(&self) -> DynamicBatching {
         self.dynamic_batching.clone().unwrap_or_default()

@@ -27,8 +27,6 @@ pub enum InferError {
     DeadlineExceeded,
     #[error("request cancelled by the client")]
     Cancelled,
-    #[error("server is shutting down")]
-    ShuttingDown,
     #[error("failed to load model '{name}': {reason}")]
     LoadFailed { name: String, reason: String },
     /// The engine failed on input that passed validation.
@@ -44,7 +42,6 @@ impl InferError {
             InferError::ModelNotFound(_)
             | InferError::VersionNotFound { .. }
             | InferError::ModelNotReady(_)
-            | InferError::ShuttingDown
             | InferError::LoadFailed { .. } => ErrorType::Unavailable,
             InferError::InvalidInput(_) | InferError::BatchTooLarge { .. } => ErrorType::InputSchemaViolation,
             InferError::Overloaded { .. } => ErrorType::Overloaded,

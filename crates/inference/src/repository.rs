@@ -43,7 +43,6 @@ pub struct ModelVersion {
     pub name: String,
     pub version: i64,
     pub scheduler: Scheduler,
-    pub load_time: Duration,
     /// Tells this loaded instance apart from a reload of the same version.
     id: u64,
 }
@@ -68,6 +67,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// Ascending; the last entry is the default version.
     pub versions: BTreeMap<i64, Arc<ModelVersion>>,
+    /// Drift reference values by feature, from the config's reference file.
+    drift_reference: HashMap<String, Vec<f64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +163,7 @@ impl ModelRepository {
                         .load_duration
                         .get_or_create(v.labels())
                         .observe(started.elapsed().as_secs_f64());
-                    track(&self.inner.root.join(name), &model.config, v, &self.inner.metrics);
+                    track(&model, v, &self.inner.metrics);
                 }
                 self.inner.models.write().insert(name.to_string(), model);
                 self.inner.failures.lock().remove(name);
@@ -271,14 +272,7 @@ impl ModelRepository {
                 continue;
             }
             let cfg = &m.config;
-            let batch = cfg
-                .queue()
-                .preferred_batch_size
-                .iter()
-                .copied()
-                .max()
-                .unwrap_or(cfg.max_batch_size)
-                .clamp(1, cfg.max_batch_size.max(1));
+            let batch = cfg.dynamic_batch_cap();
             for v in m.versions.values() {
                 demand += v.scheduler.pending() + v.scheduler.in_flight();
                 capacity += cfg.instance_group.count * batch;
@@ -332,7 +326,7 @@ impl ModelRepository {
 
     async fn infer_on(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
         let rt = mv.scheduler.runtime().clone();
-        let req = prepare(&rt.config, rt.text.as_ref(), parts)?;
+        let req = prepare(&rt.config, rt.text.as_deref(), parts)?;
         if let Some(drift) = &rt.config.drift {
             for item in crate::quality::item_features(drift, &req.inputs, rt.config.max_batch_size > 0) {
                 self.inner.metrics.observe_features(&rt.labels, &item);
@@ -504,7 +498,6 @@ pub fn prepare(
 
 /// Loads every selected version of a model, with all its instances, or nothing.
 fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedModel, String> {
-    let started = Instant::now();
     let mut cfg = config::load(dir)?;
     cfg.name = name.to_string();
     let on_disk: Vec<i64> = std::fs::read_dir(dir)
@@ -520,7 +513,11 @@ fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedMod
             dir.display()
         ));
     }
-    let text = cfg.text.as_ref().map(|t| TextPipeline::load(dir, t)).transpose()?;
+    let text = cfg
+        .text
+        .as_ref()
+        .map(|t| TextPipeline::load(dir, t).map(Arc::new))
+        .transpose()?;
     let pooled = cfg.pooling.as_ref().map(|p| p.output.clone());
     let mut engine_outputs: Vec<String> = cfg
         .output
@@ -541,10 +538,7 @@ fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedMod
         check_signature(backends[0].as_ref(), &cfg, text_inputs.as_deref(), pooled.as_deref())?;
         let runtime = Arc::new(ModelRuntime {
             config: cfg.clone(),
-            text: text
-                .as_ref()
-                .map(|_| TextPipeline::load(dir, cfg.text.as_ref().expect("text config present")))
-                .transpose()?,
+            text: text.clone(),
             engine_outputs: engine_outputs.clone(),
             stats: Stats::default(),
             metrics: metrics.clone(),
@@ -559,31 +553,42 @@ fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedMod
                 name: name.to_string(),
                 version: v,
                 scheduler: Scheduler::start(runtime, backends),
-                load_time: started.elapsed(),
                 id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             }),
         );
     }
-    Ok(LoadedModel { config: cfg, versions })
+    // Read here, on the blocking load thread, not when the version starts serving.
+    let drift_reference = cfg
+        .drift
+        .as_ref()
+        .and_then(|d| d.reference_file.as_ref())
+        .map(|f| {
+            let p = dir.join(f);
+            std::fs::read(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(LoadedModel {
+        config: cfg,
+        versions,
+        drift_reference,
+    })
 }
 
 /// Registers a served version's queue depth and drift features with the metrics.
-fn track(dir: &Path, cfg: &ModelConfig, v: &ModelVersion, metrics: &Metrics) {
+fn track(model: &LoadedModel, v: &ModelVersion, metrics: &Metrics) {
+    let cfg = &model.config;
     let scheduler = v.scheduler.clone();
     let pending: lattice_observability::metrics::GaugeSource = Box::new(move || scheduler.pending() as i64);
     let (features, reference_size, window) = match &cfg.drift {
         Some(d) => {
             let names = crate::quality::feature_names(cfg, d);
-            let reference: HashMap<String, Vec<f64>> = d
-                .reference_file
-                .as_ref()
-                .and_then(|f| std::fs::read(dir.join(f)).ok())
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
             let features = names
                 .into_iter()
                 .map(|n| {
-                    let r = reference.get(&n).cloned().unwrap_or_default();
+                    let r = model.drift_reference.get(&n).cloned().unwrap_or_default();
                     (n, r)
                 })
                 .collect();
@@ -690,7 +695,7 @@ async fn warm_up(model: &LoadedModel) {
             priority: Some(0),
             timeout: None,
         };
-        let pipeline = v.scheduler.runtime().text.as_ref();
+        let pipeline = v.scheduler.runtime().text.as_deref();
         let result = match prepare(cfg, pipeline, parts) {
             Ok(req) => match v.scheduler.submit(req) {
                 Ok(rx) => rx.await.unwrap_or(Err(InferError::Cancelled)).map(|_| ()),

@@ -58,7 +58,6 @@ pub struct InferRequest {
 pub struct Timing {
     pub queue: Duration,
     pub compute: Duration,
-    pub batch_size: usize,
 }
 
 #[derive(Debug)]
@@ -76,7 +75,8 @@ pub struct InferResponse {
 /// What the instance threads need to run a batch, shared by all of them.
 pub struct ModelRuntime {
     pub config: ModelConfig,
-    pub text: Option<TextPipeline>,
+    /// Loaded once per model and shared by its versions.
+    pub text: Option<Arc<TextPipeline>>,
     /// Outputs the engine itself produces (pooled outputs are computed after it).
     pub engine_outputs: Vec<String>,
     pub stats: Stats,
@@ -262,18 +262,8 @@ fn discard(shared: &Shared, e: Entry, err: InferError) {
 
 fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
     let rt = shared.runtime.clone();
-    let max_batch = rt.config.max_batch_size.max(1);
-    let db = rt.config.queue();
-    let delay = db.max_queue_delay();
-    // Dynamic batches grow up to the largest preferred size (Triton's meaning of
-    // preferred sizes); a single request may still carry up to max_batch_size items.
-    let cap = db
-        .preferred_batch_size
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(max_batch)
-        .clamp(1, max_batch);
+    let delay = rt.config.queue().max_queue_delay();
+    let cap = rt.config.dynamic_batch_cap();
     loop {
         let mut q = shared.queue.lock();
         let Some(first) = next_live(&shared, &mut q) else {
@@ -375,7 +365,6 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                     timing: Timing {
                         queue: queued,
                         compute: compute_time,
-                        batch_size: size,
                     },
                 });
                 let _ = e.reply.send(resp);

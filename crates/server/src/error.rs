@@ -87,7 +87,7 @@ impl ApiError {
         match self {
             ApiError::Infer(e) => match e {
                 InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => ErrorKind::ModelNotFound,
-                InferError::ModelNotReady(_) | InferError::ShuttingDown => ErrorKind::Unavailable,
+                InferError::ModelNotReady(_) => ErrorKind::Unavailable,
                 InferError::InvalidInput(_) => ErrorKind::InvalidInput,
                 InferError::BatchTooLarge { .. } => ErrorKind::BatchTooLarge,
                 InferError::Overloaded { .. } => ErrorKind::Overloaded,

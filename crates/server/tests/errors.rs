@@ -125,6 +125,11 @@ fn tensor_case(
     }
 }
 
+/// A valid one-row Magika request over gRPC.
+fn good_req() -> pb::ModelInferRequest {
+    grpc_req("magika", "", "bytes", "INT32", vec![1, 2048], vec![raw_i32(2048)])
+}
+
 async fn grpc_call(server: &support::TestServer, g: Grpc) -> tonic::Status {
     match g {
         Grpc::Typed(req) => server
@@ -188,14 +193,7 @@ async fn still_serving(server: &support::TestServer, http: &reqwest::Client) {
     let out = server
         .grpc_client()
         .await
-        .model_infer(grpc_req(
-            "magika",
-            "",
-            "bytes",
-            "INT32",
-            vec![1, 2048],
-            vec![raw_i32(2048)],
-        ))
+        .model_infer(good_req())
         .await
         .expect("good gRPC request after errors");
     assert_eq!(out.into_inner().raw_output_contents[0].len(), 214 * 4);
@@ -210,7 +208,7 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
     let ok_body = magika_json(json!([1, 2048]), zeros(2048), "INT32", "bytes");
     let json_bytes = |v: &Value| serde_json::to_vec(v).unwrap();
     let timeout_req = {
-        let mut r = grpc_req("magika", "", "bytes", "INT32", vec![1, 2048], vec![raw_i32(2048)]);
+        let mut r = good_req();
         r.parameters.insert(
             "timeout".into(),
             pb::InferParameter {
@@ -426,17 +424,7 @@ async fn full_queue_answers_overloaded_and_loses_nothing_else() {
     let mut calls = Vec::new();
     for _ in 0..32 {
         let mut c = client.clone();
-        calls.push(tokio::spawn(async move {
-            c.model_infer(grpc_req(
-                "magika",
-                "",
-                "bytes",
-                "INT32",
-                vec![1, 2048],
-                vec![raw_i32(2048)],
-            ))
-            .await
-        }));
+        calls.push(tokio::spawn(async move { c.model_infer(good_req()).await }));
     }
     let mut exhausted = 0;
     for c in calls {
@@ -447,16 +435,7 @@ async fn full_queue_answers_overloaded_and_loses_nothing_else() {
     }
     assert!(exhausted >= 1);
     // The queue drains and the model serves again.
-    let r = client
-        .model_infer(grpc_req(
-            "magika",
-            "",
-            "bytes",
-            "INT32",
-            vec![1, 2048],
-            vec![raw_i32(2048)],
-        ))
-        .await;
+    let r = client.model_infer(good_req()).await;
     assert!(r.is_ok());
     server.stop().await;
 }
