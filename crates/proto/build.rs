@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/grpc_service.proto",
         "proto/model_config.proto",
         "proto/externalscaler.proto",
+        "proto/lattice/agent/v1/agent.proto",
+        "proto/google/rpc/status.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -36,6 +36,53 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Pull inference jobs from a NATS JetStream durable consumer and publish results.
     Consume(ConsumeArgs),
+    /// Run a worker agent: hold a stream to an orchestrator and run the tasks it assigns.
+    Agent(AgentArgs),
+    /// Chat in a room: send stdin lines, print every message of the room.
+    Chat(ChatArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Orchestrator gRPC URL(s), tried in turn on reconnect (comma-separated).
+    #[arg(
+        long,
+        env = "LATTICE_ORCHESTRATOR",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8001"
+    )]
+    pub orchestrator: Vec<String>,
+    /// Capabilities this worker serves (tasks are routed by capability).
+    #[arg(long, env = "LATTICE_CAPABILITY", value_delimiter = ',', required = true)]
+    pub capability: Vec<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "LATTICE_MAX_IN_FLIGHT", default_value_t = 16)]
+    pub max_in_flight: u32,
+    /// Name in logs and frames; defaults to agent-<pid>.
+    #[arg(long, env = "LATTICE_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// Tenant the agent acts for.
+    #[arg(long, env = "LATTICE_TENANT", default_value = "default")]
+    pub tenant: String,
+    /// Bearer token the orchestrator requires, if any.
+    #[arg(long, env = "LATTICE_AGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "LATTICE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    /// Server gRPC URL.
+    #[arg(long, env = "LATTICE_CHAT_SERVER", default_value = "http://127.0.0.1:8001")]
+    pub server: String,
+    /// Room to join.
+    #[arg(long, env = "LATTICE_CHAT_ROOM", default_value = "lobby")]
+    pub room: String,
+    /// Name shown with your messages.
+    #[arg(long, env = "LATTICE_CHAT_NAME", default_value = "anonymous")]
+    pub name: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -177,6 +224,83 @@ pub struct ServeArgs {
     /// Request spans and metrics recording. "off" exists to measure their overhead.
     #[arg(long, env = "LATTICE_TELEMETRY", value_enum, default_value_t = Switch::On)]
     pub telemetry: Switch,
+    #[command(flatten)]
+    pub agents: AgentPlaneArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentPlaneArgs {
+    /// The agent plane (orchestrator, memory broker, tool gateway, chat) on the gRPC port.
+    #[arg(long, env = "LATTICE_AGENTS", value_enum, default_value_t = Switch::On)]
+    pub agents: Switch,
+    /// Where sessions, outboxes, tasks, memory and the tool cache persist: a file
+    /// path (embedded redb, one replica) or redis://HOST:PORT (shared by replicas).
+    #[arg(long, env = "LATTICE_MEMORY_STORE", default_value = "lattice-state/agents.redb")]
+    pub memory_store: lattice_agent::store::StoreUrl,
+    /// Key prefix in a shared Redis, so several deployments can use one server.
+    #[arg(long, env = "LATTICE_STORE_PREFIX", default_value = "lattice")]
+    pub store_prefix: String,
+    /// Heartbeat interval of agent streams, in milliseconds; three missed ones end a stream.
+    #[arg(long, env = "LATTICE_HEARTBEAT_MS", default_value_t = 5000)]
+    pub heartbeat_ms: u64,
+    /// Seconds a disconnected session is kept for its agent to resume.
+    #[arg(long, env = "LATTICE_SESSION_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub session_idle_timeout_secs: u64,
+    /// Milliseconds after which the tasks of a disconnected worker go to another worker.
+    #[arg(long, env = "LATTICE_REASSIGN_AFTER_MS", default_value_t = 10_000)]
+    pub reassign_after_ms: u64,
+    /// Attempts before a task is dead-lettered.
+    #[arg(long, env = "LATTICE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Tasks queued across all priorities before offers are refused.
+    #[arg(long, env = "LATTICE_MAX_QUEUED_TASKS", default_value_t = 100_000)]
+    pub max_queued_tasks: usize,
+    /// Tasks one requester may have outstanding before its stream is no longer read.
+    #[arg(long, env = "LATTICE_REQUESTER_WINDOW", default_value_t = 1024)]
+    pub requester_window: u32,
+    /// Bearer token agent streams must carry; none when unset.
+    #[arg(long, env = "LATTICE_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+}
+
+impl AgentPlaneArgs {
+    pub async fn build(&self, repo: Option<ModelRepository>) -> Result<Option<lattice_server::AgentPlane>, Failure> {
+        use lattice_agent::{
+            orchestrator::{Orchestrator, OrchestratorConfig},
+            store::{Store, StoreUrl},
+            tools::ToolGateway,
+        };
+        if self.agents == Switch::Off {
+            return Ok(None);
+        }
+        if self.heartbeat_ms == 0 || self.requester_window == 0 || self.max_attempts == 0 {
+            return Err(Failure::Usage(
+                "--heartbeat-ms, --requester-window and --max-attempts must be at least 1".into(),
+            ));
+        }
+        let store = Store::open(&self.memory_store, &self.store_prefix)
+            .await
+            .map_err(|e| Failure::Usage(format!("--memory-store: {e:#}")))?;
+        let tools = ToolGateway::new(store.clone(), repo)?;
+        let cfg = OrchestratorConfig {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
+            session_idle_timeout: Duration::from_secs(self.session_idle_timeout_secs),
+            reassign_after: Duration::from_millis(self.reassign_after_ms),
+            max_attempts: self.max_attempts,
+            max_queued: self.max_queued_tasks,
+            requester_window: self.requester_window,
+            // One replica owns an embedded store; replicas sharing Redis adopt
+            // sessions as their agents resume.
+            adopt_all_on_start: matches!(self.memory_store, StoreUrl::Redb(_)),
+            auth_token: self.agent_token.clone(),
+            ..OrchestratorConfig::default()
+        };
+        let orchestrator = Orchestrator::new(cfg, store, tools).await?;
+        Ok(Some(lattice_server::AgentPlane {
+            orchestrator,
+            chat: lattice_agent::chat::ChatService::default(),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -263,7 +387,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         addr(&listeners.metrics)
     );
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
-    let state = AppState::new(
+    let agents = args.agents.build(Some(repo.clone())).await?;
+    let mut state = AppState::new(
         repo,
         ServerConfig {
             max_body_bytes: args.max_body_bytes,
@@ -271,7 +396,86 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
             telemetry: args.telemetry == Switch::On,
         },
     );
+    if let Some(agents) = agents {
+        state = state.with_agents(agents);
+    }
     lattice_server::run(state, listeners, true, lattice_server::shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
+    let _telemetry = telemetry::init(&TelemetryConfig {
+        filter: args.log.clone(),
+        json_logs: false,
+        otlp_endpoint: None,
+        service_name: "lattice-agent".into(),
+        sample_ratio: 1.0,
+        route_sample_ratios: Vec::new(),
+    })
+    .map_err(Failure::Usage)?;
+    if args.max_in_flight == 0 {
+        return Err(Failure::Usage("--max-in-flight must be at least 1".into()));
+    }
+    let client = lattice_agent::client::ClientConfig {
+        endpoints: args.orchestrator.clone(),
+        agent_id: args
+            .agent_id
+            .clone()
+            .unwrap_or_else(|| format!("agent-{}", std::process::id())),
+        tenant: args.tenant.clone(),
+        capabilities: args.capability.clone(),
+        max_in_flight: args.max_in_flight,
+        auth_token: args.token.clone(),
+        ..lattice_agent::client::ClientConfig::default()
+    };
+    println!(
+        "lattice agent capabilities={} orchestrator={}",
+        args.capability.join(","),
+        args.orchestrator.join(",")
+    );
+    lattice_agent::worker::run(
+        lattice_agent::worker::WorkerConfig { client },
+        lattice_server::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn chat(args: ChatArgs) -> Result<(), Failure> {
+    use lattice_proto::agent::{chat_client::ChatClient, ChatMessage};
+    use tokio::io::AsyncBufReadExt;
+    let mut client = ChatClient::connect(args.server.clone())
+        .await
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("cannot reach {}: {e}", args.server)))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<ChatMessage>(64);
+    let (room, name) = (args.room.clone(), args.name.clone());
+    // Stdin is read on its own task: the reply stream keeps printing while the
+    // user types. EOF (or Ctrl-D) half-closes the sending side.
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let msg = ChatMessage {
+                room: room.clone(),
+                sender: name.clone(),
+                text: line,
+                ..ChatMessage::default()
+            };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut replies = client
+        .chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| Failure::Runtime(anyhow::anyhow!("chat refused: {}", s.message())))?
+        .into_inner();
+    loop {
+        match replies.message().await {
+            Ok(Some(m)) => println!("[{}#{}] {}: {}", m.room, m.seq, m.sender, m.text),
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(Failure::Runtime(anyhow::anyhow!("chat ended: {}", s.message()))),
+        }
+    }
 }

@@ -39,6 +39,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => cli::serve(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Consume(args) => cli::consume(args).await,
+            Command::Agent(args) => cli::agent(args).await,
+            Command::Chat(args) => cli::chat(args).await,
         }
     });
     match result {

@@ -15,5 +15,25 @@ pub mod externalscaler {
     tonic::include_proto!("externalscaler");
 }
 
+/// `google.rpc.Status`, the in-band error of agent streams.
+pub mod google {
+    pub mod rpc {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+/// `lattice.agent.v1`: agent coordination streams, memory, tools and chat.
+pub mod lattice {
+    pub mod agent {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("lattice.agent.v1");
+        }
+    }
+}
+
+pub use self::lattice::agent::v1 as agent;
+
 /// Encoded `FileDescriptorSet` of every proto above, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");

@@ -23,7 +23,10 @@ use std::{
 };
 
 use lattice_inference::ModelRepository;
-use lattice_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use lattice_proto::{
+    agent::{agent_coordination_server::AgentCoordinationServer, chat_server::ChatServer},
+    inference::grpc_inference_service_server::GrpcInferenceServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
@@ -49,10 +52,19 @@ pub struct ServerConfig {
     pub telemetry: bool,
 }
 
+/// The agent plane served on the gRPC port beside inference.
+#[derive(Clone)]
+pub struct AgentPlane {
+    pub orchestrator: lattice_agent::orchestrator::Orchestrator,
+    pub chat: lattice_agent::chat::ChatService,
+}
+
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub repo: ModelRepository,
+    /// Orchestrator, memory broker, tool gateway and chat, when enabled.
+    pub agents: Option<AgentPlane>,
     pub cfg: Arc<ServerConfig>,
     ready: Arc<AtomicBool>,
     /// Cancelled when draining starts; streams end on it.
@@ -63,10 +75,16 @@ impl AppState {
     pub fn new(repo: ModelRepository, cfg: ServerConfig) -> AppState {
         AppState {
             repo,
+            agents: None,
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    pub fn with_agents(mut self, agents: AgentPlane) -> AppState {
+        self.agents = Some(agents);
+        self
     }
 
     pub fn is_ready(&self) -> bool {
@@ -143,6 +161,10 @@ pub async fn run(
                     state: state.clone(),
                 }),
             )
+            .add_optional_service(state.agents.as_ref().map(|a| {
+                AgentCoordinationServer::new(a.orchestrator.clone()).max_decoding_message_size(state.cfg.max_body_bytes)
+            }))
+            .add_optional_service(state.agents.as_ref().map(|a| ChatServer::new(a.chat.clone())))
             .serve_with_incoming_shutdown(grpc_incoming, grpc_token.cancelled_owned()),
     );
 
@@ -204,6 +226,14 @@ pub async fn run(
     health
         .set_service_status(GRPC_SERVICE, tonic_health::ServingStatus::NotServing)
         .await;
+    if let Some(agents) = &state.agents {
+        // Agents learn they must move before their streams end, with the session
+        // id as resume token: they resume on another replica (or this one, restarted).
+        agents
+            .orchestrator
+            .drain("server shutting down", Duration::from_millis(100))
+            .await;
+    }
     token.cancel();
     let drained = tokio::time::timeout(state.cfg.drain_timeout, async {
         let _ = grpc_server.await;

@@ -95,6 +95,8 @@ const SERVICES: &[&str] = &[
     "/grpc.health.v1.Health",
     "/grpc.reflection.v1.ServerReflection",
     "/externalscaler.ExternalScaler",
+    "/lattice.agent.v1.AgentCoordination",
+    "/lattice.agent.v1.Chat",
 ];
 
 /// tower layer for the gRPC server.

@@ -1,0 +1,80 @@
+//! What the orchestrator persists, as protobuf messages (compact, and a field can
+//! be added without a migration).
+
+use lattice_proto::agent::TaskResult;
+
+/// Collection names. `{sid}` is a session id.
+pub mod coll {
+    pub const SESSIONS: &str = "sessions";
+    pub fn outbox(sid: &str) -> String {
+        format!("outbox:{sid}")
+    }
+    /// Tasks a requester session offered and has not yet received the result of.
+    pub fn tasks(sid: &str) -> String {
+        format!("tasks:{sid}")
+    }
+    pub const DEAD_LETTER: &str = "dead_letter";
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SessionMeta {
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    #[prost(string, tag = "3")]
+    pub agent_id: String,
+    #[prost(string, tag = "4")]
+    pub tenant: String,
+    #[prost(string, repeated, tag = "5")]
+    pub capabilities: Vec<String>,
+    #[prost(uint32, tag = "6")]
+    pub max_in_flight: u32,
+    /// Highest agent seq whose effects are all durable.
+    #[prost(uint64, tag = "7")]
+    pub in_hwm: u64,
+    #[prost(int64, tag = "8")]
+    pub last_active_us: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum TaskState {
+    Queued = 0,
+    Assigned = 1,
+    Done = 2,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TaskRecord {
+    #[prost(string, tag = "1")]
+    pub task_id: String,
+    /// The requester's session: results go to its outbox.
+    #[prost(string, tag = "2")]
+    pub requester: String,
+    #[prost(string, tag = "3")]
+    pub capability: String,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub payload: bytes::Bytes,
+    #[prost(uint32, tag = "5")]
+    pub priority: u32,
+    #[prost(int64, tag = "6")]
+    pub deadline_us: i64,
+    #[prost(uint32, tag = "7")]
+    pub attempts: u32,
+    #[prost(uint32, tag = "8")]
+    pub max_attempts: u32,
+    #[prost(enumeration = "TaskState", tag = "9")]
+    pub state: i32,
+    /// The worker session it is assigned to, while Assigned.
+    #[prost(string, tag = "10")]
+    pub worker: String,
+    #[prost(string, tag = "11")]
+    pub tenant: String,
+    #[prost(string, tag = "12")]
+    pub traceparent: String,
+    #[prost(message, optional, tag = "13")]
+    pub result: Option<TaskResult>,
+    #[prost(int64, tag = "14")]
+    pub offered_us: i64,
+}

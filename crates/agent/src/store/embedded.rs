@@ -1,0 +1,147 @@
+//! The embedded default: one `redb` file, one table of `coll \x1f key -> bytes`.
+//! redb commits are synchronous and fsync'd, so they run on the blocking pool.
+
+use std::{path::Path, sync::Arc};
+
+use bytes::Bytes;
+use futures::{future::BoxFuture, FutureExt};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{Backend, Mismatch, Op};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// Separates the collection from the key; sorts below every printable character.
+const SEP: char = '\u{1f}';
+
+pub struct RedbBackend {
+    db: Arc<Database>,
+}
+
+impl RedbBackend {
+    pub fn open(path: &Path) -> anyhow::Result<RedbBackend> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(KV)?;
+        txn.commit()?;
+        Ok(RedbBackend { db: Arc::new(db) })
+    }
+}
+
+fn full_key(coll: &str, key: &str) -> String {
+    format!("{coll}{SEP}{key}")
+}
+
+fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: Vec<Op>) -> anyhow::Result<()> {
+    for op in ops {
+        match op {
+            Op::Put { coll, key, val } => {
+                table.insert(full_key(&coll, &key).as_str(), val.as_ref())?;
+            }
+            Op::Del { coll, key } => {
+                table.remove(full_key(&coll, &key).as_str())?;
+            }
+            Op::Incr { coll, key, by } => {
+                let k = full_key(&coll, &key);
+                let cur = table
+                    .get(k.as_str())?
+                    .and_then(|v| std::str::from_utf8(v.value()).ok().and_then(|s| s.parse::<i64>().ok()))
+                    .unwrap_or(0);
+                table.insert(k.as_str(), (cur + by).to_string().as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Backend for RedbBackend {
+    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, anyhow::Result<()>> {
+        let db = self.db.clone();
+        async move {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let txn = db.begin_write()?;
+                {
+                    let mut table = txn.open_table(KV)?;
+                    apply_ops(&mut table, ops)?;
+                }
+                txn.commit()?;
+                Ok(())
+            })
+            .await?
+        }
+        .boxed()
+    }
+
+    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>> {
+        let db = self.db.clone();
+        let coll = coll.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, Bytes)>> {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(KV)?;
+                let lo = format!("{coll}{SEP}");
+                let hi = format!("{coll}\u{20}");
+                let mut out = Vec::new();
+                for entry in table.range(lo.as_str()..hi.as_str())? {
+                    let (k, v) = entry?;
+                    let key = k.value()[lo.len()..].to_string();
+                    out.push((key, Bytes::copy_from_slice(v.value())));
+                }
+                Ok(out)
+            })
+            .await?
+        }
+        .boxed()
+    }
+
+    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>> {
+        let db = self.db.clone();
+        let k = full_key(coll, key);
+        async move {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Bytes>> {
+                let txn = db.begin_read()?;
+                let table = txn.open_table(KV)?;
+                Ok(table.get(k.as_str())?.map(|v| Bytes::copy_from_slice(v.value())))
+            })
+            .await?
+        }
+        .boxed()
+    }
+
+    fn compare_and_apply<'a>(
+        &'a self,
+        guard: (&'a str, &'a str),
+        expected: Option<Bytes>,
+        ops: Vec<Op>,
+    ) -> BoxFuture<'a, anyhow::Result<Result<(), Mismatch>>> {
+        let db = self.db.clone();
+        let k = full_key(guard.0, guard.1);
+        async move {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Result<(), Mismatch>> {
+                // redb has one writer at a time: the read and the writes below are
+                // one atomic step.
+                let txn = db.begin_write()?;
+                let outcome = {
+                    let mut table = txn.open_table(KV)?;
+                    let current = table.get(k.as_str())?.map(|v| Bytes::copy_from_slice(v.value()));
+                    if current == expected {
+                        apply_ops(&mut table, ops)?;
+                        Ok(())
+                    } else {
+                        Err(current)
+                    }
+                };
+                if outcome.is_ok() {
+                    txn.commit()?;
+                } else {
+                    txn.abort()?;
+                }
+                Ok(outcome)
+            })
+            .await?
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,227 @@
+//! Durable state of the agent plane: sessions, outboxes, tasks, memory blocks, the
+//! tool idempotency cache. Two backends behind one [`Backend`] trait: an embedded
+//! `redb` file (one process) and Redis (several orchestrator replicas).
+//!
+//! Writes go through a group committer ([`Store::submit`]): callers append ops and
+//! get a ticket; one task commits everything queued in one transaction and then
+//! publishes the highest durable ticket. Nothing that depends on a write (an ack, a
+//! frame to a peer) leaves the process before its ticket is durable, and since
+//! tickets commit in order, what is durable is always a prefix of what was
+//! submitted: a `kill -9` loses only frames nobody was told about.
+
+mod embedded;
+mod redis_store;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+
+pub use embedded::RedbBackend;
+pub use redis_store::RedisBackend;
+
+/// One write. Collections are ordered maps of string keys (a redb key range, a
+/// Redis hash).
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put {
+        coll: String,
+        key: String,
+        val: Bytes,
+    },
+    Del {
+        coll: String,
+        key: String,
+    },
+    /// Adds `by` to a decimal counter (missing = 0).
+    Incr {
+        coll: String,
+        key: String,
+        by: i64,
+    },
+}
+
+/// The outcome of a compare-and-apply whose guard did not match: the guard's
+/// current value (`None` = absent).
+pub type Mismatch = Option<Bytes>;
+
+pub trait Backend: Send + Sync + 'static {
+    /// Applies every op atomically.
+    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Every entry of a collection, in key order.
+    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>>;
+    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>>;
+    /// Atomically: if the guard entry equals `expected` (`None` = absent), apply the
+    /// ops; else change nothing and return the guard's current value.
+    fn compare_and_apply<'a>(
+        &'a self,
+        guard: (&'a str, &'a str),
+        expected: Option<Bytes>,
+        ops: Vec<Op>,
+    ) -> BoxFuture<'a, anyhow::Result<Result<(), Mismatch>>>;
+}
+
+/// What `--memory-store` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Redb(std::path::PathBuf),
+    Redis(String),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<StoreUrl, String> {
+        if s.starts_with("redis://") || s.starts_with("rediss://") {
+            Ok(StoreUrl::Redis(s.to_string()))
+        } else if let Some(path) = s.strip_prefix("redb://") {
+            Ok(StoreUrl::Redb(path.into()))
+        } else if s.contains("://") {
+            Err(format!(
+                "unsupported store '{s}': use a file path, redb://PATH or redis://HOST:PORT"
+            ))
+        } else {
+            Ok(StoreUrl::Redb(s.into()))
+        }
+    }
+}
+
+/// Cheap-to-clone handle: the backend plus the group committer.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Last ticket handed out, and the ops not yet taken by the committer.
+    pending: Mutex<(u64, Vec<Op>)>,
+    wake: Notify,
+    durable: watch::Sender<u64>,
+}
+
+impl Store {
+    /// Opens the backend the URL names. `prefix` namespaces Redis keys, so tests and
+    /// deployments can share one server.
+    pub async fn open(url: &StoreUrl, prefix: &str) -> anyhow::Result<Store> {
+        let backend: Arc<dyn Backend> = match url {
+            StoreUrl::Redb(path) => Arc::new(RedbBackend::open(path)?),
+            StoreUrl::Redis(url) => Arc::new(RedisBackend::connect(url, prefix).await?),
+        };
+        Ok(Store::new(backend))
+    }
+
+    pub fn new(backend: Arc<dyn Backend>) -> Store {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new((0, Vec::new())),
+            wake: Notify::new(),
+            durable: watch::channel(0).0,
+        });
+        tokio::spawn(commit_task(backend.clone(), shared.clone()));
+        Store { backend, shared }
+    }
+
+    /// Queues ops for the next group commit and returns their ticket. An empty
+    /// batch still gets a ticket: a barrier after everything submitted before.
+    pub fn submit(&self, ops: Vec<Op>) -> u64 {
+        let ticket = {
+            let mut p = self.shared.pending.lock();
+            p.0 += 1;
+            p.1.extend(ops);
+            p.0
+        };
+        self.shared.wake.notify_one();
+        ticket
+    }
+
+    /// Waits until `ticket` is committed.
+    pub async fn durable(&self, ticket: u64) {
+        let mut rx = self.shared.durable.subscribe();
+        // The sender lives in `shared`, which we hold: the channel cannot close.
+        let _ = rx.wait_for(|d| *d >= ticket).await;
+    }
+
+    pub fn durable_now(&self) -> u64 {
+        *self.shared.durable.borrow()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+}
+
+async fn commit_task(backend: Arc<dyn Backend>, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (ticket, ops) = {
+            let mut p = shared.pending.lock();
+            (p.0, std::mem::take(&mut p.1))
+        };
+        if ticket == *shared.durable.borrow() {
+            shared.wake.notified().await;
+            // Exit when every handle is gone: only the committer holds `shared` then.
+            if Arc::strong_count(&shared) == 1 {
+                return;
+            }
+            continue;
+        }
+        loop {
+            match backend.apply(ops.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // Nothing waiting on these ops proceeds until they land: the store
+                    // being down stalls the agent plane instead of losing messages.
+                    tracing::error!(error = %e, "agent store commit failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        backoff = Duration::from_millis(10);
+        shared.durable.send_replace(ticket);
+    }
+}
+
+/// Zero-padded so lexical key order is numeric order.
+pub fn seq_key(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn group_commit_makes_tickets_durable_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreUrl::Redb(dir.path().join("s.redb")), "t")
+            .await
+            .unwrap();
+        let mut last = 0;
+        for i in 0..100u64 {
+            last = store.submit(vec![Op::Put {
+                coll: "c".into(),
+                key: seq_key(i),
+                val: Bytes::from(i.to_string()),
+            }]);
+        }
+        store.durable(last).await;
+        let all = store.backend().scan("c").await.unwrap();
+        assert_eq!(all.len(), 100);
+        assert_eq!(all[42], (seq_key(42), Bytes::from("42")));
+        assert!(store.durable_now() >= last);
+    }
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(
+            "redis://127.0.0.1:6379".parse(),
+            Ok(StoreUrl::Redis("redis://127.0.0.1:6379".into()))
+        );
+        assert_eq!("redb:///tmp/x".parse(), Ok(StoreUrl::Redb("/tmp/x".into())));
+        assert_eq!("state/a.redb".parse(), Ok(StoreUrl::Redb("state/a.redb".into())));
+        assert!("postgres://x".parse::<StoreUrl>().is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! Shared state for several orchestrator replicas: each collection is a Redis hash
+//! `<prefix>:<coll>`; a group commit is one MULTI/EXEC; compare-and-apply is a Lua
+//! script, so replicas never interleave inside it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{future::BoxFuture, FutureExt};
+use redis::{aio::ConnectionManager, AsyncCommands};
+
+use super::{Backend, Mismatch, Op};
+
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    prefix: String,
+    cas: redis::Script,
+}
+
+/// ARGV: guard field, expected value, "1" if the guard must be absent, then ops as
+/// P hash field value | D hash field | I hash field by. KEYS[1] is the guard's hash.
+const CAS: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[3] == '1' then
+  if cur then return {0, cur} end
+elseif cur ~= ARGV[2] then
+  if cur then return {0, cur} end
+  return {0}
+end
+local i = 4
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'P' then
+    redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
+  elseif op == 'D' then
+    redis.call('HDEL', ARGV[i+1], ARGV[i+2]); i = i + 3
+  else
+    redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
+  end
+end
+return {1}
+";
+
+impl RedisBackend {
+    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<RedisBackend> {
+        let client = redis::Client::open(url)?;
+        // ConnectionManager::new does not fail fast on a closed port.
+        let conn = tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new(client))
+            .await
+            .map_err(|_| anyhow::anyhow!("redis at {url}: no connection within 5 s"))??;
+        Ok(RedisBackend {
+            conn,
+            prefix: prefix.to_string(),
+            cas: redis::Script::new(CAS),
+        })
+    }
+
+    fn hash(&self, coll: &str) -> String {
+        format!("{}:{coll}", self.prefix)
+    }
+}
+
+impl Backend for RedisBackend {
+    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, anyhow::Result<()>> {
+        async move {
+            if ops.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for op in ops {
+                match op {
+                    Op::Put { coll, key, val } => {
+                        pipe.hset(self.hash(&coll), key, val.as_ref()).ignore();
+                    }
+                    Op::Del { coll, key } => {
+                        pipe.hdel(self.hash(&coll), key).ignore();
+                    }
+                    Op::Incr { coll, key, by } => {
+                        pipe.hincr(self.hash(&coll), key, by).ignore();
+                    }
+                }
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>> {
+        async move {
+            let mut conn = self.conn.clone();
+            let all: Vec<(String, Vec<u8>)> = conn.hgetall(self.hash(coll)).await?;
+            let mut out: Vec<(String, Bytes)> = all.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>> {
+        async move {
+            let mut conn = self.conn.clone();
+            let v: Option<Vec<u8>> = conn.hget(self.hash(coll), key).await?;
+            Ok(v.map(Bytes::from))
+        }
+        .boxed()
+    }
+
+    fn compare_and_apply<'a>(
+        &'a self,
+        guard: (&'a str, &'a str),
+        expected: Option<Bytes>,
+        ops: Vec<Op>,
+    ) -> BoxFuture<'a, anyhow::Result<Result<(), Mismatch>>> {
+        async move {
+            let mut inv = self.cas.key(self.hash(guard.0));
+            inv.arg(guard.1)
+                .arg(expected.as_deref().unwrap_or(b""))
+                .arg(if expected.is_none() { "1" } else { "0" });
+            for op in ops {
+                match op {
+                    Op::Put { coll, key, val } => {
+                        inv.arg("P").arg(self.hash(&coll)).arg(key).arg(val.as_ref());
+                    }
+                    Op::Del { coll, key } => {
+                        inv.arg("D").arg(self.hash(&coll)).arg(key);
+                    }
+                    Op::Incr { coll, key, by } => {
+                        inv.arg("I").arg(self.hash(&coll)).arg(key).arg(by);
+                    }
+                }
+            }
+            let mut conn = self.conn.clone();
+            let reply: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
+            match reply.as_slice() {
+                [redis::Value::Int(1)] => Ok(Ok(())),
+                [redis::Value::Int(0)] => Ok(Err(None)),
+                [redis::Value::Int(0), v] => Ok(Err(Some(Bytes::from(redis::from_redis_value::<Vec<u8>>(v.clone())?)))),
+                other => Err(anyhow::anyhow!(
+                    "unexpected reply from the compare-and-apply script: {other:?}"
+                )),
+            }
+        }
+        .boxed()
+    }
+}

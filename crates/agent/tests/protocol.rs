@@ -1,0 +1,512 @@
+//! The agent plane over real sockets, in one process: an orchestrator on
+//! 127.0.0.1:0 with a real store, worker and requester agents from the client
+//! library, and raw tonic clients for protocol violations.
+
+use std::{net::SocketAddr, time::Duration};
+
+use lattice_agent::{
+    client::{AgentClient, ClientConfig, Event, LinkState, SendOptions},
+    orchestrator::{Orchestrator, OrchestratorConfig},
+    store::{Store, StoreUrl},
+    tools::{ToolGateway, COUNTER_COLL},
+    worker::{self, Requester, WorkerConfig},
+};
+use lattice_proto::agent::{
+    agent_coordination_client::AgentCoordinationClient, agent_coordination_server::AgentCoordinationServer,
+    agent_message, agent_response, chat_client::ChatClient, chat_server::ChatServer, memory_op, AgentMessage,
+    ChatMessage, Hello, MemoryOp, MemoryPut, MemorySync,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+struct Plane {
+    addr: SocketAddr,
+    orch: Orchestrator,
+    store: Store,
+    stop: CancellationToken,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Plane {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn fast_config() -> OrchestratorConfig {
+    OrchestratorConfig {
+        heartbeat_interval: Duration::from_millis(500),
+        reassign_after: Duration::from_millis(500),
+        ..OrchestratorConfig::default()
+    }
+}
+
+async fn start_with(store: Store, cfg: OrchestratorConfig, dir: Option<tempfile::TempDir>) -> Plane {
+    let tools = ToolGateway::new(store.clone(), None).unwrap();
+    let orch = Orchestrator::new(cfg, store.clone(), tools).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(AgentCoordinationServer::new(orch.clone()))
+        .add_service(ChatServer::new(lattice_agent::chat::ChatService::default()))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::spawn(server);
+    Plane {
+        addr,
+        orch,
+        store,
+        stop,
+        _dir: dir,
+    }
+}
+
+async fn start() -> Plane {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreUrl::Redb(dir.path().join("agents.redb")), "t")
+        .await
+        .unwrap();
+    start_with(store, fast_config(), Some(dir)).await
+}
+
+fn client_cfg(plane: &Plane, caps: &[&str]) -> ClientConfig {
+    ClientConfig {
+        endpoints: vec![plane.url()],
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+        max_in_flight: 32,
+        ..ClientConfig::default()
+    }
+}
+
+fn spawn_worker(plane: &Plane, caps: &[&str]) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let cfg = WorkerConfig {
+        client: client_cfg(plane, caps),
+    };
+    tokio::spawn(worker::run(cfg, stop.clone().cancelled_owned()));
+    stop
+}
+
+async fn counter(store: &Store, name: &str) -> i64 {
+    store
+        .backend()
+        .get(COUNTER_COLL, name)
+        .await
+        .unwrap()
+        .map(|v| std::str::from_utf8(&v).unwrap().parse().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn tasks_flow_to_workers_and_side_effects_happen_once() {
+    let plane = start().await;
+    let _w1 = spawn_worker(&plane, &["tools"]);
+    let _w2 = spawn_worker(&plane, &["tools"]);
+    let mut req = Requester::connect(client_cfg(&plane, &[]));
+    req.client.established().await.unwrap();
+    let n = 500;
+    for i in 0..n {
+        req.offer_tool(
+            &format!("t{i}"),
+            "tools",
+            "counter",
+            serde_json::json!({"name": format!("c{i}")}),
+            2,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+        assert!(seen.insert(r.task_id.clone()), "result twice for {}", r.task_id);
+    }
+    for i in [0, 17, n - 1] {
+        assert_eq!(counter(&plane.store, &format!("c{i}")).await, 1);
+    }
+    // A calculator task returns the tool's output as the task output.
+    req.offer_tool(
+        "calc",
+        "tools",
+        "calculator",
+        serde_json::json!({"expression": "6 * 7"}),
+        5,
+        None,
+    )
+    .await
+    .unwrap();
+    let r = req.next_result().await.unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&r.output).unwrap();
+    assert_eq!(out["value"], 42.0);
+    // Schema violations are the requester's error, not a retry.
+    req.offer_tool("bad", "tools", "counter", serde_json::json!({"nom": 1}), 2, None)
+        .await
+        .unwrap();
+    let r = req.next_result().await.unwrap();
+    assert_eq!(r.status.as_ref().map(|s| s.code), Some(Code::InvalidArgument as i32));
+    assert!(r.status.unwrap().message.contains("schema"));
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn first_frame_must_be_hello_and_malformed_frames_are_refused() {
+    let plane = start().await;
+    let mut raw = AgentCoordinationClient::connect(plane.url()).await.unwrap();
+    let not_hello = AgentMessage {
+        body: Some(agent_message::Body::Heartbeat(Default::default())),
+        ..AgentMessage::default()
+    };
+    let mut stream = raw
+        .negotiate_task(tokio_stream::iter(vec![not_hello]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = stream.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("first frame must be hello"), "{}", err.message());
+
+    // Bytes that are not an AgentMessage, sent with a raw codec.
+    let mut grpc = tonic::client::Grpc::new(
+        tonic::transport::Channel::from_shared(plane.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/lattice.agent.v1.AgentCoordination/NegotiateTask");
+    let garbage = vec![bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0x0f, 0x08])];
+    let res = grpc
+        .streaming(tonic::Request::new(tokio_stream::iter(garbage)), path, RawCodec)
+        .await;
+    let code = match res {
+        Ok(resp) => resp.into_inner().message().await.unwrap_err().code(),
+        Err(s) => s.code(),
+    };
+    assert_eq!(code, Code::InvalidArgument);
+
+    // Wrong protocol version.
+    let hello = AgentMessage {
+        body: Some(agent_message::Body::Hello(Hello {
+            protocol_version: 99,
+            ..Hello::default()
+        })),
+        ..AgentMessage::default()
+    };
+    let mut stream = raw
+        .negotiate_task(tokio_stream::iter(vec![hello]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap_err().code(), Code::FailedPrecondition);
+
+    // The server is unaffected: a proper agent still gets through.
+    let c = AgentClient::connect(client_cfg(&plane, &[])).0;
+    tokio::time::timeout(Duration::from_secs(5), c.established())
+        .await
+        .unwrap()
+        .unwrap();
+    plane.stop.cancel();
+}
+
+/// Sends pre-encoded bytes as messages, to get malformed protobuf on the wire.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+#[tokio::test]
+async fn deadlines_and_cancel_cascade_to_worker_and_tool() {
+    let plane = start().await;
+    let _w = spawn_worker(&plane, &["tools"]);
+    let mut req = Requester::connect(client_cfg(&plane, &[]));
+    req.client.established().await.unwrap();
+
+    // The tool would sleep 10 s; the task's deadline is 300 ms.
+    let started = std::time::Instant::now();
+    req.offer_tool(
+        "slow",
+        "tools",
+        "sleep",
+        serde_json::json!({"ms": 10_000}),
+        2,
+        Some(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let r = req.next_result().await.unwrap();
+    assert_eq!(
+        r.status.as_ref().map(|s| s.code),
+        Some(Code::DeadlineExceeded as i32),
+        "{r:?}"
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "deadline answered after {took:?}");
+
+    // Cancel: the requester's Cancel reaches the worker and the running tool.
+    req.offer_tool("long", "tools", "sleep", serde_json::json!({"ms": 10_000}), 2, None)
+        .await
+        .unwrap();
+    // Wait until the tool call is running in the gateway.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while plane.orch.tools().running_calls() == 0 {
+        assert!(std::time::Instant::now() < deadline, "tool never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cancelled_at = std::time::Instant::now();
+    req.client
+        .send(
+            agent_message::Body::Cancel(lattice_proto::agent::Cancel {
+                task_id: "long".into(),
+                reason: "user pressed stop".into(),
+                grace_ms: 0,
+            }),
+            SendOptions::default(),
+        )
+        .await
+        .unwrap();
+    let r = req.next_result().await.unwrap();
+    assert_eq!(r.status.as_ref().map(|s| s.code), Some(Code::Cancelled as i32));
+    while plane.orch.tools().running_calls() > 0 {
+        assert!(
+            cancelled_at.elapsed() < Duration::from_millis(100),
+            "tool still running 100 ms after cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(cancelled_at.elapsed() < Duration::from_millis(100));
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn priorities_realtime_first() {
+    let plane = start().await;
+    let mut req = Requester::connect(client_cfg(&plane, &[]));
+    req.client.established().await.unwrap();
+    // Queue first, then let one single-slot worker drain the lanes.
+    for i in 0..20 {
+        req.offer_tool(
+            &format!("bg{i}"),
+            "one",
+            "echo",
+            serde_json::json!({"value": i}),
+            0,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    req.offer_tool("rt", "one", "echo", serde_json::json!({"value": "rt"}), 5, None)
+        .await
+        .unwrap();
+    assert!(req.client.flush(Duration::from_secs(5)).await);
+    let mut cfg = client_cfg(&plane, &["one"]);
+    cfg.max_in_flight = 1;
+    let stop = CancellationToken::new();
+    tokio::spawn(worker::run(
+        WorkerConfig { client: cfg },
+        stop.clone().cancelled_owned(),
+    ));
+    let first = req.next_result().await.unwrap();
+    assert_eq!(first.task_id, "rt");
+    for _ in 0..20 {
+        req.next_result().await.unwrap();
+    }
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn memory_broker_versions_conflicts_and_delta_sync() {
+    let plane = start().await;
+    let (c, mut events) = AgentClient::connect(client_cfg(&plane, &[]));
+    c.established().await.unwrap();
+    let put = |block: &str, value: &str, expected: u64| {
+        agent_message::Body::MemoryOp(MemoryOp {
+            memory_ref: "team".into(),
+            op: Some(memory_op::Op::Put(MemoryPut {
+                block_id: block.into(),
+                value: value.as_bytes().to_vec(),
+                expected_version: expected,
+            })),
+        })
+    };
+    let mut next_memory = async || loop {
+        if let Some(Event::Frame(f)) = events.recv().await {
+            if let Some(agent_response::Body::Memory(m)) = f.body {
+                return m;
+            }
+        }
+    };
+    c.send(put("plan", "v1", 0), SendOptions::default()).await.unwrap();
+    let m = next_memory().await;
+    assert_eq!((m.version, m.status.as_ref().unwrap().code), (1, 0));
+    c.send(put("plan", "stale", 0), SendOptions::default()).await.unwrap();
+    let m = next_memory().await;
+    assert_eq!(m.status.as_ref().unwrap().code, Code::Aborted as i32, "{m:?}");
+    assert_eq!(m.version, 1);
+    c.send(put("notes", "n", 1), SendOptions::default()).await.unwrap();
+    assert_eq!(next_memory().await.version, 2);
+    // Delta since version 1: the one write after it.
+    c.send(
+        agent_message::Body::MemoryOp(MemoryOp {
+            memory_ref: "team".into(),
+            op: Some(memory_op::Op::Sync(MemorySync { since_version: 1 })),
+        }),
+        SendOptions::default(),
+    )
+    .await
+    .unwrap();
+    let m = next_memory().await;
+    assert!(!m.snapshot);
+    assert_eq!(m.blocks.len(), 1);
+    assert_eq!(m.blocks[0].block_id, "notes");
+    // No memory_ref: refused.
+    c.send(
+        agent_message::Body::MemoryOp(MemoryOp {
+            memory_ref: String::new(),
+            op: Some(memory_op::Op::Sync(MemorySync { since_version: 0 })),
+        }),
+        SendOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_memory().await.status.unwrap().code, Code::InvalidArgument as i32);
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn chat_room_echoes_and_ends_after_half_close() {
+    let plane = start().await;
+    let mut a = ChatClient::connect(plane.url()).await.unwrap();
+    let msgs: Vec<ChatMessage> = (0..3)
+        .map(|i| ChatMessage {
+            room: "r1".into(),
+            sender: "ann".into(),
+            text: format!("hello {i}"),
+            ..ChatMessage::default()
+        })
+        .collect();
+    // The request stream ends after three messages: CloseSend.
+    let mut replies = a.chat(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = replies.message().await.unwrap() {
+        got.push((m.seq, m.text));
+    }
+    assert_eq!(
+        got,
+        vec![(1, "hello 0".into()), (2, "hello 1".into()), (3, "hello 2".into())]
+    );
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn drain_moves_agents_to_another_replica_without_loss() {
+    // Two orchestrators over one store, as two replicas over one Redis.
+    let a = start().await;
+    let cfg = OrchestratorConfig {
+        adopt_all_on_start: false,
+        ..fast_config()
+    };
+    let b = start_with(a.store.clone(), cfg, None).await;
+    let both = |caps: &[&str]| ClientConfig {
+        endpoints: vec![a.url(), b.url()],
+        ..client_cfg(&a, caps)
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(worker::run(
+        WorkerConfig {
+            client: both(&["tools"]),
+        },
+        stop.clone().cancelled_owned(),
+    ));
+    let mut req = Requester::connect(both(&[]));
+    let sid = req.client.established().await.unwrap();
+    for i in 0..200 {
+        req.offer_tool(
+            &format!("d{i}"),
+            "tools",
+            "counter",
+            serde_json::json!({"name": format!("d{i}")}),
+            2,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < 20 {
+        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
+            .await
+            .unwrap()
+            .unwrap();
+        ids.insert(r.task_id);
+    }
+    a.orch.drain("test drain", Duration::from_millis(50)).await;
+    while ids.len() < 200 {
+        let r = match tokio::time::timeout(Duration::from_secs(10), req.next_result()).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!(
+                "stuck at {} results; a={:?} b={:?} qa={:?} qb={:?} state={:?} unacked={}",
+                ids.len(),
+                a.orch.session_counts(),
+                b.orch.session_counts(),
+                a.orch.queue_depths(),
+                b.orch.queue_depths(),
+                req.client.state().borrow().clone(),
+                req.client.unacked()
+            ),
+        };
+        assert!(ids.insert(r.task_id.clone()), "result twice for {}", r.task_id);
+    }
+    // Same session, now on the other replica.
+    assert_eq!(req.client.session_id().as_deref(), Some(sid.as_str()));
+    let on_b = matches!(&*req.client.state().borrow(), LinkState::Established { .. });
+    assert!(on_b);
+    assert!(req.client.reconnects() >= 1);
+    for i in 0..200 {
+        assert_eq!(counter(&a.store, &format!("d{i}")).await, 1, "counter d{i}");
+    }
+    stop.cancel();
+    a.stop.cancel();
+    b.stop.cancel();
+}
