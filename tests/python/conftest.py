@@ -78,6 +78,8 @@ def server(tmp_path_factory):
         "--host", "127.0.0.1",
         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
         "--model-repository", str(repo),
+        # The agent plane's embedded store, private to this server.
+        "--memory-store", str(tmp_path_factory.mktemp("state") / "agents.redb"),
     ]
     with open(log, "wb") as log_file:
         # cwd=ROOT: the server finds the ONNX Runtime library under ./.venv by itself.

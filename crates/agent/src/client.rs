@@ -116,6 +116,11 @@ struct Inner {
     cfg: ClientConfig,
     outbox: Mutex<Outbox<AgentMessage>>,
     room: Semaphore,
+    /// Credits for task offers: the orchestrator's window (Welcome.max_in_flight),
+    /// taken per offer and given back when its result arrives.
+    offer_room: Semaphore,
+    /// Whether `offer_room` was sized from a Welcome yet.
+    window_known: std::sync::atomic::AtomicBool,
     wake: Notify,
     inbox: Mutex<Inbox>,
     session: Mutex<Option<(String, u64)>>,
@@ -137,6 +142,8 @@ impl AgentClient {
         let (events_tx, events_rx) = mpsc::channel(cfg.event_capacity.max(1));
         let inner = Arc::new(Inner {
             room: Semaphore::new(cfg.outbox_capacity.max(1)),
+            offer_room: Semaphore::new(0),
+            window_known: std::sync::atomic::AtomicBool::new(false),
             cfg,
             outbox: Mutex::new(Outbox::new(1)),
             wake: Notify::new(),
@@ -187,6 +194,14 @@ impl AgentClient {
 
     /// Queues a reliable frame; waits while the outbox is full. Returns its seq.
     pub async fn send(&self, body: agent_message::Body, opts: SendOptions) -> Result<u64, ClientError> {
+        if matches!(body, agent_message::Body::Offer(_)) {
+            let credit = tokio::select! {
+                p = self.inner.offer_room.acquire() => p.map_err(|_| ClientError::Closed)?,
+                () = self.inner.shutdown.cancelled() => return Err(ClientError::Closed),
+            };
+            // Given back when the task's result arrives.
+            credit.forget();
+        }
         let permit = tokio::select! {
             p = self.inner.room.acquire() => p.map_err(|_| ClientError::Closed)?,
             () = self.inner.shutdown.cancelled() => return Err(ClientError::Closed),
@@ -387,6 +402,9 @@ async fn run_once(
             *inner.delivered.lock() = 0;
         }
     }
+    if !inner.window_known.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        inner.offer_room.add_permits(welcome.max_in_flight.max(1) as usize);
+    }
     *inner.session.lock() = Some((welcome.session_id.clone(), welcome.epoch));
     if *ever {
         inner.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -459,13 +477,19 @@ async fn receive(
         let verdict = inner.inbox.lock().check(env.seq_no, &env.msg_id, env.sent_at_us);
         match verdict {
             Verdict::New => {
+                // Acknowledged from here on: the frame is the application's. The
+                // ack rides on the next frame out, so an offer made in answer to a
+                // result carries the ack that frees the orchestrator's window first.
+                *inner.delivered.lock() = env.seq_no;
+                if matches!(body, agent_response::Body::Result(_)) {
+                    inner.offer_room.add_permits(1);
+                }
+                inner.wake.notify_one();
                 // A full event queue holds the stream: the orchestrator sees no ack
                 // and keeps the frames, bounded by its own window.
                 if events.send(Event::Frame(Box::new(frame))).await.is_err() {
                     return Ok(Ended::Shutdown);
                 }
-                *inner.delivered.lock() = env.seq_no;
-                inner.wake.notify_one();
             }
             Verdict::Duplicate | Verdict::Stale => {
                 *inner.delivered.lock() = inner.inbox.lock().hwm();
@@ -549,9 +573,11 @@ async fn sender_task(
                 return;
             }
         }
+        let mut delivered = delivered;
         for mut f in frames {
             if let Some(env) = f.env.as_mut() {
                 cursor = env.seq_no;
+                delivered = *inner.delivered.lock();
                 env.ack_seq = delivered;
             }
             tokio::select! {

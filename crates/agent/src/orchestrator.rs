@@ -559,13 +559,17 @@ impl Orchestrator {
         let writer = tokio::spawn(writer_task(self.inner.clone(), sid.clone(), epoch, tx.clone()));
         let miss = self.inner.cfg.heartbeat_interval * 3;
         let end: Option<Status> = loop {
-            // Credit-based backpressure: a requester at its window is not read until
-            // results are acknowledged; HTTP/2 flow control then holds the sender.
+            // The window is a credit the client library honours (Welcome.max_in_flight).
+            // After a crash the count here can run up to one window ahead of the
+            // client's (acks whose deletes were not yet durable), so offers are refused
+            // only past twice the window; a requester that ignores refusals and does
+            // not read its results is not read either past three windows, so its
+            // session's memory stays bounded; HTTP/2 flow control then holds it.
             let room = {
                 let st = self.inner.state.lock();
                 st.sessions
                     .get(&sid)
-                    .filter(|s| s.outstanding >= self.inner.cfg.requester_window as usize)
+                    .filter(|s| s.outstanding >= 3 * self.inner.cfg.requester_window as usize)
                     .map(|s| s.room.clone())
             };
             if let Some(room) = room {
@@ -857,7 +861,16 @@ fn on_offer(
         offered_us: now_us(),
     };
     s.outstanding += 1;
-    let refusal = if st.queued >= inner.cfg.max_queued {
+    let refusal = if s.outstanding > 2 * inner.cfg.requester_window as usize {
+        Some(status(
+            Code::ResourceExhausted,
+            format!(
+                "{} tasks outstanding, the window is {}: wait for results",
+                s.outstanding - 1,
+                inner.cfg.requester_window
+            ),
+        ))
+    } else if st.queued >= inner.cfg.max_queued {
         Some(status(
             Code::ResourceExhausted,
             format!("{} tasks queued, the limit: retry later", st.queued),

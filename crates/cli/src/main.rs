@@ -41,6 +41,7 @@ fn main() -> ExitCode {
             Command::Consume(args) => cli::consume(args).await,
             Command::Agent(args) => cli::agent(args).await,
             Command::Chat(args) => cli::chat(args).await,
+            Command::Simulate(args) => cli::simulate(args),
         }
     });
     match result {

@@ -18,8 +18,14 @@ fn root() -> PathBuf {
 }
 
 fn lattice() -> Command {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut c = Command::new(env!("CARGO_BIN_EXE_lattice"));
-    c.current_dir(root()).env_remove("RUST_LOG");
+    // Each server gets its own agent store: redb files are single-writer.
+    let store = std::env::temp_dir().join(format!("lattice-binary-test-{}-{n}.redb", std::process::id()));
+    c.current_dir(root())
+        .env_remove("RUST_LOG")
+        .env("LATTICE_MEMORY_STORE", store);
     c
 }
 

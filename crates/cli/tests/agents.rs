@@ -1,0 +1,455 @@
+//! The agent plane as it is deployed: `lattice serve` (orchestrator, tool gateway,
+//! memory broker) and `lattice agent` worker processes, talking through a TCP
+//! proxy the test controls. The orchestrator is killed with SIGKILL mid-run, or
+//! the proxy cuts connections at random; every task must complete exactly once,
+//! which the `counter` tool's durable per-task counters prove.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lattice_agent::{
+    client::{ClientConfig, LinkState},
+    store::{Backend, RedbBackend, RedisBackend},
+    tools::COUNTER_COLL,
+    worker::Requester,
+};
+use parking_lot::Mutex;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+struct Orchestrator {
+    child: Child,
+    grpc: SocketAddr,
+}
+
+/// Kills what is still running when a test fails half-way.
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Agents(Vec<Child>);
+
+impl Agents {
+    fn spawn(n: usize, orchestrators: &str) -> Agents {
+        Agents((0..n).map(|_| spawn_agent(orchestrators)).collect())
+    }
+
+    fn stop(&mut self) {
+        for a in &mut self.0 {
+            signal(a, "-TERM");
+            assert!(a.wait().unwrap().success());
+        }
+    }
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for a in &mut self.0 {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+}
+
+/// `lattice serve` with no models: the agent plane alone.
+fn spawn_orchestrator(store: &str, empty_repo: &Path, extra: &[&str]) -> Orchestrator {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args(["--log", "warn", "--model-repository"])
+        .arg(empty_repo)
+        .args([
+            "--memory-store",
+            store,
+            "--heartbeat-ms",
+            "500",
+            "--reassign-after-ms",
+            "3000",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("bound addresses on the first line, got {line:?}"))
+        .parse()
+        .unwrap();
+    Orchestrator { child, grpc }
+}
+
+fn spawn_agent(orchestrators: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_lattice"))
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .args([
+            "agent",
+            "--orchestrator",
+            orchestrators,
+            "--capability",
+            "tools",
+            "--max-in-flight",
+            "32",
+        ])
+        .args(["--log", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Forwards connections to the current upstream; can cut every live one at once,
+/// or each one after a random lifetime.
+#[derive(Clone)]
+struct Proxy {
+    addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
+    live: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    chaos: Arc<Mutex<Option<(u64, u64)>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Proxy {
+            addr: listener.local_addr().unwrap(),
+            upstream: Arc::new(Mutex::new(upstream)),
+            live: Arc::default(),
+            chaos: Arc::default(),
+        };
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let upstream = *p.upstream.lock();
+                let lifetime = p
+                    .chaos
+                    .lock()
+                    .map(|(lo, hi)| Duration::from_millis(fastrand::u64(lo..hi)));
+                let conn = tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = up.set_nodelay(true);
+                    let _ = down.set_nodelay(true);
+                    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+                    match lifetime {
+                        Some(l) => {
+                            let _ = tokio::time::timeout(l, copy).await;
+                        }
+                        None => {
+                            let _ = copy.await;
+                        }
+                    }
+                });
+                let mut live = p.live.lock();
+                live.retain(|h| !h.is_finished());
+                live.push(conn);
+            }
+        });
+        proxy
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn point_to(&self, upstream: SocketAddr) {
+        *self.upstream.lock() = upstream;
+    }
+
+    fn cut_all(&self) {
+        for h in self.live.lock().drain(..) {
+            h.abort();
+        }
+    }
+}
+
+fn requester(endpoints: Vec<String>) -> Requester {
+    Requester::connect(ClientConfig {
+        endpoints,
+        agent_id: "requester".into(),
+        outbox_capacity: 2048,
+        ..ClientConfig::default()
+    })
+}
+
+/// Offers `n` counter tasks named k0..k{n-1} from a background task.
+fn offer_all(req: &Requester, n: usize) -> JoinHandle<()> {
+    let client = req.client.clone();
+    tokio::spawn(async move {
+        let r = Requester {
+            client,
+            events: tokio::sync::mpsc::channel(1).1,
+        };
+        for i in 0..n {
+            let prio = (i % 6) as i32;
+            r.offer_tool(
+                &format!("k{i}"),
+                "tools",
+                "counter",
+                serde_json::json!({"name": format!("k{i}")}),
+                prio,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+    })
+}
+
+async fn check_counters(backend: &dyn Backend, n: usize) {
+    let counters = backend.scan(COUNTER_COLL).await.unwrap();
+    let mut seen = 0;
+    for (name, v) in counters {
+        if !name.starts_with('k') {
+            continue;
+        }
+        let v: i64 = std::str::from_utf8(&v).unwrap().parse().unwrap();
+        assert_eq!(v, 1, "side effect of {name} ran {v} times");
+        seen += 1;
+    }
+    assert_eq!(seen, n, "every task's side effect ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tasks_survive_two_orchestrator_kills() {
+    const N: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let store = dir.path().join("agents.redb");
+    let store_arg = store.to_str().unwrap().to_string();
+    let mut orch = spawn_orchestrator(&store_arg, empty.path(), &[]);
+    let proxy = Proxy::start(orch.grpc).await;
+    let mut agents = Agents::spawn(3, &proxy.url());
+    let mut req = requester(vec![proxy.url()]);
+    req.client.established().await.unwrap();
+    let offering = offer_all(&req, N);
+
+    let mut done = HashSet::new();
+    let mut recoveries = Vec::new();
+    let kills = [N * 3 / 10, N * 65 / 100];
+    let started = Instant::now();
+    while done.len() < N {
+        if recoveries.len() < kills.len() && done.len() >= kills[recoveries.len()] {
+            signal(&orch.child, "-KILL");
+            let _ = orch.child.wait();
+            proxy.cut_all();
+            let killed = Instant::now();
+            let old = req.client.state().borrow().clone();
+            orch = spawn_orchestrator(&store_arg, empty.path(), &[]);
+            proxy.point_to(orch.grpc);
+            // Recovery: from the kill until the requester has resumed on the new
+            // process and receives a result it did not hold before the kill.
+            let mut state = req.client.state();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                state.wait_for(|s| matches!(s, LinkState::Established { .. }) && *s != old),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            let resumed = killed.elapsed();
+            // Results buffered before the kill come first.
+            while let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(1), req.next_result()).await {
+                assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+            }
+            let r = tokio::time::timeout(Duration::from_secs(30), req.next_result())
+                .await
+                .unwrap()
+                .unwrap();
+            recoveries.push((resumed, killed.elapsed()));
+            assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+            assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+            continue;
+        }
+        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "stalled at {} results; link {:?}, unacked {}",
+                    done.len(),
+                    req.client.state().borrow().clone(),
+                    req.client.unacked()
+                )
+            })
+            .unwrap();
+        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+        assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+    }
+    offering.await.unwrap();
+    let elapsed = started.elapsed();
+    // No late duplicates either.
+    assert!(tokio::time::timeout(Duration::from_millis(500), req.next_result())
+        .await
+        .is_err());
+    eprintln!(
+        "agents: {N} tasks, 2 SIGKILLs, {:.1} s, {:.0} tasks/s; recovery after each kill (resumed, first new result): {:?}",
+        elapsed.as_secs_f64(),
+        N as f64 / elapsed.as_secs_f64(),
+        recoveries
+    );
+    assert_eq!(recoveries.len(), 2);
+    req.client.close(false).await;
+    agents.stop();
+    signal(&orch.child, "-TERM");
+    assert!(orch.child.wait().unwrap().success());
+    let backend = RedbBackend::open(&store).unwrap();
+    check_counters(&backend, N).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orchestrators_sharing_redis_take_over_each_others_agents() {
+    const N: usize = 3_000;
+    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
+    let empty = tempfile::tempdir().unwrap();
+    let prefix_flag = ["--store-prefix", prefix.as_str()];
+    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &prefix_flag);
+    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &prefix_flag);
+    let both = format!("http://{},http://{}", a.grpc, b.grpc);
+    let mut agents = Agents::spawn(3, &both);
+    let mut req = requester(vec![format!("http://{}", a.grpc), format!("http://{}", b.grpc)]);
+    req.client.established().await.unwrap();
+    let offering = offer_all(&req, N);
+    let mut done = HashSet::new();
+    let mut killed_at = None;
+    let mut last_result: Option<Instant> = None;
+    let mut longest_gap = Duration::ZERO;
+    while done.len() < N {
+        if done.len() == N / 3 && killed_at.is_none() {
+            // Everyone started on `a` (first in their lists): kill it.
+            signal(&a.child, "-KILL");
+            let _ = a.child.wait();
+            killed_at = Some(Instant::now());
+            last_result = None;
+        }
+        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "stalled at {} results; link {:?}, unacked {}",
+                    done.len(),
+                    req.client.state().borrow().clone(),
+                    req.client.unacked()
+                )
+            })
+            .unwrap();
+        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+        assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+        if let Some(k) = killed_at {
+            if let Some(prev) = last_result.replace(Instant::now()) {
+                if prev >= k {
+                    longest_gap = longest_gap.max(prev.elapsed());
+                }
+            }
+        }
+    }
+    offering.await.unwrap();
+    eprintln!("agents/redis: {N} tasks; longest pause between results after the kill: {longest_gap:?}");
+    let session = req.client.session_id();
+    assert!(session.is_some());
+    assert!(req.client.reconnects() >= 1, "the requester moved to the other replica");
+    req.client.close(false).await;
+    agents.stop();
+    signal(&b.child, "-TERM");
+    assert!(b.child.wait().unwrap().success());
+    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    check_counters(&backend, N).await;
+    // Leave nothing behind in the shared Redis.
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_at_random_lose_and_duplicate_nothing() {
+    const N: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let store = dir.path().join("agents.redb");
+    let mut orch = spawn_orchestrator(store.to_str().unwrap(), empty.path(), &[]);
+    let proxy = Proxy::start(orch.grpc).await;
+    // Every connection through the proxy dies 100-600 ms after it opens.
+    *proxy.chaos.lock() = Some((100, 600));
+    let mut agents = Agents::spawn(3, &proxy.url());
+    let mut req = requester(vec![proxy.url()]);
+    req.client.established().await.unwrap();
+    let offering = offer_all(&req, N);
+    let mut done = HashSet::new();
+    while done.len() < N {
+        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "stalled at {} results; link {:?}, unacked {}",
+                    done.len(),
+                    req.client.state().borrow().clone(),
+                    req.client.unacked()
+                )
+            })
+            .unwrap();
+        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+        assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+    }
+    offering.await.unwrap();
+    let cuts = req.client.reconnects();
+    eprintln!("agents/chaos: {N} tasks through {cuts} requester reconnects");
+    assert!(cuts >= 3, "the proxy cut the requester's stream ({cuts} reconnects)");
+    *proxy.chaos.lock() = None;
+    req.client.close(false).await;
+    agents.stop();
+    signal(&orch.child, "-TERM");
+    assert!(orch.child.wait().unwrap().success());
+    check_counters(&RedbBackend::open(&store).unwrap(), N).await;
+}
