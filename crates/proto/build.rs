@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/externalscaler.proto",
         "proto/lattice/agent/v1/agent.proto",
         "proto/google/rpc/status.proto",
+        "proto/lattice/bench/v1/echo.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -516,8 +516,7 @@ async fn sender_task(
         let frames: Vec<AgentMessage> = inner
             .outbox
             .lock()
-            .pending()
-            .filter(|(seq, _)| *seq > cursor)
+            .after(cursor)
             .take(256)
             .map(|(_, f)| f.clone())
             .collect();

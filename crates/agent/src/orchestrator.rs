@@ -1230,13 +1230,7 @@ async fn writer_task(inner: Arc<Inner>, sid: String, epoch: u64, tx: mpsc::Sende
             }
             let control: Vec<AgentResponse> = s.control.drain(..).collect();
             let cursor = s.cursor;
-            let frames: Vec<Pending> = s
-                .outbox
-                .pending()
-                .filter(|(seq, _)| *seq > cursor)
-                .take(512)
-                .map(|(_, p)| p.clone())
-                .collect();
+            let frames: Vec<Pending> = s.outbox.after(cursor).take(512).map(|(_, p)| p.clone()).collect();
             if let Some(last) = frames.last() {
                 s.cursor = last.frame.env.as_ref().map_or(cursor, |e| e.seq_no);
             }

@@ -159,6 +159,12 @@ impl<T: Clone> Outbox<T> {
         self.next_seq
     }
 
+    /// Unacknowledged frames after `seq`, in order.
+    pub fn after(&self, seq: u64) -> impl Iterator<Item = &(u64, T)> {
+        let start = self.unacked.partition_point(|(s, _)| *s <= seq);
+        self.unacked.range(start..)
+    }
+
     /// Frames the peer has not acknowledged, in order, for a resend.
     pub fn pending(&self) -> impl Iterator<Item = &(u64, T)> {
         self.unacked.iter()

@@ -24,8 +24,23 @@ pub fn remaining(deadline_us: i64) -> Option<Duration> {
     (deadline_us > 0).then(|| Duration::from_micros(u64::try_from(deadline_us - now_us()).unwrap_or(0)))
 }
 
+/// Session, task and orchestrator ids: UUIDv7, sortable by creation time.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// A frame's msg_id: unique without a syscall per frame (UUID generation reads
+/// the OS RNG each time, which showed up in profiles): a random per-process
+/// prefix and a counter.
+pub fn new_msg_id() -> String {
+    use std::sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    };
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    format!("{prefix:016x}-{:x}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn status(code: Code, message: impl Into<String>) -> Status {
@@ -47,7 +62,7 @@ pub fn code_of(s: &Option<Status>) -> Code {
 /// An envelope for a new frame; `seq_no` and `ack_seq` are filled by the session.
 pub fn envelope(correlation_id: &str) -> Envelope {
     Envelope {
-        msg_id: new_id(),
+        msg_id: new_msg_id(),
         sent_at_us: now_us(),
         correlation_id: correlation_id.to_string(),
         ..Envelope::default()

@@ -34,6 +34,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Load-test a running server and the raw engine, and report ratios.
     Bench(crate::bench::BenchArgs),
+    /// Benchmark the agent plane (acks, dedupe, persistence on) against a raw gRPC echo.
+    BenchAgents(crate::bench_agents::AgentBenchArgs),
     /// Pull inference jobs from a NATS JetStream durable consumer and publish results.
     Consume(ConsumeArgs),
     /// Run a worker agent: hold a stream to an orchestrator and run the tasks it assigns.

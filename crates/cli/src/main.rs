@@ -1,6 +1,7 @@
 //! `lattice`: parses the command line and wires the library crates together.
 
 mod bench;
+mod bench_agents;
 mod cli;
 
 use std::process::ExitCode;
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => cli::serve(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::BenchAgents(args) => bench_agents::run(args).await,
             Command::Consume(args) => cli::consume(args).await,
             Command::Agent(args) => cli::agent(args).await,
             Command::Chat(args) => cli::chat(args).await,

@@ -31,9 +31,21 @@ pub mod lattice {
             tonic::include_proto!("lattice.agent.v1");
         }
     }
+    pub mod bench {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("lattice.bench.v1");
+        }
+    }
 }
 
 pub use self::lattice::agent::v1 as agent;
+
+/// `lattice.bench.v1.Echo`: the raw bidi echo the agent benchmark compares against.
+pub mod bench {
+    #![allow(clippy::all, clippy::pedantic)]
+    pub use super::lattice::bench::v1::*;
+}
 
 /// Encoded `FileDescriptorSet` of every proto above, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("inference_descriptor");

@@ -34,17 +34,17 @@ fn full_key(coll: &str, key: &str) -> String {
     format!("{coll}{SEP}{key}")
 }
 
-fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: Vec<Op>) -> anyhow::Result<()> {
+fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> anyhow::Result<()> {
     for op in ops {
         match op {
             Op::Put { coll, key, val } => {
-                table.insert(full_key(&coll, &key).as_str(), val.as_ref())?;
+                table.insert(full_key(coll, key).as_str(), val.as_ref())?;
             }
             Op::Del { coll, key } => {
-                table.remove(full_key(&coll, &key).as_str())?;
+                table.remove(full_key(coll, key).as_str())?;
             }
             Op::Incr { coll, key, by } => {
-                let k = full_key(&coll, &key);
+                let k = full_key(coll, key);
                 let cur = table
                     .get(k.as_str())?
                     .and_then(|v| std::str::from_utf8(v.value()).ok().and_then(|s| s.parse::<i64>().ok()))
@@ -57,14 +57,14 @@ fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: Vec<Op>) -> anyhow::
 }
 
 impl Backend for RedbBackend {
-    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, anyhow::Result<()>> {
+    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, anyhow::Result<()>> {
         let db = self.db.clone();
         async move {
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                 let txn = db.begin_write()?;
                 {
                     let mut table = txn.open_table(KV)?;
-                    apply_ops(&mut table, ops)?;
+                    apply_ops(&mut table, &ops)?;
                 }
                 txn.commit()?;
                 Ok(())
@@ -127,7 +127,7 @@ impl Backend for RedbBackend {
                     let mut table = txn.open_table(KV)?;
                     let current = table.get(k.as_str())?.map(|v| Bytes::copy_from_slice(v.value()));
                     if current == expected {
-                        apply_ops(&mut table, ops)?;
+                        apply_ops(&mut table, &ops)?;
                         Ok(())
                     } else {
                         Err(current)

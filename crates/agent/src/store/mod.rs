@@ -49,7 +49,7 @@ pub type Mismatch = Option<Bytes>;
 
 pub trait Backend: Send + Sync + 'static {
     /// Applies every op atomically.
-    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, anyhow::Result<()>>;
+    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, anyhow::Result<()>>;
     /// Every entry of a collection, in key order.
     fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>>;
     fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>>;
@@ -167,6 +167,7 @@ async fn commit_task(backend: Arc<dyn Backend>, shared: Arc<Shared>) {
             }
             continue;
         }
+        let ops = Arc::new(coalesce(ops));
         loop {
             match backend.apply(ops.clone()).await {
                 Ok(()) => break,
@@ -182,6 +183,31 @@ async fn commit_task(backend: Arc<dyn Backend>, shared: Arc<Shared>) {
         backoff = Duration::from_millis(10);
         shared.durable.send_replace(ticket);
     }
+}
+
+/// Keeps only the last Put or Del of each key: within one atomic commit the
+/// earlier ones are invisible. Under load most writes are transient (an outbox
+/// frame acknowledged, a task record updated twice and deleted, session metadata
+/// rewritten per frame), so this removes most of the work.
+fn coalesce(ops: Vec<Op>) -> Vec<Op> {
+    if ops.len() < 2 {
+        return ops;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(ops.len());
+    let mut kept: Vec<Op> = Vec::with_capacity(ops.len());
+    for op in ops.into_iter().rev() {
+        match &op {
+            Op::Put { coll, key, .. } | Op::Del { coll, key } => {
+                if seen.insert((coll.clone(), key.clone())) {
+                    kept.push(op);
+                }
+            }
+            // Counters add up; they are never dropped.
+            Op::Incr { .. } => kept.push(op),
+        }
+    }
+    kept.reverse();
+    kept
 }
 
 /// Zero-padded so lexical key order is numeric order.
@@ -212,6 +238,39 @@ mod tests {
         assert_eq!(all.len(), 100);
         assert_eq!(all[42], (seq_key(42), Bytes::from("42")));
         assert!(store.durable_now() >= last);
+    }
+
+    #[test]
+    fn coalescing_keeps_the_last_write_per_key() {
+        let put = |k: &str, v: &str| Op::Put {
+            coll: "c".into(),
+            key: k.into(),
+            val: Bytes::from(v.to_string()),
+        };
+        let ops = vec![
+            put("a", "1"),
+            put("b", "1"),
+            put("a", "2"),
+            Op::Del {
+                coll: "c".into(),
+                key: "b".into(),
+            },
+            Op::Incr {
+                coll: "n".into(),
+                key: "x".into(),
+                by: 1,
+            },
+            Op::Incr {
+                coll: "n".into(),
+                key: "x".into(),
+                by: 1,
+            },
+        ];
+        let out = format!("{:?}", coalesce(ops));
+        assert_eq!(out.matches("Put").count(), 1);
+        assert!(out.contains("b\"2\""), "{out}");
+        assert_eq!(out.matches("Del").count(), 1);
+        assert_eq!(out.matches("Incr").count(), 2);
     }
 
     #[test]

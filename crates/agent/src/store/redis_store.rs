@@ -60,23 +60,23 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    fn apply(&self, ops: Vec<Op>) -> BoxFuture<'_, anyhow::Result<()>> {
+    fn apply(&self, ops: std::sync::Arc<Vec<Op>>) -> BoxFuture<'_, anyhow::Result<()>> {
         async move {
             if ops.is_empty() {
                 return Ok(());
             }
             let mut pipe = redis::pipe();
             pipe.atomic();
-            for op in ops {
+            for op in ops.iter() {
                 match op {
                     Op::Put { coll, key, val } => {
-                        pipe.hset(self.hash(&coll), key, val.as_ref()).ignore();
+                        pipe.hset(self.hash(coll), key, val.as_ref()).ignore();
                     }
                     Op::Del { coll, key } => {
-                        pipe.hdel(self.hash(&coll), key).ignore();
+                        pipe.hdel(self.hash(coll), key).ignore();
                     }
                     Op::Incr { coll, key, by } => {
-                        pipe.hincr(self.hash(&coll), key, by).ignore();
+                        pipe.hincr(self.hash(coll), key, *by).ignore();
                     }
                 }
             }
