@@ -130,6 +130,7 @@ struct Inner {
     delivered: Mutex<u64>,
     shutdown: CancellationToken,
     reconnects: std::sync::atomic::AtomicU64,
+    drains: std::sync::atomic::AtomicU64,
     /// Set by `close`: send Goodbye (with this cancel_pending flag) and stop.
     goodbye: Mutex<Option<bool>>,
     /// Cancelled once the Goodbye frame is on the wire.
@@ -154,6 +155,7 @@ impl AgentClient {
             delivered: Mutex::new(0),
             shutdown: CancellationToken::new(),
             reconnects: std::sync::atomic::AtomicU64::new(0),
+            drains: std::sync::atomic::AtomicU64::new(0),
             goodbye: Mutex::new(None),
             bye_sent: CancellationToken::new(),
         });
@@ -185,6 +187,11 @@ impl AgentClient {
     /// Times the link was re-established after the first time.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `Drain` frames received (the orchestrator asked this agent to move).
+    pub fn drains(&self) -> u64 {
+        self.inner.drains.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Frames sent and not yet acknowledged.
@@ -460,6 +467,7 @@ async fn receive(
             match body {
                 agent_response::Body::Heartbeat(hb) => *last_echo.lock() = hb.sent_at_us,
                 agent_response::Body::Drain(d) => {
+                    inner.drains.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let after = Duration::from_millis(u64::from(d.reconnect_after_ms));
                     let _ = events.try_send(Event::Drain(d.clone()));
                     return Ok(Ended::Drain(after));

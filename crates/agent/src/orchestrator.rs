@@ -320,6 +320,12 @@ impl Orchestrator {
         (attached, st.sessions.len() - attached)
     }
 
+    /// A session's tasks outstanding and frames waiting for its acknowledgement.
+    pub fn session_backlog(&self, sid: &str) -> Option<(usize, usize)> {
+        let st = self.inner.state.lock();
+        st.sessions.get(sid).map(|s| (s.outstanding, s.outbox.len()))
+    }
+
     /// Queued tasks per priority level (0..=5).
     pub fn queue_depths(&self) -> [usize; 6] {
         let st = self.inner.state.lock();

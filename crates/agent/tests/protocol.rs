@@ -510,3 +510,317 @@ async fn drain_moves_agents_to_another_replica_without_loss() {
     a.stop.cancel();
     b.stop.cancel();
 }
+
+#[tokio::test]
+async fn memory_broker_on_redis_shares_versions_between_replicas() {
+    let prefix = format!("lattice-test-mem-{}", fastrand::u64(..));
+    let store_a = Store::open(&StoreUrl::Redis("redis://127.0.0.1:6379".into()), &prefix)
+        .await
+        .unwrap();
+    let store_b = Store::open(&StoreUrl::Redis("redis://127.0.0.1:6379".into()), &prefix)
+        .await
+        .unwrap();
+    let a = lattice_agent::memory::MemoryBroker::new(store_a.clone());
+    let b = lattice_agent::memory::MemoryBroker::new(store_b);
+    let put = |expected: u64, value: &str| MemoryOp {
+        memory_ref: "shared".into(),
+        op: Some(memory_op::Op::Put(MemoryPut {
+            block_id: "plan".into(),
+            value: value.as_bytes().to_vec(),
+            expected_version: expected,
+        })),
+    };
+    assert_eq!(a.handle("t", put(0, "from a"), "w1").await.version, 1);
+    // Replica b saw version 0 too: conflict.
+    let r = b.handle("t", put(0, "from b"), "w2").await;
+    assert_eq!(r.status.unwrap().code, Code::Aborted as i32);
+    // The same write resent (its answer was lost) is answered, not refused.
+    let r = b.handle("t", put(0, "from a"), "w1").await;
+    assert_eq!((r.version, r.status.unwrap().code), (1, 0));
+    assert_eq!(b.handle("t", put(1, "from b"), "w3").await.version, 2);
+    let sync = |since| MemoryOp {
+        memory_ref: "shared".into(),
+        op: Some(memory_op::Op::Sync(MemorySync { since_version: since })),
+    };
+    let r = a.handle("t", sync(1), "").await;
+    assert_eq!(r.blocks.len(), 1);
+    assert_eq!(r.blocks[0].value, b"from b");
+    // Another tenant's namespace of the same name is separate.
+    assert_eq!(a.handle("u", sync(0), "").await.version, 0);
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_sync_falls_back_to_a_snapshot_past_the_op_log() {
+    let plane = start().await;
+    let broker = lattice_agent::memory::MemoryBroker::new(plane.store.clone());
+    let keep = lattice_agent::memory::OPLOG_KEEP;
+    for v in 0..keep + 5 {
+        let op = MemoryOp {
+            memory_ref: "log".into(),
+            op: Some(memory_op::Op::Put(MemoryPut {
+                block_id: format!("b{}", v % 3),
+                value: v.to_string().into_bytes(),
+                expected_version: v,
+            })),
+        };
+        assert_eq!(broker.handle("t", op, "").await.version, v + 1);
+    }
+    let sync = |since| MemoryOp {
+        memory_ref: "log".into(),
+        op: Some(memory_op::Op::Sync(MemorySync { since_version: since })),
+    };
+    let delta = broker.handle("t", sync(keep), "").await;
+    assert!(!delta.snapshot);
+    assert_eq!(delta.blocks.len(), 5);
+    let snap = broker.handle("t", sync(1), "").await;
+    assert!(snap.snapshot, "version 1 is no longer in the op log");
+    assert_eq!(snap.blocks.len(), 3);
+    assert_eq!(snap.version, keep + 5);
+}
+
+#[tokio::test]
+async fn tool_cache_is_per_tenant_and_fetch_is_loopback_only() {
+    let plane = start().await;
+    let tools = plane.orch.tools().clone();
+    let ctx = |tenant: &str| lattice_agent::tools::CallContext {
+        tenant: tenant.into(),
+        idempotency_key: "charge-42".into(),
+        ..Default::default()
+    };
+    let call = |tool: &str, args: serde_json::Value| lattice_proto::agent::ToolCall {
+        call_id: "c".into(),
+        tool: tool.into(),
+        arguments_json: args.to_string(),
+        timeout_ms: 0,
+    };
+    let first = tools
+        .call(&ctx("acme"), call("counter", serde_json::json!({"name": "charges"})))
+        .await;
+    assert!(!first.cached);
+    let again = tools
+        .call(&ctx("acme"), call("counter", serde_json::json!({"name": "charges"})))
+        .await;
+    assert!(again.cached, "a resent call is answered from the cache");
+    assert_eq!(again.output_json, first.output_json);
+    assert_eq!(counter(&plane.store, "charges").await, 1);
+    let other = tools
+        .call(&ctx("globex"), call("counter", serde_json::json!({"name": "charges"})))
+        .await;
+    assert!(!other.cached);
+    assert_eq!(counter(&plane.store, "charges").await, 2);
+
+    // A one-shot HTTP server on loopback.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+            .await
+            .unwrap();
+    });
+    let none = lattice_agent::tools::CallContext::default();
+    let r = tools
+        .call(
+            &none,
+            call("http_fetch", serde_json::json!({"url": format!("http://{addr}/x")})),
+        )
+        .await;
+    assert_eq!(r.status.as_ref().unwrap().code, 0, "{r:?}");
+    let out: serde_json::Value = serde_json::from_str(&r.output_json).unwrap();
+    assert_eq!(
+        (out["status"].as_u64(), out["body"].as_str()),
+        (Some(200), Some("hello"))
+    );
+    let r = tools
+        .call(
+            &none,
+            call("http_fetch", serde_json::json!({"url": "http://example.com/"})),
+        )
+        .await;
+    assert_eq!(r.status.unwrap().code, Code::PermissionDenied as i32);
+    let r = tools.call(&none, call("nope", serde_json::json!({}))).await;
+    assert_eq!(r.status.unwrap().code, Code::NotFound as i32);
+    // Without models in this process, inference is refused clearly.
+    let r = tools
+        .call(&none, call("infer", serde_json::json!({"model": "m", "inputs": {}})))
+        .await;
+    assert_eq!(r.status.unwrap().code, Code::FailedPrecondition as i32);
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn bearer_token_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
+        .await
+        .unwrap();
+    let cfg = OrchestratorConfig {
+        auth_token: Some("s3cret".into()),
+        ..fast_config()
+    };
+    let plane = start_with(store, cfg, Some(dir)).await;
+    let mut raw = AgentCoordinationClient::connect(plane.url()).await.unwrap();
+    let hello = AgentMessage {
+        body: Some(agent_message::Body::Hello(Hello {
+            protocol_version: 1,
+            ..Hello::default()
+        })),
+        ..AgentMessage::default()
+    };
+    let err = raw.negotiate_task(tokio_stream::iter(vec![hello])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut cfg = client_cfg(&plane, &[]);
+    cfg.auth_token = Some("s3cret".into());
+    let c = AgentClient::connect(cfg).0;
+    tokio::time::timeout(Duration::from_secs(5), c.established())
+        .await
+        .unwrap()
+        .unwrap();
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn idle_sessions_are_evicted_and_a_late_resume_gets_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
+        .await
+        .unwrap();
+    let cfg = OrchestratorConfig {
+        session_idle_timeout: Duration::from_millis(500),
+        ..fast_config()
+    };
+    let plane = start_with(store, cfg, Some(dir)).await;
+    let hello = |resume: Option<&str>| AgentMessage {
+        body: Some(agent_message::Body::Hello(Hello {
+            protocol_version: 1,
+            resume: resume.map(|sid| lattice_proto::agent::Resume {
+                session_id: sid.into(),
+                ..Default::default()
+            }),
+            ..Hello::default()
+        })),
+        ..AgentMessage::default()
+    };
+    let welcome = |f: lattice_proto::agent::AgentResponse| match f.body {
+        Some(agent_response::Body::Welcome(w)) => w,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    let mut raw = AgentCoordinationClient::connect(plane.url()).await.unwrap();
+    // The request stream stays open until `keep` is dropped.
+    let (keep, rx) = tokio::sync::mpsc::channel(1);
+    keep.send(hello(None)).await.unwrap();
+    let mut s = raw
+        .negotiate_task(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let w = welcome(s.message().await.unwrap().unwrap());
+    assert_eq!(w.result, lattice_proto::agent::ResumeResult::Fresh as i32);
+    assert_eq!(plane.orch.session_counts(), (1, 0));
+    drop(keep);
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // Detached, then evicted.
+    while plane.orch.session_counts() != (0, 0) {
+        assert!(std::time::Instant::now() < deadline, "session never evicted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (keep, rx) = tokio::sync::mpsc::channel(1);
+    keep.send(hello(Some(&w.session_id))).await.unwrap();
+    let mut s = raw
+        .negotiate_task(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let late = welcome(s.message().await.unwrap().unwrap());
+    drop(keep);
+    assert_eq!(late.result, lattice_proto::agent::ResumeResult::Gap as i32);
+    assert_ne!(late.session_id, w.session_id);
+    plane.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_requester_that_stops_reading_holds_bounded_memory_and_blocks_no_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
+        .await
+        .unwrap();
+    let cfg = OrchestratorConfig {
+        requester_window: 64,
+        ..fast_config()
+    };
+    let plane = start_with(store, cfg, Some(dir)).await;
+    let _w = spawn_worker(&plane, &["tools"]);
+    // The slow one: its events are never read, and its channel holds 4.
+    let mut slow_cfg = client_cfg(&plane, &[]);
+    slow_cfg.event_capacity = 4;
+    let slow = Requester::connect(slow_cfg);
+    let slow_sid = slow.client.established().await.unwrap();
+    let offering = {
+        let client = slow.client.clone();
+        tokio::spawn(async move {
+            let r = Requester {
+                client,
+                events: tokio::sync::mpsc::channel(1).1,
+            };
+            for i in 0..10_000 {
+                r.offer_tool(
+                    &format!("s{i}"),
+                    "tools",
+                    "echo",
+                    serde_json::json!({"value": i}),
+                    2,
+                    None,
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    // Meanwhile a normal requester is served as usual.
+    let mut fast = Requester::connect(client_cfg(&plane, &[]));
+    fast.client.established().await.unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        fast.offer_tool(
+            &format!("f{i}"),
+            "tools",
+            "echo",
+            serde_json::json!({"value": i}),
+            2,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    for _ in 0..200 {
+        tokio::time::timeout(Duration::from_secs(10), fast.next_result())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let fast_took = started.elapsed();
+    // The slow requester's state stays within its window: no more than 64 tasks
+    // outstanding and results waiting for it, whatever it tries to send.
+    let (outstanding, outbox) = plane.orch.session_backlog(&slow_sid).unwrap();
+    assert!(
+        outstanding <= 64 && outbox <= 64,
+        "outstanding {outstanding}, outbox {outbox}"
+    );
+    assert!(!offering.is_finished(), "the slow requester is held back by its window");
+    assert!(fast_took < Duration::from_secs(10));
+    offering.abort();
+    drop(slow);
+    plane.stop.cancel();
+}

@@ -342,8 +342,7 @@ async fn ten_thousand_tasks_survive_two_orchestrator_kills() {
     check_counters(&backend, N).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_orchestrators_sharing_redis_take_over_each_others_agents() {
+async fn redis_pair(stop_a_with: &str) {
     const N: usize = 3_000;
     let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
     let empty = tempfile::tempdir().unwrap();
@@ -361,9 +360,12 @@ async fn two_orchestrators_sharing_redis_take_over_each_others_agents() {
     let mut longest_gap = Duration::ZERO;
     while done.len() < N {
         if done.len() == N / 3 && killed_at.is_none() {
-            // Everyone started on `a` (first in their lists): kill it.
-            signal(&a.child, "-KILL");
-            let _ = a.child.wait();
+            // Everyone started on `a` (first in their lists): stop it.
+            signal(&a.child, stop_a_with);
+            let status = a.child.wait().unwrap();
+            if stop_a_with == "-TERM" {
+                assert!(status.success(), "a graceful stop exits 0: {status}");
+            }
             killed_at = Some(Instant::now());
             last_result = None;
         }
@@ -389,7 +391,10 @@ async fn two_orchestrators_sharing_redis_take_over_each_others_agents() {
         }
     }
     offering.await.unwrap();
-    eprintln!("agents/redis: {N} tasks; longest pause between results after the kill: {longest_gap:?}");
+    eprintln!("agents/redis {stop_a_with}: {N} tasks; longest pause between results after the stop: {longest_gap:?}");
+    if stop_a_with == "-TERM" {
+        assert!(req.client.drains() >= 1, "SIGTERM sends Drain to agent streams");
+    }
     let session = req.client.session_id();
     assert!(session.is_some());
     assert!(req.client.reconnects() >= 1, "the requester moved to the other replica");
@@ -410,6 +415,16 @@ async fn two_orchestrators_sharing_redis_take_over_each_others_agents() {
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orchestrators_sharing_redis_take_over_after_sigkill() {
+    redis_pair("-KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_agent_streams_to_the_other_replica() {
+    redis_pair("-TERM").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
