@@ -42,6 +42,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use lattice_observability::{
+    metrics::{AgentLoad, FrameLabels, OutcomeLabels},
+    Metrics,
+};
+
 use crate::{
     lanes::Lanes,
     memory::MemoryBroker,
@@ -112,6 +117,7 @@ pub struct Orchestrator {
 struct Inner {
     cfg: OrchestratorConfig,
     store: Store,
+    metrics: Arc<Metrics>,
     tools: ToolGateway,
     memory: MemoryBroker,
     state: Mutex<State>,
@@ -252,12 +258,18 @@ impl Step {
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<AgentResponse, Status>> + Send>>;
 
 impl Orchestrator {
-    pub async fn new(cfg: OrchestratorConfig, store: Store, tools: ToolGateway) -> anyhow::Result<Orchestrator> {
+    pub async fn new(
+        cfg: OrchestratorConfig,
+        store: Store,
+        tools: ToolGateway,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Orchestrator> {
         let orch = Orchestrator {
             inner: Arc::new(Inner {
                 memory: MemoryBroker::new(store.clone()),
                 cfg,
                 store,
+                metrics: metrics.clone(),
                 tools,
                 state: Mutex::new(State::default()),
                 draining: CancellationToken::new(),
@@ -274,6 +286,12 @@ impl Orchestrator {
             orch.commit(&mut st, step);
         }
         tokio::spawn(sweep_task(Arc::downgrade(&orch.inner)));
+        let weak = Arc::downgrade(&orch.inner);
+        metrics.set_agent_source(Box::new(move || {
+            weak.upgrade()
+                .map(|inner| Orchestrator { inner }.load())
+                .unwrap_or_default()
+        }));
         Ok(orch)
     }
 
@@ -318,6 +336,16 @@ impl Orchestrator {
         let st = self.inner.state.lock();
         let attached = st.sessions.values().filter(|s| s.attached.is_some()).count();
         (attached, st.sessions.len() - attached)
+    }
+
+    /// Sessions and queue depths, for the metrics.
+    pub fn load(&self) -> AgentLoad {
+        let (established, detached) = self.session_counts();
+        AgentLoad {
+            established,
+            detached,
+            queued: self.queue_depths(),
+        }
     }
 
     /// A session's tasks outstanding and frames waiting for its acknowledgement.
@@ -433,6 +461,16 @@ impl Orchestrator {
                 ResumeResult::Gap
             };
         }
+        let outcome = match result {
+            ResumeResult::Fresh => "fresh",
+            ResumeResult::Resumed => "resumed",
+            ResumeResult::Gap => "gap",
+        };
+        self.inner
+            .metrics
+            .agent_resumes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         let mut st = self.inner.state.lock();
         let mut step = Step::default();
         let sid = match (&resume, result) {
@@ -622,6 +660,14 @@ impl Orchestrator {
         let Some(body) = msg.body else {
             return Err(Status::invalid_argument("frame without a body"));
         };
+        self.inner
+            .metrics
+            .agent_frames
+            .get_or_create(&FrameLabels {
+                direction: "in",
+                kind: wire::request_kind(&body),
+            })
+            .inc();
         let priority = u32::try_from(msg.priority).unwrap_or(0).min(5);
         if self.inner.draining.is_cancelled() {
             return Err(Status::unavailable("orchestrator is draining"));
@@ -653,6 +699,7 @@ impl Orchestrator {
                 Body::Heartbeat(hb) => {
                     if hb.echo_sent_at_us > 0 {
                         s.rtt_us = u64::try_from(now_us() - hb.echo_sent_at_us).unwrap_or(0);
+                        self.inner.metrics.agent_heartbeat_rtt.observe(s.rtt_us as f64 / 1e6);
                     }
                     s.last_echo_us = hb.sent_at_us;
                 }
@@ -898,7 +945,7 @@ fn on_offer(
                 orphaned_since: None,
             },
         );
-        finish(st, &rec.task_id, refusal, Bytes::new(), step);
+        finish(inner, st, &rec.task_id, refusal, Bytes::new(), step);
         return;
     }
     step.put_task(&rec);
@@ -951,7 +998,7 @@ fn on_result(inner: &Inner, st: &mut State, sid: &str, result: TaskResult, step:
         );
     } else {
         let status = result.status.unwrap_or_else(wire::ok_status);
-        finish(st, &task_id, status, Bytes::from(result.output), step);
+        finish(inner, st, &task_id, status, Bytes::from(result.output), step);
     }
     dispatch(inner, st, step);
 }
@@ -976,7 +1023,7 @@ fn requeue(inner: &Inner, st: &mut State, task_id: &str, why: String, step: &mut
         });
         tracing::warn!(task = task_id, attempts = rec.attempts, reason = %why, "task dead-lettered");
         let msg = format!("dead-lettered after {} attempts; last failure: {why}", rec.attempts);
-        finish(st, task_id, status(Code::Aborted, msg), Bytes::new(), step);
+        finish(inner, st, task_id, status(Code::Aborted, msg), Bytes::new(), step);
         return;
     }
     task.rec.state = TaskState::Queued as i32;
@@ -992,10 +1039,29 @@ fn requeue(inner: &Inner, st: &mut State, task_id: &str, why: String, step: &mut
 }
 
 /// Records a task's outcome and queues the result for its requester.
-fn finish(st: &mut State, task_id: &str, status: lattice_proto::google::rpc::Status, output: Bytes, step: &mut Step) {
+fn finish(
+    inner: &Inner,
+    st: &mut State,
+    task_id: &str,
+    status: lattice_proto::google::rpc::Status,
+    output: Bytes,
+    step: &mut Step,
+) {
     let Some(task) = st.tasks.get_mut(task_id) else {
         return;
     };
+    let outcome = code_name(Code::from_i32(status.code));
+    inner
+        .metrics
+        .agent_tasks
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    if task.rec.offered_us > 0 {
+        inner
+            .metrics
+            .agent_task_duration
+            .observe((now_us() - task.rec.offered_us).max(0) as f64 / 1e6);
+    }
     if task.rec.state == TaskState::Queued as i32 {
         st.queued = st.queued.saturating_sub(1);
     }
@@ -1049,7 +1115,7 @@ fn cancel_task(inner: &Inner, st: &mut State, task_id: &str, reason: &str, step:
         } else {
             reason.to_string()
         };
-        finish(st, task_id, status(Code::Cancelled, msg), Bytes::new(), step);
+        finish(inner, st, task_id, status(Code::Cancelled, msg), Bytes::new(), step);
     }
 }
 
@@ -1164,6 +1230,7 @@ fn dispatch(inner: &Inner, st: &mut State, step: &mut Step) {
                 st.queued = st.queued.saturating_sub(1);
                 task.rec.state = TaskState::Assigned as i32;
                 finish(
+                    inner,
                     st,
                     &task_id,
                     status(Code::DeadlineExceeded, "deadline passed while queued"),
@@ -1177,6 +1244,12 @@ fn dispatch(inner: &Inner, st: &mut State, step: &mut Step) {
             task.rec.worker = worker.clone();
             task.rec.attempts += 1;
             step.put_task(&task.rec);
+            if task.rec.attempts == 1 && task.rec.offered_us > 0 {
+                inner
+                    .metrics
+                    .agent_dispatch
+                    .observe((now_us() - task.rec.offered_us).max(0) as f64 / 1e6);
+            }
             let rec = task.rec.clone();
             let w = st.sessions.get_mut(&worker).expect("chosen above");
             w.in_flight.insert(task_id.clone());
@@ -1200,7 +1273,6 @@ fn dispatch(inner: &Inner, st: &mut State, step: &mut Step) {
             );
         }
     }
-    let _ = inner;
 }
 
 fn next_queued(st: &mut State, cap: &str, now: Instant) -> Option<String> {
@@ -1272,6 +1344,16 @@ async fn writer_task(inner: Arc<Inner>, sid: String, epoch: u64, tx: mpsc::Sende
         let any_frames = !frames.is_empty();
         for p in frames {
             let mut f = p.frame;
+            if let Some(body) = &f.body {
+                inner
+                    .metrics
+                    .agent_frames
+                    .get_or_create(&FrameLabels {
+                        direction: "out",
+                        kind: wire::response_kind(body),
+                    })
+                    .inc();
+            }
             if let Some(env) = f.env.as_mut() {
                 env.ack_seq = ack;
                 env.sent_at_us = now_us();
@@ -1332,6 +1414,7 @@ async fn sweep_task(inner: std::sync::Weak<Inner>) {
             .collect();
         for id in expired {
             finish(
+                &inner,
                 &mut st,
                 &id,
                 status(Code::DeadlineExceeded, "deadline passed while queued"),
@@ -1391,5 +1474,28 @@ impl AgentCoordination for Orchestrator {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The lower-case name of a gRPC code, as metric label.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
     }
 }

@@ -65,6 +65,7 @@ pub struct ToolGateway {
 }
 
 struct Inner {
+    metrics: Arc<lattice_observability::Metrics>,
     tools: HashMap<&'static str, Tool>,
     store: Store,
     repo: Option<ModelRepository>,
@@ -78,7 +79,11 @@ struct Inner {
 }
 
 impl ToolGateway {
-    pub fn new(store: Store, repo: Option<ModelRepository>) -> anyhow::Result<ToolGateway> {
+    pub fn new(
+        store: Store,
+        repo: Option<ModelRepository>,
+        metrics: Arc<lattice_observability::Metrics>,
+    ) -> anyhow::Result<ToolGateway> {
         let specs = [
             (
                 "calculator",
@@ -136,6 +141,7 @@ impl ToolGateway {
         }
         Ok(ToolGateway {
             inner: Arc::new(Inner {
+                metrics,
                 tools,
                 store,
                 repo,
@@ -174,8 +180,28 @@ impl ToolGateway {
     }
 
     pub async fn call(&self, ctx: &CallContext, call: ToolCall) -> ToolResult {
+        let started = std::time::Instant::now();
         let mut result = self.call_inner(ctx, &call).await;
         result.call_id = call.call_id;
+        // Unknown tool names are not label values: they would let callers grow the
+        // series set without bound.
+        let tool = if self.inner.tools.contains_key(call.tool.as_str()) {
+            call.tool
+        } else {
+            "unknown".into()
+        };
+        let outcome = if result.cached {
+            "cached"
+        } else {
+            crate::orchestrator::code_name(Code::from_i32(result.status.as_ref().map_or(0, |s| s.code)))
+        };
+        let m = &self.inner.metrics;
+        m.tool_duration
+            .get_or_create(&lattice_observability::metrics::ToolNameLabels { tool: tool.clone() })
+            .observe(started.elapsed().as_secs_f64());
+        m.tool_calls
+            .get_or_create(&lattice_observability::metrics::ToolLabels { tool, outcome })
+            .inc();
         result
     }
 

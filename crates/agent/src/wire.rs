@@ -128,3 +128,22 @@ pub fn request_kind(body: &agent_message::Body) -> &'static str {
         Body::Error(_) => "error",
     }
 }
+
+pub fn response_kind(body: &agent_response::Body) -> &'static str {
+    use agent_response::Body;
+    match body {
+        Body::Welcome(_) => "welcome",
+        Body::Assign(_) => "assign",
+        Body::Progress(_) => "progress",
+        Body::Result(_) => "result",
+        Body::Cancel(_) => "cancel",
+        Body::Heartbeat(_) => "heartbeat",
+        Body::Credit(_) => "credit",
+        Body::Memory(_) => "memory",
+        Body::ToolResult(_) => "tool_result",
+        Body::Ack(_) => "ack",
+        Body::Drain(_) => "drain",
+        Body::Goodbye(_) => "goodbye",
+        Body::Error(_) => "error",
+    }
+}

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 struct Plane {
+    metrics: std::sync::Arc<lattice_observability::Metrics>,
     addr: SocketAddr,
     orch: Orchestrator,
     store: Store,
@@ -43,8 +44,11 @@ fn fast_config() -> OrchestratorConfig {
 }
 
 async fn start_with(store: Store, cfg: OrchestratorConfig, dir: Option<tempfile::TempDir>) -> Plane {
-    let tools = ToolGateway::new(store.clone(), None).unwrap();
-    let orch = Orchestrator::new(cfg, store.clone(), tools).await.unwrap();
+    let metrics = std::sync::Arc::new(lattice_observability::Metrics::new());
+    let tools = ToolGateway::new(store.clone(), None, metrics.clone()).unwrap();
+    let orch = Orchestrator::new(cfg, store.clone(), tools, metrics.clone())
+        .await
+        .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -57,6 +61,7 @@ async fn start_with(store: Store, cfg: OrchestratorConfig, dir: Option<tempfile:
         );
     tokio::spawn(server);
     Plane {
+        metrics,
         addr,
         orch,
         store,
@@ -132,6 +137,17 @@ async fn tasks_flow_to_workers_and_side_effects_happen_once() {
     }
     for i in [0, 17, n - 1] {
         assert_eq!(counter(&plane.store, &format!("c{i}")).await, 1);
+    }
+    // The agent plane's own series.
+    let text = plane.metrics.encode();
+    for series in [
+        "lattice_agent_tasks_total{outcome=\"ok\"} 500",
+        "lattice_tool_calls_total{tool=\"counter\",outcome=\"ok\"} 500",
+        "lattice_agent_sessions{state=\"established\"} 3",
+        "lattice_agent_dispatch_seconds_count 500",
+        "lattice_agent_frames_total{direction=\"in\",kind=\"offer\"} 500",
+    ] {
+        assert!(text.contains(series), "{series} missing from:\n{text}");
     }
     // A calculator task returns the tool's output as the task output.
     req.offer_tool(

@@ -81,7 +81,8 @@ pub async fn run(args: AgentBenchArgs) -> Result<(), Failure> {
     }
     let dir = tempfile::tempdir().map_err(anyhow::Error::from)?;
     let store = Store::open(&StoreUrl::Redb(dir.path().join("agents.redb")), "bench").await?;
-    let tools = ToolGateway::new(store.clone(), None)?;
+    let metrics = Arc::new(lattice_observability::Metrics::new());
+    let tools = ToolGateway::new(store.clone(), None, metrics.clone())?;
     let orch = Orchestrator::new(
         OrchestratorConfig {
             requester_window: u32::try_from(args.window).unwrap_or(u32::MAX),
@@ -89,6 +90,7 @@ pub async fn run(args: AgentBenchArgs) -> Result<(), Failure> {
         },
         store,
         tools,
+        metrics,
     )
     .await?;
     let stop = CancellationToken::new();

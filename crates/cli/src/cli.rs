@@ -351,7 +351,11 @@ pub struct AgentPlaneArgs {
 }
 
 impl AgentPlaneArgs {
-    pub async fn build(&self, repo: Option<ModelRepository>) -> Result<Option<lattice_server::AgentPlane>, Failure> {
+    pub async fn build(
+        &self,
+        repo: Option<ModelRepository>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<lattice_server::AgentPlane>, Failure> {
         use lattice_agent::{
             orchestrator::{Orchestrator, OrchestratorConfig},
             store::{Store, StoreUrl},
@@ -368,7 +372,7 @@ impl AgentPlaneArgs {
         let store = Store::open(&self.memory_store, &self.store_prefix)
             .await
             .map_err(|e| Failure::Usage(format!("--memory-store: {e:#}")))?;
-        let tools = ToolGateway::new(store.clone(), repo)?;
+        let tools = ToolGateway::new(store.clone(), repo, metrics.clone())?;
         let cfg = OrchestratorConfig {
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             session_idle_timeout: Duration::from_secs(self.session_idle_timeout_secs),
@@ -382,7 +386,7 @@ impl AgentPlaneArgs {
             auth_token: self.agent_token.clone(),
             ..OrchestratorConfig::default()
         };
-        let orchestrator = Orchestrator::new(cfg, store, tools).await?;
+        let orchestrator = Orchestrator::new(cfg, store, tools, metrics).await?;
         Ok(Some(lattice_server::AgentPlane {
             orchestrator,
             chat: lattice_agent::chat::ChatService::default(),
@@ -474,7 +478,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         addr(&listeners.metrics)
     );
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
-    let agents = args.agents.build(Some(repo.clone())).await?;
+    let agents = args.agents.build(Some(repo.clone()), repo.metrics().clone()).await?;
     let mut state = AppState::new(
         repo,
         ServerConfig {

@@ -165,6 +165,45 @@ pub struct FailureLabels {
     pub error_type: ErrorType,
 }
 
+/// Agent-plane frame counter labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameLabels {
+    /// `in` (agent to orchestrator) or `out`.
+    pub direction: &'static str,
+    /// The frame's body: offer, assign, result, heartbeat, ...
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok`, or the gRPC code name of the failure (`cancelled`, `deadline_exceeded`, ...).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabels {
+    pub tool: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolNameLabels {
+    pub tool: String,
+}
+
+/// What the agent plane holds right now, read at scrape time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AgentLoad {
+    /// Sessions with a live stream.
+    pub established: usize,
+    /// Sessions kept for their agent to resume.
+    pub detached: usize,
+    /// Queued tasks per priority level, 0 (background) to 5 (realtime).
+    pub queued: [usize; 6],
+}
+
+pub type AgentSource = Box<dyn Fn() -> AgentLoad + Send + Sync>;
+
 /// Exemplar label: the trace that produced an observation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TraceLabel {
@@ -316,6 +355,7 @@ struct Sources {
     /// (labels, id of the loaded version instance, source)
     pending: Vec<(ModelLabels, u64, GaugeSource)>,
     load: Option<LoadSource>,
+    agents: Option<AgentSource>,
     queue_times: Recent,
     service_times: Recent,
 }
@@ -324,6 +364,16 @@ impl std::fmt::Debug for Sources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sources").field("pending", &self.pending.len()).finish()
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabel {
+    priority: u8,
 }
 
 // === Metrics ===
@@ -347,6 +397,14 @@ pub struct Metrics {
     pub confidence: HistogramFamily<ModelLabels>,
     pub entropy: HistogramFamily<ModelLabels>,
     pub batch_confidence_stddev: HistogramFamily<ModelLabels>,
+    pub agent_frames: Family<FrameLabels, Counter>,
+    pub agent_tasks: Family<OutcomeLabels, Counter>,
+    pub agent_dispatch: Histogram,
+    pub agent_task_duration: Histogram,
+    pub agent_resumes: Family<OutcomeLabels, Counter>,
+    pub agent_heartbeat_rtt: Histogram,
+    pub tool_calls: Family<ToolLabels, Counter>,
+    pub tool_duration: HistogramFamily<ToolNameLabels>,
     windows: Arc<Mutex<ModelWindows>>,
     sources: Arc<Mutex<Sources>>,
 }
@@ -464,6 +522,50 @@ impl Metrics {
             "Standard deviation of top-1 confidence across the items of one executed batch",
             batch_confidence_stddev.clone(),
         );
+        let agent_frames = Family::<FrameLabels, Counter>::default();
+        r.register(
+            "lattice_agent_frames",
+            "Agent-stream frames, by direction and body",
+            agent_frames.clone(),
+        );
+        let agent_tasks = Family::<OutcomeLabels, Counter>::default();
+        r.register("lattice_agent_tasks", "Tasks finished, by outcome", agent_tasks.clone());
+        let agent_dispatch = latency_histogram();
+        r.register(
+            "lattice_agent_dispatch_seconds",
+            "Time from a task's offer to its assignment to a worker",
+            agent_dispatch.clone(),
+        );
+        let agent_task_duration = latency_histogram();
+        r.register(
+            "lattice_agent_task_duration_seconds",
+            "Time from a task's offer to its result",
+            agent_task_duration.clone(),
+        );
+        let agent_resumes = Family::<OutcomeLabels, Counter>::default();
+        r.register(
+            "lattice_agent_hellos",
+            "Agent handshakes, by outcome: fresh, resumed, or gap (session unknown)",
+            agent_resumes.clone(),
+        );
+        let agent_heartbeat_rtt = latency_histogram();
+        r.register(
+            "lattice_agent_heartbeat_rtt_seconds",
+            "Round trip of orchestrator heartbeats echoed by agents",
+            agent_heartbeat_rtt.clone(),
+        );
+        let tool_calls = Family::<ToolLabels, Counter>::default();
+        r.register(
+            "lattice_tool_calls",
+            "Tool gateway calls, by tool and outcome (cached = answered from the idempotency cache)",
+            tool_calls.clone(),
+        );
+        let tool_duration: HistogramFamily<ToolNameLabels> = Family::new_with_constructor(latency_histogram);
+        r.register(
+            "lattice_tool_call_duration_seconds",
+            "Tool gateway call duration, cache hits included",
+            tool_duration.clone(),
+        );
         let windows = Arc::new(Mutex::new(ModelWindows::default()));
         let sources = Arc::new(Mutex::new(Sources::default()));
         r.register_collector(Box::new(ScrapeCollector {
@@ -488,6 +590,14 @@ impl Metrics {
             confidence,
             entropy,
             batch_confidence_stddev,
+            agent_frames,
+            agent_tasks,
+            agent_dispatch,
+            agent_task_duration,
+            agent_resumes,
+            agent_heartbeat_rtt,
+            tool_calls,
+            tool_duration,
             windows,
             sources,
         }
@@ -606,6 +716,11 @@ impl Metrics {
     /// Installs the replica's load source for the scaling signals.
     pub fn set_load_source(&self, source: LoadSource) {
         self.sources.lock().load = Some(source);
+    }
+
+    /// Installs the agent plane's source of session and queue gauges.
+    pub fn set_agent_source(&self, source: AgentSource) {
+        self.sources.lock().agents = Some(source);
     }
 
     /// Time one request waited in a queue (seconds).
@@ -743,13 +858,34 @@ fn scaling_signals(
 
 impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (pending, scaling) = {
+        let (pending, scaling, agents) = {
             let src = self.sources.lock();
             let pending: Vec<(ModelLabels, i64)> = src.pending.iter().map(|(m, _, f)| (m.clone(), f())).collect();
             let load = src.load.as_ref().and_then(|f| f());
             let scaling = load.map(|l| (l, src.queue_times.quantile(0.95), src.service_times.mean()));
-            (pending, scaling)
+            (pending, scaling, src.agents.as_ref().map(|f| f()))
         };
+        if let Some(a) = agents {
+            gauge_family(
+                &mut enc,
+                "lattice_agent_sessions",
+                "Agent sessions, by state: established (stream live) or detached (kept for resume)",
+                vec![
+                    (StateLabel { state: "established" }, a.established as i64),
+                    (StateLabel { state: "detached" }, a.detached as i64),
+                ],
+            )?;
+            gauge_family(
+                &mut enc,
+                "lattice_agent_queue_depth",
+                "Tasks queued for a worker, by priority (0 background .. 5 realtime)",
+                a.queued
+                    .iter()
+                    .enumerate()
+                    .map(|(p, n)| (PriorityLabel { priority: p as u8 }, *n as i64))
+                    .collect(),
+            )?;
+        }
         if let Some((load, queue_p95, service)) = scaling {
             let now = Instant::now();
             let qps: f64 = self.windows.lock().qps.values_mut().map(|r| r.per_second(now)).sum();
