@@ -44,8 +44,9 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use lattice_observability::{
     metrics::{AgentLoad, FrameLabels, OutcomeLabels},
-    Metrics,
+    telemetry, Metrics,
 };
+use tracing::Instrument;
 
 use crate::{
     lanes::Lanes,
@@ -769,10 +770,21 @@ impl Orchestrator {
                 };
                 let this = self.clone();
                 let sid = sid.to_string();
-                tokio::spawn(async move {
-                    let result = this.inner.tools.call(&ctx, call).await;
-                    this.complete(&sid, seq, &ctx.task_id, agent_response::Body::ToolResult(result));
-                });
+                let span = tracing::info_span!(
+                    "tool.call",
+                    tool = %call.tool,
+                    task_id = %ctx.task_id,
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty
+                );
+                telemetry::adopt(&span, telemetry::context_from_traceparent(&env.traceparent));
+                tokio::spawn(
+                    async move {
+                        let result = this.inner.tools.call(&ctx, call).await;
+                        this.complete(&sid, seq, &ctx.task_id, agent_response::Body::ToolResult(result));
+                    }
+                    .instrument(span),
+                );
             }
             Body::MemoryOp(op) => {
                 s.incomplete.insert(seq);
@@ -892,6 +904,18 @@ fn on_offer(
         // A resend of a task we hold (or a nameless one we cannot track).
         return;
     }
+    // The task's span continues the requester's trace; the assignment carries it on,
+    // so the worker's and the tool's spans hang under it.
+    let span = tracing::info_span!(
+        "agent.task",
+        task_id = %offer.task_id,
+        capability = %offer.capability,
+        priority,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty
+    );
+    telemetry::adopt(&span, telemetry::context_from_traceparent(&env.traceparent));
+    let traceparent = telemetry::traceparent_of(&span);
     let s = st.sessions.get_mut(sid).expect("caller checked");
     let mut rec = TaskRecord {
         task_id: offer.task_id.clone(),
@@ -909,7 +933,7 @@ fn on_offer(
         state: TaskState::Queued as i32,
         worker: String::new(),
         tenant: s.meta.tenant.clone(),
-        traceparent: env.traceparent.clone(),
+        traceparent,
         result: None,
         offered_us: now_us(),
     };

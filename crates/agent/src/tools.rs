@@ -116,7 +116,7 @@ impl ToolGateway {
                        "properties": {"model": {"type": "string"}, "version": {"type": "string"},
                                       "inputs": {"type": "object", "additionalProperties": {
                                           "type": "object", "required": ["datatype", "shape", "data"],
-                                          "properties": {"datatype": {"enum": ["FP32", "INT64", "BYTES"]},
+                                          "properties": {"datatype": {"enum": ["FP32", "INT32", "INT64", "BYTES"]},
                                                          "shape": {"type": "array", "items": {"type": "integer"}},
                                                          "data": {"type": "array"}}}}}}),
             ),
@@ -398,6 +398,18 @@ impl ToolGateway {
                         shape,
                         &v.ok_or((Code::InvalidArgument, format!("{name}: FP32 data must be numbers")))?,
                     )
+                }
+                Some("INT32") => {
+                    let v: Option<Vec<i32>> = data
+                        .iter()
+                        .map(|x| x.as_i64().and_then(|i| i32::try_from(i).ok()))
+                        .collect();
+                    let v = v.ok_or((
+                        Code::InvalidArgument,
+                        format!("{name}: INT32 data must be 32-bit integers"),
+                    ))?;
+                    let bytes: Vec<u8> = v.iter().flat_map(|i| i.to_le_bytes()).collect();
+                    Tensor::raw(DataType::I32, shape, bytes)
                 }
                 Some("INT64") => {
                     let v: Option<Vec<i64>> = data.iter().map(Value::as_i64).collect();

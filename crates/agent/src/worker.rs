@@ -8,11 +8,13 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use lattice_observability::telemetry;
 use lattice_proto::agent::{agent_message, agent_response, TaskAssign, TaskResult, ToolCall};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::{
     client::{AgentClient, ClientConfig, Event, SendOptions},
@@ -76,6 +78,31 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl std::future::Future<Output = 
 }
 
 async fn run_task(shared: Shared, task: TaskAssign, deadline_us: i64, traceparent: String, token: CancellationToken) {
+    let span = tracing::info_span!(
+        "agent.run",
+        task_id = %task.task_id,
+        capability = %task.capability,
+        attempt = task.attempt,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty
+    );
+    telemetry::adopt(&span, telemetry::context_from_traceparent(&traceparent));
+    let traceparent = match telemetry::traceparent_of(&span) {
+        tp if tp.is_empty() => traceparent,
+        tp => tp,
+    };
+    run_task_in(shared, task, deadline_us, traceparent, token)
+        .instrument(span)
+        .await;
+}
+
+async fn run_task_in(
+    shared: Shared,
+    task: TaskAssign,
+    deadline_us: i64,
+    traceparent: String,
+    token: CancellationToken,
+) {
     let work = execute(&shared, &task, deadline_us, &traceparent);
     let (output, st) = tokio::select! {
         r = work => r,

@@ -190,6 +190,28 @@ pub fn inject_current(headers: &mut http::HeaderMap) {
     TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
 }
 
+/// The remote parent a `traceparent` value names (agent frames carry it in their
+/// envelope rather than in headers).
+pub fn context_from_traceparent(traceparent: &str) -> Context {
+    let mut headers = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(traceparent) {
+        headers.insert("traceparent", v);
+    }
+    extract(&headers)
+}
+
+/// `span`'s W3C `traceparent`, or "" when tracing is off, for the next hop's frame.
+pub fn traceparent_of(span: &tracing::Span) -> String {
+    let cx = span.context();
+    let mut headers = http::HeaderMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut headers));
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Makes `span` a child of the remote context (when valid) and records its W3C ids as
 /// the span fields `trace_id` and `span_id`, which JSON logs then carry.
 pub fn adopt(span: &tracing::Span, remote: Context) {

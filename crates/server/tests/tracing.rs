@@ -7,7 +7,15 @@ mod support;
 
 use std::{sync::Arc, time::Duration};
 
+use lattice_agent::{
+    client::{ClientConfig, SendOptions},
+    orchestrator::{Orchestrator, OrchestratorConfig},
+    store::{Store, StoreUrl},
+    tools::ToolGateway,
+    worker::{self, Requester, WorkerConfig},
+};
 use lattice_observability::telemetry::{self, TelemetryConfig};
+use lattice_proto::agent::{agent_coordination_server::AgentCoordinationServer, agent_message, TaskOffer};
 use lattice_proto::inference as pb;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -130,6 +138,75 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
             find("inference", &edge_id).is_some()
         })
         .await;
+    }
+
+    // The agent hop: a requester (this test, span `agent_parent`) offers a task; the
+    // orchestrator's `agent.task` span continues its trace, the worker's `agent.run`
+    // hangs under it, the tool gateway's `tool.call` under that, and the model's
+    // `inference` span under the tool call.
+    let agent_parent = "2b3c4d5e6f708192";
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
+        .await
+        .unwrap();
+    let metrics = server.repo().metrics().clone();
+    let tools = ToolGateway::new(store.clone(), Some(server.repo().clone()), metrics.clone()).unwrap();
+    let orch = Orchestrator::new(OrchestratorConfig::default(), store, tools, metrics)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let orch_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentCoordinationServer::new(orch))
+            .serve_with_incoming(tokio_stream_shim::incoming(listener)),
+    );
+    let client = |caps: &[&str]| ClientConfig {
+        endpoints: vec![orch_url.clone()],
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+        ..ClientConfig::default()
+    };
+    tokio::spawn(worker::run(
+        WorkerConfig {
+            client: client(&["models"]),
+        },
+        std::future::pending(),
+    ));
+    let mut requester = Requester::connect(client(&[]));
+    requester.client.established().await.unwrap();
+    let payload = json!({"tool": "infer", "arguments": {"model": "magika", "inputs": {
+        "bytes": {"datatype": "INT32", "shape": [1, 2048], "data": vec![1; 2048]}}}});
+    requester
+        .client
+        .send(
+            agent_message::Body::Offer(TaskOffer {
+                task_id: "traced".into(),
+                capability: "models".into(),
+                payload: payload.to_string().into_bytes(),
+                max_attempts: 0,
+            }),
+            SendOptions {
+                traceparent: format!("00-{trace_id}-{agent_parent}-01"),
+                correlation_id: "traced".into(),
+                ..SendOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let result = requester.next_result().await.unwrap();
+    assert_eq!(result.status.as_ref().map(|s| s.code), Some(0), "{result:?}");
+    let out: serde_json::Value = serde_json::from_slice(&result.output).unwrap();
+    assert_eq!(out["outputs"]["target_label"]["shape"], json!([1, 214]), "{out}");
+    let mut parent = agent_parent.to_string();
+    for name in ["agent.task", "agent.run", "tool.call", "inference"] {
+        assert_eventually(Duration::from_secs(20), || {
+            guard.flush();
+            find(name, &parent).is_some()
+        })
+        .await;
+        let span = find(name, &parent).unwrap();
+        assert_eq!(span.name, name);
+        parent = hex(&span.span_id);
     }
     server.stop().await;
 }
