@@ -79,6 +79,7 @@ fn help_documents_every_flag_with_its_env_var() {
 struct Server {
     child: Child,
     http: String,
+    grpc: String,
 }
 
 /// Starts `lattice serve` on free loopback ports with `extra` flags; stderr as given.
@@ -109,7 +110,12 @@ fn spawn_server(extra: &[&str], stderr: Stdio) -> Server {
         .find_map(|w| w.strip_prefix("http="))
         .unwrap_or_else(|| panic!("bound addresses on the first line, got {line:?}"))
         .to_string();
-    Server { child, http }
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_default()
+        .to_string();
+    Server { child, http, grpc }
 }
 
 fn sigterm(child: &Child) {
@@ -164,7 +170,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_trace_id_of_the_request() {
-    let Server { mut child, http } = spawn_server(
+    let Server { mut child, http, .. } = spawn_server(
         &["--log-format", "json", "--log", "info,lattice_server=debug"],
         Stdio::piped(),
     );
@@ -206,4 +212,80 @@ async fn json_logs_carry_the_trace_id_of_the_request() {
     assert_eq!(v["span"]["span_id"].as_str().map(str::len), Some(16), "{found}");
     sigterm(&child);
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn chat_pipes_stdin_half_closes_and_prints_every_reply() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut server = spawn_server(&["--model-repository", empty.path().to_str().unwrap()], Stdio::null());
+    let mut chat = lattice()
+        .args([
+            "chat",
+            "--server",
+            &format!("http://{}", server.grpc),
+            "--room",
+            "r1",
+            "--name",
+            "bob",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = chat.stdin.take().unwrap();
+        stdin.write_all(b"hello\nhow are you?\n").unwrap();
+        // Dropping stdin is EOF: the client half-closes and the server ends the
+        // stream after echoing both messages.
+    }
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec!["[r1#1] bob: hello", "[r1#2] bob: how are you?"]
+    );
+    sigterm(&server.child);
+    assert!(server.child.wait().unwrap().success());
+}
+
+#[test]
+fn simulate_writes_a_summary_csv_and_plots() {
+    let out = tempfile::tempdir().unwrap();
+    let res = lattice()
+        .args([
+            "simulate",
+            "--trace",
+            "crates/sim/traces/spike.csv",
+            "--policy",
+            "hpa,lattice",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        stdout.contains("replica-seconds") && stdout.contains("SLO violations"),
+        "{stdout}"
+    );
+    for f in [
+        "hpa.csv",
+        "hpa.svg",
+        "lattice.csv",
+        "lattice.svg",
+        "comparison.svg",
+        "summary.csv",
+    ] {
+        let len = std::fs::metadata(out.path().join(f)).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 100, "{f} written");
+    }
+    let bad = lattice()
+        .args(["simulate", "--trace", "crates/sim/traces/spike.csv", "--policy", "vpa"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
 }

@@ -131,6 +131,9 @@ fn every_document_deserialises_and_agrees_with_the_binary() {
         .parse()
         .unwrap();
     let drain: i64 = env(c, "LATTICE_DRAIN_TIMEOUT_SECS").unwrap().parse().unwrap();
+    // Several replicas: the agent store must be the shared one, not a pod-local file.
+    let store: lattice_agent::store::StoreUrl = env(c, "LATTICE_MEMORY_STORE").unwrap().parse().unwrap();
+    assert!(matches!(store, lattice_agent::store::StoreUrl::Redis(_)), "{store:?}");
     assert!(
         grace > pre_stop + drain,
         "grace {grace} > preStop {pre_stop} + drain {drain}"
