@@ -4,6 +4,7 @@
 //!
 //! Architecture Invariant: every metric name is declared once, in [`metrics`].
 
+pub mod gpu;
 pub mod metrics;
 pub mod process;
 pub mod quality;

@@ -573,6 +573,11 @@ impl Metrics {
             sources: sources.clone(),
         }));
         r.register_collector(Box::new(crate::process::ProcessCollector::new()));
+        match crate::gpu::GpuCollector::probe() {
+            Ok(gpu) => r.register_collector(Box::new(gpu)),
+            // The usual case on CPU-only machines: say so once, export nothing.
+            Err(why) => tracing::debug!(reason = %why, "no GPU metrics"),
+        }
         Metrics {
             registry: r,
             enabled: true,
@@ -780,6 +785,15 @@ struct DriftLabels {
     model_name: String,
     model_version: String,
     feature: String,
+}
+
+pub(crate) fn gauge_family_f64<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: Vec<(L, f64)>,
+) -> Result<(), std::fmt::Error> {
+    gauge_family(enc, name, help, rows)
 }
 
 fn gauge_family<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
