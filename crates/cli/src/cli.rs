@@ -311,6 +311,15 @@ pub struct ServeArgs {
     /// Request spans and metrics recording. "off" exists to measure their overhead.
     #[arg(long, env = "LATTICE_TELEMETRY", value_enum, default_value_t = Switch::On)]
     pub telemetry: Switch,
+    /// Inference requests per second each tenant (`x-tenant` header or gRPC
+    /// metadata) may make; beyond its burst a request gets 429 / RESOURCE_EXHAUSTED
+    /// with Retry-After. 0 turns limiting off.
+    #[arg(long, env = "LATTICE_RATE_LIMIT_RPS", default_value_t = 0)]
+    pub rate_limit_rps: u32,
+    /// Requests a tenant may send at once above its rate (the bucket size);
+    /// 0 means the same as the rate.
+    #[arg(long, env = "LATTICE_RATE_LIMIT_BURST", default_value_t = 0)]
+    pub rate_limit_burst: u32,
     #[command(flatten)]
     pub agents: AgentPlaneArgs,
 }
@@ -485,6 +494,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
             max_body_bytes: args.max_body_bytes,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             telemetry: args.telemetry == Switch::On,
+            rate_limit: (args.rate_limit_rps, args.rate_limit_burst),
         },
     );
     if let Some(agents) = agents {

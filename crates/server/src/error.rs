@@ -25,6 +25,11 @@ pub enum ApiError {
     },
     /// The server is not ready (starting or draining).
     NotReady,
+    /// The tenant's token bucket is empty.
+    RateLimited {
+        tenant: String,
+        retry_after: Duration,
+    },
 }
 
 /// Closed set of error kinds, each with one HTTP status and one gRPC code.
@@ -99,6 +104,7 @@ impl ApiError {
             ApiError::Malformed(_) => ErrorKind::Malformed,
             ApiError::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             ApiError::NotReady => ErrorKind::Unavailable,
+            ApiError::RateLimited { .. } => ErrorKind::Overloaded,
         }
     }
 
@@ -108,12 +114,18 @@ impl ApiError {
             ApiError::Malformed(m) => m.clone(),
             ApiError::PayloadTooLarge { limit } => format!("request body exceeds the limit of {limit} bytes"),
             ApiError::NotReady => "server is not ready".to_string(),
+            ApiError::RateLimited { tenant, retry_after } => format!(
+                "tenant '{tenant}' is over its request rate; retry after {} ms",
+                retry_after.as_millis()
+            ),
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::Infer(InferError::Overloaded { retry_after, .. }) => Some(*retry_after),
+            ApiError::Infer(InferError::Overloaded { retry_after, .. }) | ApiError::RateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }

@@ -371,6 +371,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.state.admit(tenant(r.metadata()))?;
         let deadline = grpc_timeout(r.metadata());
         let resp = self.infer_one(r.into_inner(), deadline).await?;
         Ok(Response::new(resp))
@@ -384,12 +385,14 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
+        let tenant_name = tenant(r.metadata()).map(str::to_string);
         let incoming = r.into_inner();
         let out = incoming
             // A stream ends cleanly when the server starts draining.
             .take_until(shutdown.cancelled_owned())
             .map(move |msg| {
                 let svc = InferenceService { state: state.clone() };
+                let tenant_name = tenant_name.clone();
                 async move {
                     let req = match msg {
                         Ok(req) => req,
@@ -398,7 +401,12 @@ impl GrpcInferenceService for InferenceService {
                     let id = req.id.clone();
                     let model = req.model_name.clone();
                     let version = req.model_version.clone();
-                    Ok(match svc.infer_one(req, None).await {
+                    let admitted = svc.state.admit(tenant_name.as_deref());
+                    let answer = match admitted {
+                        Ok(()) => svc.infer_one(req, None).await,
+                        Err(e) => Err(e),
+                    };
+                    Ok(match answer {
                         Ok(resp) => pb::ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(resp),
@@ -544,4 +552,8 @@ mod tests {
         let parts = request_parts(req, None).ok().unwrap();
         assert_eq!(parts.timeout, Some(Duration::from_secs(5)));
     }
+}
+
+fn tenant(md: &tonic::metadata::MetadataMap) -> Option<&str> {
+    md.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok())
 }

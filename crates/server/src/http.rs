@@ -158,6 +158,7 @@ async fn infer_for(
     if !s.is_ready() {
         return Err(ApiError::NotReady);
     }
+    s.admit(headers.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok()))?;
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge {

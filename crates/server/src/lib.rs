@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http;
 pub mod jetstream;
 pub mod json;
+pub mod limit;
 pub mod metrics;
 pub mod observe;
 pub mod scaler;
@@ -50,6 +51,8 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Request spans and edge metrics on (the default) or off, for overhead benchmarks.
     pub telemetry: bool,
+    /// Inference requests per second and burst per tenant; rate 0 = no limit.
+    pub rate_limit: (u32, u32),
 }
 
 /// The agent plane served on the gRPC port beside inference.
@@ -69,6 +72,8 @@ pub struct AppState {
     ready: Arc<AtomicBool>,
     /// Cancelled when draining starts; streams end on it.
     pub shutdown: CancellationToken,
+    /// Per-tenant token buckets, when `rate_limit` is set.
+    pub limiter: Option<Arc<limit::Limiter>>,
 }
 
 impl AppState {
@@ -76,6 +81,7 @@ impl AppState {
         AppState {
             repo,
             agents: None,
+            limiter: limit::Limiter::new(cfg.rate_limit.0, cfg.rate_limit.1).map(Arc::new),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
@@ -85,6 +91,18 @@ impl AppState {
     pub fn with_agents(mut self, agents: AgentPlane) -> AppState {
         self.agents = Some(agents);
         self
+    }
+
+    /// Takes a token from the tenant's bucket, if limiting is on.
+    pub fn admit(&self, tenant: Option<&str>) -> Result<(), error::ApiError> {
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        let tenant = tenant.filter(|t| !t.is_empty()).unwrap_or("default");
+        limiter
+            .check(tenant)
+            .map_err(|retry_after| error::ApiError::RateLimited {
+                tenant: tenant.to_string(),
+                retry_after,
+            })
     }
 
     pub fn is_ready(&self) -> bool {

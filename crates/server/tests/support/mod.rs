@@ -97,6 +97,8 @@ impl TestServer {
 pub struct Options {
     pub max_body_bytes: usize,
     pub load_models: bool,
+    /// Per-tenant (rate, burst); rate 0 = no limit.
+    pub rate_limit: (u32, u32),
 }
 
 impl Default for Options {
@@ -104,6 +106,7 @@ impl Default for Options {
         Options {
             max_body_bytes: 16 << 20,
             load_models: true,
+            rate_limit: (0, 0),
         }
     }
 }
@@ -137,6 +140,7 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             max_body_bytes: opts.max_body_bytes,
             drain_timeout: Duration::from_secs(10),
             telemetry: true,
+            rate_limit: opts.rate_limit,
         },
     );
     let (tx, rx) = oneshot::channel::<()>();
