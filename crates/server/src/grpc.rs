@@ -514,6 +514,10 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
+fn tenant(md: &tonic::metadata::MetadataMap) -> Option<&str> {
+    md.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -552,8 +556,4 @@ mod tests {
         let parts = request_parts(req, None).ok().unwrap();
         assert_eq!(parts.timeout, Some(Duration::from_secs(5)));
     }
-}
-
-fn tenant(md: &tonic::metadata::MetadataMap) -> Option<&str> {
-    md.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok())
 }
