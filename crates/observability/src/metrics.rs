@@ -356,6 +356,7 @@ struct Sources {
     pending: Vec<(ModelLabels, u64, GaugeSource)>,
     load: Option<LoadSource>,
     agents: Option<AgentSource>,
+    guard: crate::scaling::ScaleInGuard,
     queue_times: Recent,
     service_times: Recent,
 }
@@ -728,6 +729,12 @@ impl Metrics {
         self.sources.lock().agents = Some(source);
     }
 
+    /// One sample of the replica's saturation for the scale-in guard (the server
+    /// takes one per second while ready).
+    pub fn observe_saturation(&self, saturation: f64) {
+        self.sources.lock().guard.observe(Instant::now(), saturation);
+    }
+
     /// Time one request waited in a queue (seconds).
     pub fn observe_queue_time(&self, secs: f64) {
         self.sources.lock().queue_times.push(secs);
@@ -876,7 +883,14 @@ impl Collector for ScrapeCollector {
             let src = self.sources.lock();
             let pending: Vec<(ModelLabels, i64)> = src.pending.iter().map(|(m, _, f)| (m.clone(), f())).collect();
             let load = src.load.as_ref().and_then(|f| f());
-            let scaling = load.map(|l| (l, src.queue_times.quantile(0.95), src.service_times.mean()));
+            let scaling = load.map(|l| {
+                (
+                    l,
+                    src.queue_times.quantile(0.95),
+                    src.service_times.mean(),
+                    (src.guard.safe(Instant::now()), src.guard.deletion_cost()),
+                )
+            });
             (pending, scaling, src.agents.as_ref().map(|f| f()))
         };
         if let Some(a) = agents {
@@ -900,10 +914,22 @@ impl Collector for ScrapeCollector {
                     .collect(),
             )?;
         }
-        if let Some((load, queue_p95, service)) = scaling {
+        if let Some((load, queue_p95, service, (safe, cost))) = scaling {
             let now = Instant::now();
             let qps: f64 = self.windows.lock().qps.values_mut().map(|r| r.per_second(now)).sum();
             scaling_signals(&mut enc, load, qps, queue_p95, service)?;
+            crate::process::gauge(
+                &mut enc,
+                "lattice_scaling_scale_in_safe",
+                "1 when this replica's load stayed below 30% for 60 s (and no burst in the last 120 s): safe to remove",
+                Some(if safe { 1.0 } else { 0.0 }),
+            )?;
+            crate::process::gauge(
+                &mut enc,
+                "lattice_scaling_pod_deletion_cost",
+                "Mean saturation over the last 60 s x 1000: the pod-deletion-cost a controller should annotate (idle replicas go first)",
+                Some(cost as f64),
+            )?;
         }
         gauge_family(
             &mut enc,

@@ -213,6 +213,24 @@ pub async fn run(
             }
         })
     }));
+    // One saturation sample per second feeds the scale-in guard.
+    let sampler = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = sampler.shutdown.cancelled() => return,
+            }
+            if sampler.is_ready() {
+                let (demand, capacity) = sampler.repo.load_signals(None);
+                sampler
+                    .repo
+                    .metrics()
+                    .observe_saturation(demand as f64 / capacity.max(1) as f64);
+            }
+        }
+    });
     if load_models {
         for e in state.repo.load_all().await {
             tracing::error!(error = %e, "model not loaded at start-up");
