@@ -320,8 +320,33 @@ pub struct ServeArgs {
     /// 0 means the same as the rate.
     #[arg(long, env = "LATTICE_RATE_LIMIT_BURST", default_value_t = 0)]
     pub rate_limit_burst: u32,
+    /// This replica's position in the fleet (0-based), for sharded warm-up. Defaults
+    /// to the StatefulSet ordinal at the end of the hostname, or a hash of it.
+    #[arg(long, env = "LATTICE_REPLICA_INDEX")]
+    pub replica_index: Option<usize>,
+    /// Replicas in the fleet: replica i loads models i, i+N, ... first.
+    #[arg(long, env = "LATTICE_REPLICA_COUNT", default_value_t = 1)]
+    pub replica_count: usize,
+    /// Milliseconds replica i waits (times i) before loading models, so a fleet
+    /// started at once does not read the model store and compile all at once.
+    #[arg(long, env = "LATTICE_WARMUP_STAGGER_MS", default_value_t = 0)]
+    pub warmup_stagger_ms: u64,
     #[command(flatten)]
     pub agents: AgentPlaneArgs,
+}
+
+/// "lattice-3" -> 3 (a StatefulSet pod); otherwise a stable hash of the hostname.
+fn replica_index_from_hostname(count: usize) -> usize {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    if let Some(n) = host.rsplit('-').next().and_then(|s| s.parse::<usize>().ok()) {
+        return n;
+    }
+    // FNV-1a: stable across processes, unlike the std hasher.
+    let h = host.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    usize::try_from(h % count.max(1) as u64).unwrap_or(0)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -495,6 +520,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             telemetry: args.telemetry == Switch::On,
             rate_limit: (args.rate_limit_rps, args.rate_limit_burst),
+            warmup: lattice_server::Warmup {
+                replica_index: args
+                    .replica_index
+                    .unwrap_or_else(|| replica_index_from_hostname(args.replica_count)),
+                replica_count: args.replica_count.max(1),
+                stagger: Duration::from_millis(args.warmup_stagger_ms),
+            },
         },
     );
     if let Some(agents) = agents {

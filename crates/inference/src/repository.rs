@@ -196,8 +196,15 @@ impl ModelRepository {
 
     /// Loads every model in the repository; returns the failures.
     pub async fn load_all(&self) -> Vec<InferError> {
+        self.load_all_sharded(0, 1).await
+    }
+
+    /// Loads every model, replica `index` of `count` starting with its own shard
+    /// (the models at positions `index`, `index + count`, ...): when a fleet starts
+    /// together, each model becomes ready somewhere first instead of everywhere last.
+    pub async fn load_all_sharded(&self, index: usize, count: usize) -> Vec<InferError> {
         let mut errors = Vec::new();
-        for name in self.available() {
+        for name in shard_order(self.available(), index, count) {
             if let Err(e) = self.load(&name).await {
                 errors.push(e);
             }
@@ -347,6 +354,16 @@ impl ModelRepository {
         // `mv` lived until here: a version outlives the requests queued on it.
         Ok(resp)
     }
+}
+
+/// `names` with replica `index`'s shard first, each part in its original order.
+pub fn shard_order(names: Vec<String>, index: usize, count: usize) -> Vec<String> {
+    let count = count.max(1);
+    let (mine, rest): (Vec<_>, Vec<_>) = names
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % count == index % count);
+    mine.into_iter().chain(rest).map(|(_, n)| n).collect()
 }
 
 fn is_safe_name(name: &str) -> bool {
@@ -706,5 +723,17 @@ async fn warm_up(model: &LoadedModel) {
         if let Err(e) = result {
             tracing::warn!(model = %cfg.name, version = v.version, error = %e, "warm-up inference failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_replica_starts_with_its_own_shard() {
+        let names: Vec<String> = ["a", "b", "c", "d", "e"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(super::shard_order(names.clone(), 0, 1), names);
+        assert_eq!(super::shard_order(names.clone(), 1, 2), ["b", "d", "a", "c", "e"]);
+        assert_eq!(super::shard_order(names.clone(), 2, 3), ["c", "a", "b", "d", "e"]);
+        assert_eq!(super::shard_order(names, 7, 3), ["b", "e", "a", "c", "d"]);
     }
 }

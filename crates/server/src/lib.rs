@@ -53,6 +53,16 @@ pub struct ServerConfig {
     pub telemetry: bool,
     /// Inference requests per second and burst per tenant; rate 0 = no limit.
     pub rate_limit: (u32, u32),
+    /// This replica's index and the fleet size, for sharded warm-up, and the delay
+    /// per index before loading starts (staggering a fleet that starts together).
+    pub warmup: Warmup,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Warmup {
+    pub replica_index: usize,
+    pub replica_count: usize,
+    pub stagger: Duration,
 }
 
 /// The agent plane served on the gRPC port beside inference.
@@ -232,7 +242,16 @@ pub async fn run(
         }
     });
     if load_models {
-        for e in state.repo.load_all().await {
+        let w = state.cfg.warmup;
+        let delay = w.stagger * u32::try_from(w.replica_index).unwrap_or(u32::MAX);
+        if !delay.is_zero() {
+            tracing::info!(?delay, replica = w.replica_index, "staggered start");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = token.cancelled() => {}
+            }
+        }
+        for e in state.repo.load_all_sharded(w.replica_index, w.replica_count).await {
             tracing::error!(error = %e, "model not loaded at start-up");
         }
     }

@@ -141,6 +141,7 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             drain_timeout: Duration::from_secs(10),
             telemetry: true,
             rate_limit: opts.rate_limit,
+            warmup: lattice_server::Warmup::default(),
         },
     );
     let (tx, rx) = oneshot::channel::<()>();
