@@ -239,7 +239,15 @@ struct Step {
 }
 
 impl Step {
-    fn put_meta(&mut self, meta: &SessionMeta) {
+    /// Persists the session's metadata with its current high-water marks. The
+    /// in-memory `meta` holds only the static fields; the marks are computed here,
+    /// so no write can carry stale ones.
+    fn put_session(&mut self, s: &Session) {
+        let meta = SessionMeta {
+            in_hwm: s.completed_hwm(),
+            out_seq: s.outbox.next_seq() - 1,
+            ..s.meta.clone()
+        };
         self.ops.push(Op::Put {
             coll: coll::SESSIONS.into(),
             key: meta.session_id.clone(),
@@ -389,6 +397,7 @@ impl Orchestrator {
             return Ok(true);
         }
         let mut session = Session::new(meta, self.inner.cfg.dedupe_window);
+        session.outbox = Outbox::new(session.meta.out_seq + 1);
         for (key, frame) in frames {
             let seq: u64 = key.parse()?;
             session.outbox.restore(
@@ -525,8 +534,7 @@ impl Orchestrator {
                 orchestrator_id,
             }),
         ));
-        let meta = s.meta.clone();
-        step.put_meta(&meta);
+        step.put_session(s);
         step.wake.push(sid.clone());
         // A worker that kept running tasks through an orchestrator restart keeps them.
         if let Some(r) = &resume {
@@ -706,8 +714,7 @@ impl Orchestrator {
                 }
                 Body::Credit(c) => {
                     s.meta.max_in_flight = c.max_in_flight.max(1);
-                    let meta = s.meta.clone();
-                    step.put_meta(&meta);
+                    step.put_session(s);
                     dispatch(&self.inner, &mut st, &mut step);
                 }
                 Body::Goodbye(_) => {
@@ -815,12 +822,8 @@ impl Orchestrator {
             }
             _ => {}
         }
-        if let Some(s) = st.sessions.get_mut(sid) {
-            let meta = SessionMeta {
-                in_hwm: s.completed_hwm(),
-                ..s.meta.clone()
-            };
-            step.put_meta(&meta);
+        if let Some(s) = st.sessions.get(sid) {
+            step.put_session(s);
             step.wake.push(sid.to_string());
         }
         let ticket = commit(&self.inner, &mut st, step);
@@ -845,11 +848,7 @@ impl Orchestrator {
         };
         s.incomplete.remove(&seq);
         push_frame(s, &mut step, wire::envelope(correlation_id), body);
-        let meta = SessionMeta {
-            in_hwm: s.completed_hwm(),
-            ..s.meta.clone()
-        };
-        step.put_meta(&meta);
+        step.put_session(s);
         let ticket = commit(&self.inner, &mut st, step);
         if let Some(s) = st.sessions.get_mut(sid) {
             s.in_ticket = ticket;
@@ -857,7 +856,21 @@ impl Orchestrator {
     }
 }
 
-fn commit(inner: &Inner, st: &mut State, step: Step) -> u64 {
+fn commit(inner: &Inner, st: &mut State, mut step: Step) -> u64 {
+    // A session that got frames persists its numbering with them.
+    let mut pushed_to: Vec<&String> = step.pushed.iter().map(|(sid, _)| sid).collect();
+    pushed_to.sort();
+    pushed_to.dedup();
+    let metas: Vec<Op> = pushed_to
+        .into_iter()
+        .filter_map(|sid| st.sessions.get(sid))
+        .map(|s| {
+            let mut one = Step::default();
+            one.put_session(s);
+            one.ops.pop().expect("put_session pushes one op")
+        })
+        .collect();
+    step.ops.extend(metas);
     let ticket = inner.store.submit(step.ops);
     for (sid, seq) in step.pushed {
         if let Some(p) = st.sessions.get_mut(&sid).and_then(|s| s.outbox.get_mut(seq)) {

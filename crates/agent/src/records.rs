@@ -35,6 +35,10 @@ pub struct SessionMeta {
     pub in_hwm: u64,
     #[prost(int64, tag = "8")]
     pub last_active_us: i64,
+    /// Highest seq given to a frame for the agent: numbering continues from here
+    /// after a restart, even when every frame was acknowledged.
+    #[prost(uint64, tag = "9")]
+    pub out_seq: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]

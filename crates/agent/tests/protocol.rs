@@ -96,6 +96,16 @@ fn spawn_worker(plane: &Plane, caps: &[&str]) -> CancellationToken {
     stop
 }
 
+/// Offers `n` counter tasks `{prefix}{i}`, each incrementing the counter of that name.
+async fn offer_counters(req: &Requester, prefix: &str, n: usize) {
+    for i in 0..n {
+        let id = format!("{prefix}{i}");
+        req.offer_tool(&id, "tools", "counter", serde_json::json!({"name": id}), 2, None)
+            .await
+            .unwrap();
+    }
+}
+
 async fn counter(store: &Store, name: &str) -> i64 {
     store
         .backend()
@@ -114,18 +124,7 @@ async fn tasks_flow_to_workers_and_side_effects_happen_once() {
     let mut req = Requester::connect(client_cfg(&plane, &[]));
     req.client.established().await.unwrap();
     let n = 500;
-    for i in 0..n {
-        req.offer_tool(
-            &format!("t{i}"),
-            "tools",
-            "counter",
-            serde_json::json!({"name": format!("c{i}")}),
-            2,
-            None,
-        )
-        .await
-        .unwrap();
-    }
+    offer_counters(&req, "c", n).await;
     let mut seen = std::collections::HashSet::new();
     for _ in 0..n {
         let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
@@ -477,18 +476,7 @@ async fn drain_moves_agents_to_another_replica_without_loss() {
     ));
     let mut req = Requester::connect(both(&[]));
     let sid = req.client.established().await.unwrap();
-    for i in 0..200 {
-        req.offer_tool(
-            &format!("d{i}"),
-            "tools",
-            "counter",
-            serde_json::json!({"name": format!("d{i}")}),
-            2,
-            None,
-        )
-        .await
-        .unwrap();
-    }
+    offer_counters(&req, "d", 200).await;
     let mut ids = std::collections::HashSet::new();
     while ids.len() < 20 {
         let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())

@@ -242,6 +242,23 @@ fn offer_all(req: &Requester, n: usize) -> JoinHandle<()> {
     })
 }
 
+/// Waits for the next result; it must be a success for a task not seen before.
+async fn next_unique_ok(req: &mut Requester, done: &mut HashSet<String>) {
+    let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "stalled at {} results; link {:?}, unacked {}",
+                done.len(),
+                req.client.state().borrow().clone(),
+                req.client.unacked()
+            )
+        })
+        .unwrap();
+    assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+    assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+}
+
 async fn check_counters(backend: &dyn Backend, n: usize) {
     let counters = backend.scan(COUNTER_COLL).await.unwrap();
     let mut seen = 0;
@@ -307,19 +324,7 @@ async fn ten_thousand_tasks_survive_two_orchestrator_kills() {
             assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
             continue;
         }
-        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "stalled at {} results; link {:?}, unacked {}",
-                    done.len(),
-                    req.client.state().borrow().clone(),
-                    req.client.unacked()
-                )
-            })
-            .unwrap();
-        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
-        assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+        next_unique_ok(&mut req, &mut done).await;
     }
     offering.await.unwrap();
     let elapsed = started.elapsed();
@@ -369,19 +374,7 @@ async fn redis_pair(stop_a_with: &str) {
             killed_at = Some(Instant::now());
             last_result = None;
         }
-        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "stalled at {} results; link {:?}, unacked {}",
-                    done.len(),
-                    req.client.state().borrow().clone(),
-                    req.client.unacked()
-                )
-            })
-            .unwrap();
-        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
-        assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+        next_unique_ok(&mut req, &mut done).await;
         if let Some(k) = killed_at {
             if let Some(prev) = last_result.replace(Instant::now()) {
                 if prev >= k {
@@ -443,19 +436,7 @@ async fn connections_cut_at_random_lose_and_duplicate_nothing() {
     let offering = offer_all(&req, N);
     let mut done = HashSet::new();
     while done.len() < N {
-        let r = tokio::time::timeout(Duration::from_secs(20), req.next_result())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "stalled at {} results; link {:?}, unacked {}",
-                    done.len(),
-                    req.client.state().borrow().clone(),
-                    req.client.unacked()
-                )
-            })
-            .unwrap();
-        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
-        assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
+        next_unique_ok(&mut req, &mut done).await;
     }
     offering.await.unwrap();
     let cuts = req.client.reconnects();
