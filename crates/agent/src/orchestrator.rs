@@ -521,6 +521,7 @@ impl Orchestrator {
                 });
             }
         }
+        self.inner.metrics.agent_resent.inc_by(s.outbox.len() as u64);
         s.control.push_back(wire::response(
             wire::envelope(""),
             agent_response::Body::Welcome(Welcome {
@@ -626,6 +627,11 @@ impl Orchestrator {
                     .map(|s| s.room.clone())
             };
             if let Some(room) = room {
+                self.inner
+                    .metrics
+                    .agent_credit_waits
+                    .get_or_create(&OutcomeLabels { outcome: "paused" })
+                    .inc();
                 tokio::select! {
                     () = room.notified() => continue,
                     () = tokio::time::sleep(Duration::from_millis(200)) => continue,
@@ -734,7 +740,13 @@ impl Orchestrator {
         let s = st.sessions.get_mut(sid).expect("checked above");
         match s.inbox.check(env.seq_no, &env.msg_id, env.sent_at_us) {
             Verdict::New => {}
-            Verdict::Duplicate | Verdict::Stale => {
+            v @ (Verdict::Duplicate | Verdict::Stale) => {
+                let outcome = if v == Verdict::Stale { "stale" } else { "duplicate" };
+                self.inner
+                    .metrics
+                    .agent_dropped
+                    .get_or_create(&OutcomeLabels { outcome })
+                    .inc();
                 // Re-acknowledge so the agent frees its outbox; nothing runs again.
                 step.wake.push(sid.to_string());
                 self.commit(&mut st, step);
@@ -805,7 +817,19 @@ impl Orchestrator {
                 let sid = sid.to_string();
                 let corr = env.correlation_id.clone();
                 tokio::spawn(async move {
+                    let kind = match op.op {
+                        Some(lattice_proto::agent::memory_op::Op::Get(_)) => "get",
+                        Some(lattice_proto::agent::memory_op::Op::Put(_)) => "put",
+                        Some(lattice_proto::agent::memory_op::Op::Sync(_)) => "sync",
+                        None => "none",
+                    };
                     let result = this.inner.memory.handle(&tenant, op, &idem).await;
+                    let outcome = code_name(wire::code_of(&result.status));
+                    this.inner
+                        .metrics
+                        .memory_ops
+                        .get_or_create(&lattice_observability::metrics::MemoryLabels { op: kind, outcome })
+                        .inc();
                     this.complete(&sid, seq, &corr, agent_response::Body::Memory(result));
                 });
             }
@@ -974,6 +998,13 @@ fn on_offer(
         None
     };
     if let Some(refusal) = refusal {
+        if refusal.code == Code::ResourceExhausted as i32 {
+            inner
+                .metrics
+                .agent_credit_waits
+                .get_or_create(&OutcomeLabels { outcome: "refused" })
+                .inc();
+        }
         rec.state = TaskState::Done as i32;
         st.tasks.insert(
             rec.task_id.clone(),

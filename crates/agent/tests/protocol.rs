@@ -426,6 +426,14 @@ async fn memory_broker_versions_conflicts_and_delta_sync() {
     .await
     .unwrap();
     assert_eq!(next_memory().await.status.unwrap().code, Code::InvalidArgument as i32);
+    let text = plane.metrics.encode();
+    for series in [
+        "lattice_memory_ops_total{op=\"put\",outcome=\"ok\"} 2",
+        "lattice_memory_ops_total{op=\"put\",outcome=\"aborted\"} 1",
+        "lattice_memory_ops_total{op=\"sync\",outcome=\"invalid_argument\"} 1",
+    ] {
+        assert!(text.contains(series), "{series} missing");
+    }
     plane.stop.cancel();
 }
 

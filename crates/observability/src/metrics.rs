@@ -187,6 +187,13 @@ pub struct ToolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemoryLabels {
+    /// get, put or sync.
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolNameLabels {
     pub tool: String,
 }
@@ -404,6 +411,11 @@ pub struct Metrics {
     pub agent_task_duration: Histogram,
     pub agent_resumes: Family<OutcomeLabels, Counter>,
     pub agent_heartbeat_rtt: Histogram,
+    /// Frames dropped by the receiver's dedupe, by reason (duplicate, stale).
+    pub agent_dropped: Family<OutcomeLabels, Counter>,
+    pub agent_resent: Counter,
+    pub agent_credit_waits: Family<OutcomeLabels, Counter>,
+    pub memory_ops: Family<MemoryLabels, Counter>,
     pub tool_calls: Family<ToolLabels, Counter>,
     pub tool_duration: HistogramFamily<ToolNameLabels>,
     windows: Arc<Mutex<ModelWindows>>,
@@ -555,6 +567,30 @@ impl Metrics {
             "Round trip of orchestrator heartbeats echoed by agents",
             agent_heartbeat_rtt.clone(),
         );
+        let agent_dropped = Family::<OutcomeLabels, Counter>::default();
+        r.register(
+            "lattice_agent_frames_dropped",
+            "Agent frames received again and dropped by dedupe (re-acknowledged, not re-processed), by reason",
+            agent_dropped.clone(),
+        );
+        let agent_resent = Counter::default();
+        r.register(
+            "lattice_agent_frames_resent",
+            "Frames resent to agents after they resumed a session",
+            agent_resent.clone(),
+        );
+        let agent_credit_waits = Family::<OutcomeLabels, Counter>::default();
+        r.register(
+            "lattice_agent_credit_waits",
+            "Requesters held back by their window: offers refused, or streams paused",
+            agent_credit_waits.clone(),
+        );
+        let memory_ops = Family::<MemoryLabels, Counter>::default();
+        r.register(
+            "lattice_memory_ops",
+            "Memory broker operations, by op and outcome (aborted = version conflict)",
+            memory_ops.clone(),
+        );
         let tool_calls = Family::<ToolLabels, Counter>::default();
         r.register(
             "lattice_tool_calls",
@@ -602,6 +638,10 @@ impl Metrics {
             agent_task_duration,
             agent_resumes,
             agent_heartbeat_rtt,
+            agent_dropped,
+            agent_resent,
+            agent_credit_waits,
+            memory_ops,
             tool_calls,
             tool_duration,
             windows,
