@@ -333,6 +333,73 @@ pub struct ServeArgs {
     pub warmup_stagger_ms: u64,
     #[command(flatten)]
     pub agents: AgentPlaneArgs,
+    #[command(flatten)]
+    pub pod_cost: PodCostArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PodCostArgs {
+    /// Keep this pod's controller.kubernetes.io/pod-deletion-cost annotation equal to
+    /// the scale-in guard (idle replicas are removed first on scale-in). Needs RBAC
+    /// `patch` on pods (deploy/k8s/base/rbac.yaml).
+    #[arg(long, env = "LATTICE_POD_DELETION_COST", value_enum, default_value_t = Switch::Off)]
+    pub pod_deletion_cost: Switch,
+    /// Kubernetes API, reached through a `kubectl proxy` sidecar that holds the
+    /// service-account credentials and the cluster CA (deploy/k8s/base/deployment.yaml).
+    #[arg(long, env = "LATTICE_KUBE_API", default_value = "http://127.0.0.1:8011")]
+    pub kube_api: String,
+    /// This pod's name (the Downward API's metadata.name).
+    #[arg(long, env = "LATTICE_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// This pod's namespace (the Downward API's metadata.namespace).
+    #[arg(long, env = "LATTICE_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// Bearer token file sent with each patch, for an API endpoint that wants one
+    /// (the proxy sidecar does not).
+    #[arg(long, env = "LATTICE_KUBE_TOKEN_FILE")]
+    pub kube_token_file: Option<PathBuf>,
+    /// Seconds between checks of the cost (a patch is sent only when it changed).
+    #[arg(long, env = "LATTICE_POD_DELETION_COST_INTERVAL_SECS", default_value_t = 15)]
+    pub pod_deletion_cost_interval_secs: u64,
+}
+
+impl PodCostArgs {
+    pub fn build(&self) -> Result<Option<(lattice_server::podcost::PodCostConfig, reqwest::Client)>, Failure> {
+        if self.pod_deletion_cost == Switch::Off {
+            return Ok(None);
+        }
+        let (Some(pod), Some(namespace)) = (self.pod_name.clone(), self.pod_namespace.clone()) else {
+            return Err(Failure::Usage(
+                "--pod-deletion-cost on needs --pod-name and --pod-namespace (the Downward API)".into(),
+            ));
+        };
+        if !self.kube_api.starts_with("http://") {
+            return Err(Failure::Usage(
+                "--kube-api must be http:// (a kubectl proxy sidecar terminates TLS to the API server)".into(),
+            ));
+        }
+        let token = match &self.kube_token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| Failure::Usage(format!("--kube-token-file {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+            None => String::new(),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Failure::Usage(format!("kubernetes client: {e}")))?;
+        Ok(Some((
+            lattice_server::podcost::PodCostConfig {
+                api: self.kube_api.clone(),
+                namespace,
+                pod,
+                token,
+                interval: Duration::from_secs(self.pod_deletion_cost_interval_secs.max(1)),
+            },
+            http,
+        )))
+    }
 }
 
 /// "lattice-3" -> 3 (a StatefulSet pod); otherwise a stable hash of the hostname.
@@ -531,6 +598,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     );
     if let Some(agents) = agents {
         state = state.with_agents(agents);
+    }
+    if let Some((cfg, http)) = args.pod_cost.build()? {
+        tokio::spawn(lattice_server::podcost::run(
+            cfg,
+            state.repo.metrics().clone(),
+            http,
+            state.shutdown.clone(),
+        ));
     }
     lattice_server::run(state, listeners, true, lattice_server::shutdown_signal()).await?;
     tracing::info!("stopped");

@@ -289,3 +289,107 @@ fn simulate_writes_a_summary_csv_and_plots() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(64));
 }
+
+/// A stand-in for the Kubernetes API server (no cluster here): records each request
+/// as (request line, authorization, content-type, body) and answers 200.
+async fn fake_kube_api() -> (String, tokio::sync::mpsc::Receiver<(String, String, String, String)>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut r = tokio::io::BufReader::new(sock);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let (mut auth, mut ctype, mut len) = (String::new(), String::new(), 0usize);
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).await.unwrap();
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap();
+                        match k.to_ascii_lowercase().as_str() {
+                            "authorization" => auth = v.trim().to_string(),
+                            "content-type" => ctype = v.trim().to_string(),
+                            "content-length" => len = v.trim().parse().unwrap(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).await.unwrap();
+                    let _ = tx
+                        .send((
+                            line.trim_end().to_string(),
+                            auth,
+                            ctype,
+                            String::from_utf8(body).unwrap(),
+                        ))
+                        .await;
+                    r.get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_deletion_cost_annotation_follows_the_scale_in_guard() {
+    let (api, mut requests) = fake_kube_api().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "sa-token\n").unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let mut server = spawn_server(
+        &[
+            "--model-repository",
+            empty.path().to_str().unwrap(),
+            "--pod-deletion-cost",
+            "on",
+            "--kube-api",
+            &api,
+            "--pod-name",
+            "lattice-0",
+            "--pod-namespace",
+            "prod",
+            "--kube-token-file",
+            token.to_str().unwrap(),
+            "--pod-deletion-cost-interval-secs",
+            "1",
+        ],
+        Stdio::null(),
+    );
+    let (line, auth, ctype, body) = tokio::time::timeout(Duration::from_secs(10), requests.recv())
+        .await
+        .expect("a patch within 10 s")
+        .unwrap();
+    assert_eq!(line, "PATCH /api/v1/namespaces/prod/pods/lattice-0 HTTP/1.1");
+    assert_eq!(auth, "Bearer sa-token");
+    assert_eq!(ctype, "application/merge-patch+json");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cost: i64 = v["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Up for a second: the guard has not seen 60 quiet seconds, so the pod is
+    // protected by the premium.
+    assert!(cost >= 100_000, "cost {cost}");
+    // Unchanged cost: no second patch.
+    assert!(tokio::time::timeout(Duration::from_millis(2500), requests.recv())
+        .await
+        .is_err());
+    sigterm(&server.child);
+    assert!(server.child.wait().unwrap().success());
+}

@@ -131,6 +131,24 @@ fn every_document_deserialises_and_agrees_with_the_binary() {
         .parse()
         .unwrap();
     let drain: i64 = env(c, "LATTICE_DRAIN_TIMEOUT_SECS").unwrap().parse().unwrap();
+    // The pod-deletion-cost patcher goes through the sidecar, with RBAC to patch pods.
+    assert_eq!(env(c, "LATTICE_POD_DELETION_COST").as_deref(), Some("on"));
+    let proxy_port = env(c, "LATTICE_KUBE_API").unwrap();
+    let sidecar = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "kubectl-proxy")
+        .expect("kubectl-proxy sidecar");
+    assert!(sidecar
+        .args
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|a| proxy_port.ends_with(a.trim_start_matches("--port="))));
+    let role: k8s_openapi::api::rbac::v1::Role = typed(&docs, "Role", "lattice-pod-deletion-cost");
+    let rule = &role.rules.as_ref().unwrap()[0];
+    assert!(rule.resources.as_ref().unwrap().contains(&"pods".to_string()));
+    assert!(rule.verbs.contains(&"patch".to_string()));
     // Several replicas: the agent store must be the shared one, not a pod-local file.
     let store: lattice_agent::store::StoreUrl = env(c, "LATTICE_MEMORY_STORE").unwrap().parse().unwrap();
     assert!(matches!(store, lattice_agent::store::StoreUrl::Redis(_)), "{store:?}");

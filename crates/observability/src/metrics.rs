@@ -775,6 +775,14 @@ impl Metrics {
         self.sources.lock().guard.observe(Instant::now(), saturation);
     }
 
+    /// The pod-deletion-cost this replica should carry: its recent load, plus a
+    /// large premium while the scale-in guard says it must not go.
+    pub fn pod_deletion_cost(&self) -> i64 {
+        let src = self.sources.lock();
+        let premium = if src.guard.safe(Instant::now()) { 0 } else { 100_000 };
+        src.guard.deletion_cost() + premium
+    }
+
     /// Time one request waited in a queue (seconds).
     pub fn observe_queue_time(&self, secs: f64) {
         self.sources.lock().queue_times.push(secs);

@@ -12,6 +12,7 @@ pub mod json;
 pub mod limit;
 pub mod metrics;
 pub mod observe;
+pub mod podcost;
 pub mod scaler;
 
 use std::{
