@@ -499,7 +499,7 @@ async fn receive(
                     return Ok(Ended::Shutdown);
                 }
             }
-            Verdict::Duplicate | Verdict::Stale => {
+            Verdict::Duplicate => {
                 *inner.delivered.lock() = inner.inbox.lock().hwm();
                 inner.wake.notify_one();
             }

@@ -171,7 +171,6 @@ struct Session {
     breaker: Breaker,
     /// Requester: tasks offered whose result is not yet acknowledged.
     outstanding: usize,
-    room: Arc<Notify>,
     rtt_us: u64,
     last_echo_us: i64,
 }
@@ -198,7 +197,6 @@ impl Session {
             in_flight: HashSet::new(),
             breaker: Breaker::default(),
             outstanding: 0,
-            room: Arc::new(Notify::new()),
             rtt_us: 0,
             last_echo_us: 0,
         }
@@ -314,6 +312,9 @@ impl Orchestrator {
         // Stop first: no frame is processed and no answer recorded after this, so
         // the replica the agents move to sees every write this one made...
         self.inner.draining.cancel();
+        // A handler that passed its draining check before the cancel holds the state
+        // lock until its writes are submitted; taking the lock waits for it.
+        drop(self.inner.state.lock());
         // ...once the writes already submitted are durable.
         let barrier = self.inner.store.submit(Vec::new());
         self.inner.store.durable(barrier).await;
@@ -441,9 +442,12 @@ impl Orchestrator {
         let sid_owned = sid.to_string();
         let mine: Vec<String> = st
             .tasks
-            .values()
+            .values_mut()
             .filter(|t| t.rec.worker == sid_owned && t.rec.state == TaskState::Assigned as i32)
-            .map(|t| t.rec.task_id.clone())
+            .map(|t| {
+                t.orphaned_since = None;
+                t.rec.task_id.clone()
+            })
             .collect();
         session.in_flight.extend(mine);
         st.sessions.insert(sid_owned, session);
@@ -513,14 +517,10 @@ impl Orchestrator {
         s.meta.capabilities = hello.capabilities.clone();
         s.meta.max_in_flight = hello.max_in_flight.max(1);
         s.meta.last_active_us = now_us();
-        if let Some(r) = &resume {
-            for (seq, _) in s.outbox.ack(r.last_received_seq) {
-                step.ops.push(Op::Del {
-                    coll: coll::outbox(&sid),
-                    key: seq_key(seq),
-                });
-            }
-        }
+        let resumed_acks = resume
+            .as_ref()
+            .map(|r| s.outbox.ack(r.last_received_seq))
+            .unwrap_or_default();
         self.inner.metrics.agent_resent.inc_by(s.outbox.len() as u64);
         s.control.push_back(wire::response(
             wire::envelope(""),
@@ -542,8 +542,11 @@ impl Orchestrator {
             for id in &r.running_task_ids {
                 if let Some(t) = st.tasks.get_mut(id) {
                     if t.rec.state == TaskState::Assigned as i32 {
-                        t.rec.worker = sid.clone();
+                        let previous = std::mem::replace(&mut t.rec.worker, sid.clone());
                         t.orphaned_since = None;
+                        if let Some(p) = st.sessions.get_mut(&previous) {
+                            p.in_flight.remove(id);
+                        }
                         st.sessions.get_mut(&sid).expect("present").in_flight.insert(id.clone());
                     }
                 }
@@ -560,6 +563,9 @@ impl Orchestrator {
             })
             .collect();
         st.sessions.get_mut(&sid).expect("present").in_flight.extend(mine);
+        // What the agent says it received is acknowledged like any ack: a result
+        // it got just before the cut ends its task's life here too.
+        on_acked(&self.inner, &mut st, &sid, resumed_acks, &mut step);
         dispatch(&self.inner, &mut st, &mut step);
         self.commit(&mut st, step);
         Ok((sid, epoch))
@@ -613,31 +619,6 @@ impl Orchestrator {
         let writer = tokio::spawn(writer_task(self.inner.clone(), sid.clone(), epoch, tx.clone()));
         let miss = self.inner.cfg.heartbeat_interval * 3;
         let end: Option<Status> = loop {
-            // The window is a credit the client library honours (Welcome.max_in_flight).
-            // After a crash the count here can run up to one window ahead of the
-            // client's (acks whose deletes were not yet durable), so offers are refused
-            // only past twice the window; a requester that ignores refusals and does
-            // not read its results is not read either past three windows, so its
-            // session's memory stays bounded; HTTP/2 flow control then holds it.
-            let room = {
-                let st = self.inner.state.lock();
-                st.sessions
-                    .get(&sid)
-                    .filter(|s| s.outstanding >= 3 * self.inner.cfg.requester_window as usize)
-                    .map(|s| s.room.clone())
-            };
-            if let Some(room) = room {
-                self.inner
-                    .metrics
-                    .agent_credit_waits
-                    .get_or_create(&OutcomeLabels { outcome: "paused" })
-                    .inc();
-                tokio::select! {
-                    () = room.notified() => continue,
-                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                    () = self.inner.draining.cancelled() => break None,
-                }
-            }
             let next = tokio::select! {
                 r = tokio::time::timeout(miss, inbound.message()) => r,
                 () = self.inner.draining.cancelled() => break None,
@@ -696,6 +677,9 @@ impl Orchestrator {
             }
         }
         let mut st = self.inner.state.lock();
+        if self.inner.draining.is_cancelled() {
+            return Err(Status::unavailable("orchestrator is draining"));
+        }
         let mut step = Step::default();
         let Some(s) = st.sessions.get_mut(sid) else {
             return Err(Status::unavailable("session evicted"));
@@ -738,18 +722,42 @@ impl Orchestrator {
             return Ok(());
         }
         let s = st.sessions.get_mut(sid).expect("checked above");
+        // The window is a credit the client library honours (Welcome.max_in_flight).
+        // After a crash the count here can run up to one window ahead of the
+        // client's (acks whose deletes were not yet durable), so offers are refused
+        // in-band only past twice the window; a requester that ignores refusals and
+        // does not read its results has its stream ended past three windows (it
+        // resends after resuming), so its session's memory stays bounded.
+        if matches!(body, Body::Offer(_)) && s.outstanding >= 3 * self.inner.cfg.requester_window as usize {
+            self.inner
+                .metrics
+                .agent_credit_waits
+                .get_or_create(&OutcomeLabels {
+                    outcome: "stream_ended",
+                })
+                .inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} tasks outstanding, three times the window: read your results",
+                s.outstanding
+            )));
+        }
         match s.inbox.check(env.seq_no, &env.msg_id, env.sent_at_us) {
             Verdict::New => {}
-            v @ (Verdict::Duplicate | Verdict::Stale) => {
-                let outcome = if v == Verdict::Stale { "stale" } else { "duplicate" };
+            Verdict::Duplicate => {
                 self.inner
                     .metrics
                     .agent_dropped
-                    .get_or_create(&OutcomeLabels { outcome })
+                    .get_or_create(&OutcomeLabels { outcome: "duplicate" })
                     .inc();
                 // Re-acknowledge so the agent frees its outbox; nothing runs again.
+                // The high-water mark may have moved (a msg_id seen under another
+                // seq): persist it before the ack goes out.
+                step.put_session(s);
                 step.wake.push(sid.to_string());
-                self.commit(&mut st, step);
+                let ticket = commit(&self.inner, &mut st, step);
+                if let Some(s) = st.sessions.get_mut(sid) {
+                    s.in_ticket = ticket;
+                }
                 return Ok(());
             }
             Verdict::Skewed => {
@@ -783,7 +791,13 @@ impl Orchestrator {
                 s.incomplete.insert(seq);
                 let ctx = CallContext {
                     tenant: s.meta.tenant.clone(),
-                    idempotency_key: env.idempotency_key.clone(),
+                    // Without a key the frame's msg_id is one: a resend after a crash
+                    // is answered from the cache instead of running again.
+                    idempotency_key: if env.idempotency_key.is_empty() {
+                        env.msg_id.clone()
+                    } else {
+                        env.idempotency_key.clone()
+                    },
                     task_id: env.correlation_id.clone(),
                     deadline_us: env.deadline_us,
                 };
@@ -835,7 +849,11 @@ impl Orchestrator {
             }
             Body::Progress(mut p) => {
                 let requester = st.tasks.get(&p.task_id).map(|t| t.rec.requester.clone());
-                if let Some(r) = requester.and_then(|r| st.sessions.get_mut(&r)) {
+                // Advisory: dropped for a detached requester or a full control queue.
+                if let Some(r) = requester
+                    .and_then(|r| st.sessions.get_mut(&r))
+                    .filter(|r| r.attached.is_some() && r.control.len() < 64)
+                {
                     p.route.clear();
                     r.control.push_back(wire::response(
                         wire::envelope(&p.task_id),
@@ -866,6 +884,9 @@ impl Orchestrator {
             return;
         }
         let mut st = self.inner.state.lock();
+        if self.inner.draining.is_cancelled() {
+            return;
+        }
         let mut step = Step::default();
         let Some(s) = st.sessions.get_mut(sid) else {
             return;
@@ -1076,7 +1097,9 @@ fn requeue(inner: &Inner, st: &mut State, task_id: &str, why: String, step: &mut
     let Some(task) = st.tasks.get_mut(task_id) else {
         return;
     };
-    if task.rec.state == TaskState::Done as i32 {
+    // Only an assigned task goes back: a queued or finished one is where it belongs
+    // (a late failure from a worker presumed dead must not queue it twice).
+    if task.rec.state != TaskState::Assigned as i32 {
         return;
     }
     if let Some(w) = st.sessions.get_mut(&task.rec.worker) {
@@ -1259,7 +1282,6 @@ fn on_acked(_inner: &Inner, st: &mut State, sid: &str, acked: Vec<(u64, Pending)
             }
             if let Some(s) = st.sessions.get_mut(sid) {
                 s.outstanding = s.outstanding.saturating_sub(1);
-                s.room.notify_one();
             }
         }
     }
@@ -1456,21 +1478,29 @@ async fn sweep_task(inner: std::sync::Weak<Inner>) {
         }
         let now = Instant::now();
         let mut st = inner.state.lock();
+        if inner.draining.is_cancelled() {
+            return;
+        }
         let mut step = Step::default();
-        let reassign: Vec<String> = st
+        let gone: Vec<(String, String)> = st
             .sessions
             .values()
             .filter(|s| s.detached_since.is_some_and(|t| now - t >= inner.cfg.reassign_after))
-            .flat_map(|s| s.in_flight.iter().cloned())
+            .flat_map(|s| s.in_flight.iter().map(|id| (s.meta.session_id.clone(), id.clone())))
             .chain(
                 st.tasks
                     .values()
                     .filter(|t| t.orphaned_since.is_some_and(|o| now - o >= inner.cfg.reassign_after))
-                    .map(|t| t.rec.task_id.clone()),
+                    .map(|t| (t.rec.worker.clone(), t.rec.task_id.clone())),
             )
             .collect();
-        for id in reassign {
-            requeue(&inner, &mut st, &id, "its worker disconnected".into(), &mut step);
+        for (worker, id) in gone {
+            // Only if the task is still that worker's; another may have taken it.
+            if st.tasks.get(&id).is_some_and(|t| t.rec.worker == worker) {
+                requeue(&inner, &mut st, &id, "its worker disconnected".into(), &mut step);
+            } else if let Some(w) = st.sessions.get_mut(&worker) {
+                w.in_flight.remove(&id);
+            }
         }
         let expired: Vec<String> = st
             .tasks

@@ -5,7 +5,7 @@
 //! numbers arrive in order; across a reconnect the sender resends from the peer's
 //! last processed seq + 1. A frame at or below the high-water mark is therefore a
 //! duplicate. The msg_id window catches a frame resent under a new seq (after a
-//! GAP renumbering); the sent_at check refuses replays older than the window and
+//! GAP renumbering), remembered for the dedupe window; the sent_at check refuses
 //! clocks too far ahead.
 
 use std::{
@@ -22,9 +22,6 @@ pub enum Verdict {
     New,
     /// Already processed: acknowledge again, do not process.
     Duplicate,
-    /// Older than the dedupe window: it may have been processed and forgotten, so
-    /// it is dropped (and acknowledged) rather than risk a second run.
-    Stale,
     /// Sent more than the allowed skew in the future: a broken clock or a forged frame.
     Skewed,
     /// A seq beyond high-water + 1: frames were lost in between. Cannot happen on an
@@ -67,12 +64,9 @@ impl Inbox {
         if sent_at_us > now + self.skew_us {
             return Verdict::Skewed;
         }
-        if sent_at_us != 0 && sent_at_us < now - self.window_us {
-            // Too old to be sure it was not processed; the seq still advances so the
-            // sender can free its outbox.
-            self.hwm = seq;
-            return Verdict::Stale;
-        }
+        // A frame at hwm + 1 is new by construction, however old its sent_at (an
+        // orchestrator that was down for a while gets old frames resent); the
+        // msg_id window only catches a frame resent under a new seq after a GAP.
         if !msg_id.is_empty() && self.ids.contains(msg_id) {
             self.hwm = seq;
             return Verdict::Duplicate;
@@ -198,7 +192,8 @@ mod tests {
         assert_eq!(inbox.hwm(), 3);
         assert_eq!(inbox.check(5, "c", now), Verdict::Gap { expected: 4 });
         assert_eq!(inbox.check(4, "d", now + 60_000_000), Verdict::Skewed);
-        assert_eq!(inbox.check(4, "d", now - 120_000_000), Verdict::Stale);
+        // Old but next in line: processed (resent after a long outage).
+        assert_eq!(inbox.check(4, "d", now - 3_600_000_000), Verdict::New);
         assert_eq!(inbox.check(5, "e", now), Verdict::New);
     }
 

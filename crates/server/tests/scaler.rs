@@ -103,7 +103,9 @@ async fn external_scaler_follows_a_real_load() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Twelve closed-loop clients on one instance: most of them are always waiting.
-    assert!((6.0..=12.0).contains(&peak), "demand under a 12-client load: {peak}");
+    // A client's next request can be queued an instant before its previous one
+    // leaves the in-flight count, so a sample may see one or two more.
+    assert!((6.0..=14.0).contains(&peak), "demand under a 12-client load: {peak}");
     assert!(scaler.is_active(trigger.clone()).await.unwrap().into_inner().result);
     assert!(
         !scaler
