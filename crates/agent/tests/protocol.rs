@@ -71,11 +71,16 @@ async fn start_with(store: Store, cfg: OrchestratorConfig, dir: Option<tempfile:
 }
 
 async fn start() -> Plane {
+    start_cfg(fast_config()).await
+}
+
+/// An orchestrator with its own embedded store and `cfg`.
+async fn start_cfg(cfg: OrchestratorConfig) -> Plane {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&StoreUrl::Redb(dir.path().join("agents.redb")), "t")
         .await
         .unwrap();
-    start_with(store, fast_config(), Some(dir)).await
+    start_with(store, cfg, Some(dir)).await
 }
 
 fn client_cfg(plane: &Plane, caps: &[&str]) -> ClientConfig {
@@ -673,15 +678,11 @@ async fn tool_cache_is_per_tenant_and_fetch_is_loopback_only() {
 
 #[tokio::test]
 async fn bearer_token_is_required_when_configured() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
-        .await
-        .unwrap();
-    let cfg = OrchestratorConfig {
+    let plane = start_cfg(OrchestratorConfig {
         auth_token: Some("s3cret".into()),
         ..fast_config()
-    };
-    let plane = start_with(store, cfg, Some(dir)).await;
+    })
+    .await;
     let mut raw = AgentCoordinationClient::connect(plane.url()).await.unwrap();
     let hello = AgentMessage {
         body: Some(agent_message::Body::Hello(Hello {
@@ -704,15 +705,11 @@ async fn bearer_token_is_required_when_configured() {
 
 #[tokio::test]
 async fn idle_sessions_are_evicted_and_a_late_resume_gets_a_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
-        .await
-        .unwrap();
-    let cfg = OrchestratorConfig {
+    let plane = start_cfg(OrchestratorConfig {
         session_idle_timeout: Duration::from_millis(500),
         ..fast_config()
-    };
-    let plane = start_with(store, cfg, Some(dir)).await;
+    })
+    .await;
     let hello = |resume: Option<&str>| AgentMessage {
         body: Some(agent_message::Body::Hello(Hello {
             protocol_version: 1,
@@ -764,15 +761,11 @@ async fn idle_sessions_are_evicted_and_a_late_resume_gets_a_gap() {
 
 #[tokio::test]
 async fn a_requester_that_stops_reading_holds_bounded_memory_and_blocks_no_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
-        .await
-        .unwrap();
-    let cfg = OrchestratorConfig {
+    let plane = start_cfg(OrchestratorConfig {
         requester_window: 64,
         ..fast_config()
-    };
-    let plane = start_with(store, cfg, Some(dir)).await;
+    })
+    .await;
     let _w = spawn_worker(&plane, &["tools"]);
     // The slow one: its events are never read, and its channel holds 4.
     let mut slow_cfg = client_cfg(&plane, &[]);
