@@ -89,6 +89,12 @@ pub enum LinkState {
 pub enum Event {
     Frame(Box<AgentResponse>),
     Drain(Drain),
+    /// The session was gone when the agent came back (GAP, e.g. it was idle past
+    /// the orchestrator's session timeout): this offer had been accepted by the old
+    /// session and its result will never come. Offers not yet accepted are resent.
+    Lost {
+        task_id: String,
+    },
 }
 
 /// Per-frame options of [`AgentClient::send`].
@@ -121,6 +127,8 @@ struct Inner {
     offer_room: Semaphore,
     /// Whether `offer_room` was sized from a Welcome yet.
     window_known: std::sync::atomic::AtomicBool,
+    /// Task ids offered whose result has not arrived, for GAP accounting.
+    offered: Mutex<std::collections::HashSet<String>>,
     wake: Notify,
     inbox: Mutex<Inbox>,
     session: Mutex<Option<(String, u64)>>,
@@ -145,6 +153,7 @@ impl AgentClient {
             room: Semaphore::new(cfg.outbox_capacity.max(1)),
             offer_room: Semaphore::new(0),
             window_known: std::sync::atomic::AtomicBool::new(false),
+            offered: Mutex::new(std::collections::HashSet::new()),
             cfg,
             outbox: Mutex::new(Outbox::new(1)),
             wake: Notify::new(),
@@ -201,7 +210,8 @@ impl AgentClient {
 
     /// Queues a reliable frame; waits while the outbox is full. Returns its seq.
     pub async fn send(&self, body: agent_message::Body, opts: SendOptions) -> Result<u64, ClientError> {
-        if matches!(body, agent_message::Body::Offer(_)) {
+        if let agent_message::Body::Offer(o) = &body {
+            self.inner.offered.lock().insert(o.task_id.clone());
             let credit = tokio::select! {
                 p = self.inner.offer_room.acquire() => p.map_err(|_| ClientError::Closed)?,
                 () = self.inner.shutdown.cancelled() => return Err(ClientError::Closed),
@@ -393,6 +403,7 @@ async fn run_once(
         other => return Err((false, format!("expected welcome, got {other:?}"))),
     };
     let resumed = welcome.result == ResumeResult::Resumed as i32;
+    let mut lost = Vec::new();
     {
         let mut outbox = inner.outbox.lock();
         if resumed {
@@ -407,7 +418,31 @@ async fn run_once(
             });
             *inner.inbox.lock() = Inbox::new(0, Duration::from_secs(600), 65_536);
             *inner.delivered.lock() = 0;
+            // Offers the old session accepted (no longer in the outbox) are lost
+            // with it: say so, and give their credit back.
+            let unsent: std::collections::HashSet<&str> = outbox
+                .pending()
+                .filter_map(|(_, f)| match &f.body {
+                    Some(agent_message::Body::Offer(o)) => Some(o.task_id.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let mut offered = inner.offered.lock();
+            lost = offered
+                .iter()
+                .filter(|id| !unsent.contains(id.as_str()))
+                .cloned()
+                .collect();
+            for id in &lost {
+                offered.remove(id);
+            }
         }
+    }
+    if !lost.is_empty() && inner.window_known.load(std::sync::atomic::Ordering::Acquire) {
+        inner.offer_room.add_permits(lost.len());
+    }
+    for task_id in lost {
+        let _ = events.send(Event::Lost { task_id }).await;
     }
     if !inner.window_known.swap(true, std::sync::atomic::Ordering::AcqRel) {
         inner.offer_room.add_permits(welcome.max_in_flight.max(1) as usize);
@@ -489,8 +524,12 @@ async fn receive(
                 // ack rides on the next frame out, so an offer made in answer to a
                 // result carries the ack that frees the orchestrator's window first.
                 *inner.delivered.lock() = env.seq_no;
-                if matches!(body, agent_response::Body::Result(_)) {
-                    inner.offer_room.add_permits(1);
+                if let agent_response::Body::Result(r) = body {
+                    // A result for an offer this client did not make (or already
+                    // wrote off) returns no credit.
+                    if inner.offered.lock().remove(&r.task_id) {
+                        inner.offer_room.add_permits(1);
+                    }
                 }
                 inner.wake.notify_one();
                 // A full event queue holds the stream: the orchestrator sees no ack
