@@ -41,6 +41,14 @@ impl Lanes {
         self.lanes[level].len()
     }
 
+    /// Drops entries `keep` rejects (cancelled or finished tasks, which are
+    /// otherwise only skipped when they reach the front).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        for lane in &mut self.lanes {
+            lane.retain(|(id, _)| keep(id));
+        }
+    }
+
     pub fn pop(&mut self, now: Instant) -> Option<String> {
         let mut best: Option<(u128, usize)> = None;
         for (level, lane) in self.lanes.iter().enumerate() {

@@ -1533,6 +1533,17 @@ async fn sweep_task(inner: std::sync::Weak<Inner>) {
             tracing::info!(session = %sid, "idle session evicted");
             end_session(&inner, &mut st, &sid, &mut step);
         }
+        // Lanes are cleaned lazily on pop; without workers for a capability, churn
+        // (offers cancelled or expired while queued) would grow them unbounded.
+        let State {
+            lanes, tasks, queued, ..
+        } = &mut *st;
+        let total: usize = lanes.values().map(Lanes::len).sum();
+        if total > 2 * *queued + 1024 {
+            for lane in lanes.values_mut() {
+                lane.retain(|id| tasks.get(id).is_some_and(|t| t.rec.state == TaskState::Queued as i32));
+            }
+        }
         dispatch(&inner, &mut st, &mut step);
         if !step.ops.is_empty() || !step.wake.is_empty() {
             commit(&inner, &mut st, step);

@@ -829,3 +829,65 @@ async fn a_requester_that_stops_reading_holds_bounded_memory_and_blocks_no_one()
     drop(slow);
     plane.stop.cancel();
 }
+
+#[tokio::test]
+async fn offers_accepted_by_a_session_that_is_gone_are_reported_lost_and_credited_back() {
+    // A knows the session; B (its own store) does not: resuming on B is a GAP.
+    let a = start_cfg(OrchestratorConfig {
+        requester_window: 3,
+        ..fast_config()
+    })
+    .await;
+    let b = start().await;
+    let mut cfg = client_cfg(&a, &[]);
+    cfg.endpoints = vec![a.url(), b.url()];
+    let mut req = Requester::connect(cfg);
+    req.client.established().await.unwrap();
+    for i in 0..3 {
+        req.offer_tool(
+            &format!("x{i}"),
+            "nobody",
+            "echo",
+            serde_json::json!({"value": i}),
+            2,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        req.client.flush(Duration::from_secs(5)).await,
+        "A accepted the three offers"
+    );
+    a.orch.drain("moving", Duration::from_millis(10)).await;
+    let mut lost = std::collections::HashSet::new();
+    while lost.len() < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), req.events.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Event::Lost { task_id } = ev {
+            lost.insert(task_id);
+        }
+    }
+    assert_eq!(lost, ["x0", "x1", "x2"].iter().map(|s| s.to_string()).collect());
+    // The window's credit came back: three more offers go through without blocking.
+    for i in 0..3 {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            req.offer_tool(
+                &format!("y{i}"),
+                "nobody",
+                "echo",
+                serde_json::json!({"value": i}),
+                2,
+                None,
+            ),
+        )
+        .await
+        .expect("credit returned after the loss")
+        .unwrap();
+    }
+    a.stop.cancel();
+    b.stop.cancel();
+}
