@@ -564,14 +564,12 @@ async fn memory_broker_on_redis_shares_versions_between_replicas() {
     assert_eq!(r.blocks[0].value, b"from b");
     // Another tenant's namespace of the same name is separate.
     assert_eq!(a.handle("u", sync(0), "").await.version, 0);
-    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
+    lattice_agent::store::RedisBackend::connect("redis://127.0.0.1:6379", &prefix)
+        .await
+        .unwrap()
+        .clear()
         .await
         .unwrap();
-    let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
 }
 
 #[tokio::test]

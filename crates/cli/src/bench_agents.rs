@@ -211,6 +211,22 @@ fn frame(i: u64) -> AgentMessage {
     }
 }
 
+/// A task for the bench workers (they answer without running anything).
+fn bench_offer(id: String) -> (agent_message::Body, SendOptions) {
+    let offer = TaskOffer {
+        task_id: id.clone(),
+        capability: "bench".into(),
+        payload: b"{}".to_vec(),
+        max_attempts: 0,
+    };
+    let opts = SendOptions {
+        priority: 2,
+        correlation_id: id,
+        ..SendOptions::default()
+    };
+    (agent_message::Body::Offer(offer), opts)
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -307,18 +323,8 @@ async fn lattice_load(addr: SocketAddr, streams: usize, window: usize, duration:
                         let id = format!("{run_id}-{s}-{i}");
                         i += 1;
                         sent.lock().insert(id.clone(), Instant::now());
-                        let offer = TaskOffer {
-                            task_id: id.clone(),
-                            capability: "bench".into(),
-                            payload: b"{}".to_vec(),
-                            max_attempts: 0,
-                        };
-                        let opts = SendOptions {
-                            priority: 2,
-                            correlation_id: id,
-                            ..SendOptions::default()
-                        };
-                        if client.send(agent_message::Body::Offer(offer), opts).await.is_err() {
+                        let (offer, opts) = bench_offer(id);
+                        if client.send(offer, opts).await.is_err() {
                             return;
                         }
                     }
@@ -408,18 +414,8 @@ async fn dispatch_latency(
         let id = format!("dispatch-{n}");
         n += 1;
         sent.insert(id.clone(), Instant::now());
-        let offer = TaskOffer {
-            task_id: id.clone(),
-            capability: "bench".into(),
-            payload: b"{}".to_vec(),
-            max_attempts: 0,
-        };
-        let opts = SendOptions {
-            priority: 2,
-            correlation_id: id,
-            ..SendOptions::default()
-        };
-        client.send(agent_message::Body::Offer(offer), opts).await?;
+        let (offer, opts) = bench_offer(id);
+        client.send(offer, opts).await?;
     }
     client.flush(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;

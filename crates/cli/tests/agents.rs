@@ -398,16 +398,7 @@ async fn redis_pair(stop_a_with: &str) {
     let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
     check_counters(&backend, N).await;
     // Leave nothing behind in the shared Redis.
-    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
-    }
+    backend.clear().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,20 @@ impl RedisBackend {
         })
     }
 
+    /// Deletes every key under this backend's prefix: a deployment's (or a
+    /// test's) whole agent state.
+    pub async fn clear(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
     fn hash(&self, coll: &str) -> String {
         format!("{}:{coll}", self.prefix)
     }
