@@ -37,10 +37,6 @@ impl Lanes {
         self.lanes.iter().all(VecDeque::is_empty)
     }
 
-    pub fn depth(&self, level: usize) -> usize {
-        self.lanes[level].len()
-    }
-
     /// Drops entries `keep` rejects (cancelled or finished tasks, which are
     /// otherwise only skipped when they reach the front).
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {

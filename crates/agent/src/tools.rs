@@ -45,7 +45,6 @@ enum Kind {
 
 struct Tool {
     kind: Kind,
-    schema: Value,
     validator: jsonschema::Validator,
 }
 
@@ -130,14 +129,7 @@ impl ToolGateway {
         let mut tools = HashMap::new();
         for (name, kind, schema) in specs {
             let validator = jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("schema of {name}: {e}"))?;
-            tools.insert(
-                name,
-                Tool {
-                    kind,
-                    schema,
-                    validator,
-                },
-            );
+            tools.insert(name, Tool { kind, validator });
         }
         Ok(ToolGateway {
             inner: Arc::new(Inner {
@@ -151,18 +143,6 @@ impl ToolGateway {
                 calls: std::sync::atomic::AtomicU64::new(0),
             }),
         })
-    }
-
-    /// Tool names and argument schemas, for discovery.
-    pub fn catalog(&self) -> Vec<(String, Value)> {
-        let mut v: Vec<_> = self
-            .inner
-            .tools
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.schema.clone()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
     }
 
     /// Tool calls running now.

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lattice_proto::{
-    agent::{agent_message, agent_response, AgentMessage, AgentResponse, Envelope},
+    agent::{agent_message, agent_response, AgentResponse, Envelope},
     google::rpc::Status,
 };
 use tonic::Code;
@@ -93,14 +93,6 @@ pub fn is_reliable_response(body: &agent_response::Body) -> bool {
             | Body::Welcome(_)
             | Body::Drain(_)
     )
-}
-
-pub fn request(env: Envelope, body: agent_message::Body) -> AgentMessage {
-    AgentMessage {
-        env: Some(env),
-        body: Some(body),
-        ..AgentMessage::default()
-    }
 }
 
 pub fn response(env: Envelope, body: agent_response::Body) -> AgentResponse {
