@@ -314,7 +314,11 @@ impl ModelRepository {
         concurrent.inc();
         // The core's own span: a child of the edge's request span, so a trace shows
         // where the time went between protocol handling and the model.
-        let span = tracing::info_span!("inference", model_name = %name, model_version = mv.version);
+        let span = if lattice_observability::telemetry::spans_enabled() {
+            tracing::info_span!("inference", model_name = %name, model_version = mv.version)
+        } else {
+            tracing::Span::none()
+        };
         let result = self.infer_on(&mv, parts).instrument(span).await;
         concurrent.dec();
         let (confidence, error) = match &result {

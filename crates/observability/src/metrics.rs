@@ -725,9 +725,20 @@ impl Metrics {
         }
         let now = Instant::now();
         let mut w = self.windows.lock();
-        w.qps.entry(model.clone()).or_insert_with(RateWindow::new).add(now);
+        // Look up before inserting: `entry` would clone the labels on every request.
+        match w.qps.get_mut(model) {
+            Some(rate) => rate.add(now),
+            None => {
+                let mut rate = RateWindow::new();
+                rate.add(now);
+                w.qps.insert(model.clone(), rate);
+            }
+        }
         if error == ErrorType::None {
-            let lw = w.latency.entry(model.clone()).or_default();
+            if !w.latency.contains_key(model) {
+                w.latency.insert(model.clone(), Default::default());
+            }
+            let lw = w.latency.get_mut(model).expect("inserted above");
             if lw.values.len() == LATENCY_WINDOW {
                 lw.values.pop_front();
             }

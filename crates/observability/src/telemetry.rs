@@ -9,6 +9,12 @@
 //!   prefix its name matches, or the default ratio.
 //! - Propagation: W3C `traceparent` / `tracestate`, extracted from HTTP headers and
 //!   gRPC metadata (both are HTTP/2 headers here) and injected into outgoing calls.
+//! - Cost: request spans are built only when they go somewhere: to an exporter, or
+//!   into JSON logs that print their ids ([`spans_enabled`]). Otherwise a request
+//!   only keeps its caller's trace id (from `traceparent`), in a task-local, so
+//!   latency exemplars still point at the caller's trace.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
@@ -25,6 +31,20 @@ use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilte
 
 /// The module that opens the per-request server spans (`lattice_server::observe`).
 pub const EDGE_TARGET: &str = "lattice_server::observe";
+
+/// Set once by [`init`]; off until then (no subscriber, no spans to build).
+static SPANS: AtomicBool = AtomicBool::new(false);
+
+tokio::task_local! {
+    /// The caller's trace id while spans are off (see the module docs).
+    static CALLER_TRACE: Option<String>;
+}
+
+/// Whether request spans are worth building: an exporter receives them or JSON logs
+/// print their ids. Edges check this before opening a span.
+pub fn spans_enabled() -> bool {
+    SPANS.load(Ordering::Relaxed)
+}
 
 #[derive(Clone, Debug)]
 pub struct TelemetryConfig {
@@ -150,6 +170,7 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
         .with(fmt)
         .try_init()
         .map_err(|e| format!("tracing already initialised: {e}"))?;
+    SPANS.store(exporting || cfg.json_logs, Ordering::Relaxed);
     Ok(TelemetryGuard { provider })
 }
 
@@ -226,8 +247,25 @@ pub fn adopt(span: &tracing::Span, remote: Context) {
     }
 }
 
-/// Trace id of the current span, when tracing is installed and the id is valid.
+/// The trace id of the caller's valid `traceparent`, if it sent one.
+pub fn caller_trace_id(headers: &http::HeaderMap) -> Option<String> {
+    if !headers.contains_key("traceparent") {
+        return None;
+    }
+    let sc = extract(headers).span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Runs `fut` with `trace_id` as the caller's trace (used while spans are off).
+pub async fn with_caller_trace<F: std::future::Future>(trace_id: Option<String>, fut: F) -> F::Output {
+    CALLER_TRACE.scope(trace_id, fut).await
+}
+
+/// Trace id of the current request: its span's when spans are on, else the caller's.
 pub fn current_trace_id() -> Option<String> {
+    if !spans_enabled() {
+        return CALLER_TRACE.try_with(Clone::clone).ok().flatten();
+    }
     let cx = tracing::Span::current().context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())

@@ -33,6 +33,20 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
         .get::<MatchedPath>()
         .map_or(Cow::Borrowed("unmatched"), |p| Cow::Owned(p.as_str().to_string()));
     let method = http_method(req.method());
+    if !telemetry::spans_enabled() {
+        let caller = telemetry::caller_trace_id(req.headers());
+        let started = Instant::now();
+        let resp = telemetry::with_caller_trace(caller, next.run(req)).await;
+        record(
+            state.repo.metrics(),
+            "http",
+            method,
+            route,
+            resp.status().as_u16(),
+            started,
+        );
+        return resp;
+    }
     let span = tracing::info_span!(
         "http.request",
         otel.name = %format!("{method} {route}"),
@@ -159,6 +173,15 @@ where
             Cow::Borrowed("unknown")
         };
         let method: Cow<'static, str> = Cow::Owned(path.rsplit('/').next().unwrap_or_default().to_string());
+        if !telemetry::spans_enabled() {
+            let caller = telemetry::caller_trace_id(req.headers());
+            return Box::pin(async move {
+                let started = Instant::now();
+                let result = telemetry::with_caller_trace(caller, inner.call(req)).await;
+                record(&metrics, "grpc", method, path, grpc_code(&result), started);
+                result
+            });
+        }
         let span = tracing::info_span!(
             "grpc.request",
             otel.name = %path,
@@ -173,20 +196,24 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let result = inner.call(req).instrument(span.clone()).await;
-            // A failed call is answered trailers-only, so its status is a header; a
-            // successful one puts grpc-status 0 in the trailers.
-            let code: u16 = match &result {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-                Err(_) => 13,
-            };
+            let code = grpc_code(&result);
             span.record("rpc.grpc.status_code", code);
             record(&metrics, "grpc", method, path, code, started);
             result
         })
+    }
+}
+
+/// The call's gRPC status code. A failed call is answered trailers-only, so its status
+/// is a header; a successful one puts grpc-status 0 in the trailers.
+fn grpc_code<RB, E>(result: &Result<http::Response<RB>, E>) -> u16 {
+    match result {
+        Ok(r) => r
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        Err(_) => 13,
     }
 }

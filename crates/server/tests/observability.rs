@@ -94,8 +94,12 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
         400
     );
     let text_req = json!({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["hello world"]}]});
+    // The caller's trace id becomes the exemplar of the latency bucket (no span is
+    // built here: nothing exports them).
+    let caller_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
     assert_eq!(
         http.post(server.url("/v2/models/minilm/infer"))
+            .header("traceparent", format!("00-{caller_trace}-00f067aa0ba902b7-01"))
             .json(&text_req)
             .send()
             .await
@@ -126,7 +130,14 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
         .to_str()
         .unwrap()
         .starts_with("application/openmetrics-text"));
-    assert!(om.text().await.unwrap().ends_with("# EOF\n"));
+    let om = om.text().await.unwrap();
+    assert!(om.ends_with("# EOF\n"));
+    assert!(
+        om.lines().any(|l| l.starts_with("ai_inference_latency_seconds_bucket{")
+            && l.contains("model_name=\"minilm\"")
+            && l.contains(&format!("# {{trace_id=\"{caller_trace}\"}}"))),
+        "no exemplar with the caller's trace id in\n{om}"
+    );
     for needle in [
         "http_requests_total{protocol=\"http\",method=\"POST\",status_code=\"200\"}",
         "http_requests_total{protocol=\"http\",method=\"POST\",status_code=\"400\"}",
