@@ -210,8 +210,11 @@ impl AgentClient {
 
     /// Queues a reliable frame; waits while the outbox is full. Returns its seq.
     pub async fn send(&self, body: agent_message::Body, opts: SendOptions) -> Result<u64, ClientError> {
-        if let agent_message::Body::Offer(o) = &body {
-            self.inner.offered.lock().insert(o.task_id.clone());
+        let offered = match &body {
+            agent_message::Body::Offer(o) => Some(o.task_id.clone()),
+            _ => None,
+        };
+        if offered.is_some() {
             let credit = tokio::select! {
                 p = self.inner.offer_room.acquire() => p.map_err(|_| ClientError::Closed)?,
                 () = self.inner.shutdown.cancelled() => return Err(ClientError::Closed),
@@ -226,7 +229,14 @@ impl AgentClient {
         // Returned when the orchestrator acknowledges the frame.
         permit.forget();
         let agent_id = self.inner.cfg.agent_id.clone();
-        let (seq, _) = self.inner.outbox.lock().push(|seq| AgentMessage {
+        let mut outbox = self.inner.outbox.lock();
+        // Recorded as offered together with entering the outbox (the handshake takes
+        // the same locks in the same order): a session lost in between must not
+        // count an offer it never saw as accepted, and so lost.
+        if let Some(task_id) = offered {
+            self.inner.offered.lock().insert(task_id);
+        }
+        let (seq, _) = outbox.push(|seq| AgentMessage {
             agent_id,
             priority: opts.priority,
             env: Some(Envelope {
@@ -240,6 +250,7 @@ impl AgentClient {
             body: Some(body),
             ..AgentMessage::default()
         });
+        drop(outbox);
         self.inner.wake.notify_one();
         Ok(seq)
     }

@@ -493,6 +493,7 @@ impl AgentPlaneArgs {
         Ok(Some(lattice_server::AgentPlane {
             orchestrator,
             chat: lattice_agent::chat::ChatService::default(),
+            token: self.agent_token.clone(),
         }))
     }
 }

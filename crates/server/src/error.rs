@@ -30,12 +30,20 @@ pub enum ApiError {
         tenant: String,
         retry_after: Duration,
     },
+    /// A missing or wrong credential.
+    Unauthenticated(String),
+    /// An agent task that failed, with the gRPC code its result (or the task gateway)
+    /// gave it.
+    Task {
+        code: Code,
+        message: String,
+    },
 }
 
 /// Closed set of error kinds, each with one HTTP status and one gRPC code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
-    ModelNotFound,
+    NotFound,
     InvalidInput,
     BatchTooLarge,
     Malformed,
@@ -45,12 +53,13 @@ pub enum ErrorKind {
     Cancelled,
     Unavailable,
     LoadFailed,
+    Unauthenticated,
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 11] = [
-        ErrorKind::ModelNotFound,
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::NotFound,
         ErrorKind::InvalidInput,
         ErrorKind::BatchTooLarge,
         ErrorKind::Malformed,
@@ -60,13 +69,14 @@ impl ErrorKind {
         ErrorKind::Cancelled,
         ErrorKind::Unavailable,
         ErrorKind::LoadFailed,
+        ErrorKind::Unauthenticated,
         ErrorKind::Internal,
     ];
 
     /// The table.
     pub fn codes(self) -> (StatusCode, Code) {
         match self {
-            ErrorKind::ModelNotFound => (StatusCode::NOT_FOUND, Code::NotFound),
+            ErrorKind::NotFound => (StatusCode::NOT_FOUND, Code::NotFound),
             ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
             ErrorKind::BatchTooLarge => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
             ErrorKind::Malformed => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
@@ -82,7 +92,27 @@ impl ErrorKind {
             ),
             ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             ErrorKind::LoadFailed => (StatusCode::BAD_REQUEST, Code::FailedPrecondition),
+            ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
             ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
+        }
+    }
+}
+
+impl ErrorKind {
+    /// The kind of a failure that arrives as a gRPC code (an agent task's result):
+    /// the inverse of the table where it has one, the nearest kind otherwise.
+    pub fn of_grpc(code: Code) -> ErrorKind {
+        match code {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::AlreadyExists => {
+                ErrorKind::InvalidInput
+            }
+            Code::NotFound => ErrorKind::NotFound,
+            Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            Code::ResourceExhausted => ErrorKind::Overloaded,
+            Code::Unavailable | Code::Aborted => ErrorKind::Unavailable,
+            Code::Cancelled => ErrorKind::Cancelled,
+            Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthenticated,
+            Code::Ok | Code::Unknown | Code::Unimplemented | Code::Internal | Code::DataLoss => ErrorKind::Internal,
         }
     }
 }
@@ -91,7 +121,7 @@ impl ApiError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ApiError::Infer(e) => match e {
-                InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => ErrorKind::ModelNotFound,
+                InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => ErrorKind::NotFound,
                 InferError::ModelNotReady(_) => ErrorKind::Unavailable,
                 InferError::InvalidInput(_) => ErrorKind::InvalidInput,
                 InferError::BatchTooLarge { .. } => ErrorKind::BatchTooLarge,
@@ -105,6 +135,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             ApiError::NotReady => ErrorKind::Unavailable,
             ApiError::RateLimited { .. } => ErrorKind::Overloaded,
+            ApiError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            ApiError::Task { code, .. } => ErrorKind::of_grpc(*code),
         }
     }
 
@@ -118,6 +150,7 @@ impl ApiError {
                 "tenant '{tenant}' is over its request rate; retry after {} ms",
                 retry_after.as_millis()
             ),
+            ApiError::Unauthenticated(m) | ApiError::Task { message: m, .. } => m.clone(),
         }
     }
 

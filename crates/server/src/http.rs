@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
+        .route("/v1/agents/tasks", post(crate::tasks::offer))
         .route("/metrics", get(crate::metrics::render))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
         .layer(axum::middleware::from_fn_with_state(
@@ -130,6 +131,20 @@ fn ready_status(ok: bool) -> StatusCode {
 
 type Body = Result<Bytes, BytesRejection>;
 
+/// The request body, or the error its rejection stands for (over the limit, or
+/// unreadable).
+pub fn body_bytes(s: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: s.cfg.max_body_bytes,
+            }
+        } else {
+            ApiError::Malformed(r.body_text())
+        }
+    })
+}
+
 async fn infer(
     s: State<AppState>,
     Path(model): Path<String>,
@@ -159,15 +174,7 @@ async fn infer_for(
         return Err(ApiError::NotReady);
     }
     s.admit(headers.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok()))?;
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit: s.cfg.max_body_bytes,
-            }
-        } else {
-            ApiError::Malformed(r.body_text())
-        }
-    })?;
+    let body = body_bytes(&s, body)?;
     let header_len = headers
         .get(HEADER_LEN)
         .map(|v| {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod observe;
 pub mod podcost;
 pub mod scaler;
+pub mod tasks;
 
 use std::{
     future::{Future, IntoFuture},
@@ -71,6 +72,8 @@ pub struct Warmup {
 pub struct AgentPlane {
     pub orchestrator: lattice_agent::orchestrator::Orchestrator,
     pub chat: lattice_agent::chat::ChatService,
+    /// The bearer token agent streams must carry (the REST task gateway's too).
+    pub token: Option<String>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -85,6 +88,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Per-tenant token buckets, when `rate_limit` is set.
     pub limiter: Option<Arc<limit::Limiter>>,
+    /// `POST /v1/agents/tasks`, when the agent plane is on (set by [`run`], which
+    /// knows the gRPC address).
+    pub tasks: Option<Arc<tasks::TaskGateway>>,
 }
 
 impl AppState {
@@ -92,6 +98,7 @@ impl AppState {
         AppState {
             repo,
             agents: None,
+            tasks: None,
             limiter: limit::Limiter::new(cfg.rate_limit.0, cfg.rate_limit.1).map(Arc::new),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
@@ -140,7 +147,7 @@ const GRPC_SERVICE: &str = "inference.GRPCInferenceService";
 /// false first, then the servers stop accepting and in-flight requests get
 /// `drain_timeout` to finish.
 pub async fn run(
-    state: AppState,
+    mut state: AppState,
     listeners: Listeners,
     load_models: bool,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -168,6 +175,21 @@ pub async fn run(
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Deflate);
 
+    if let Some(agents) = &state.agents {
+        // REST tasks enter through the orchestrator's gRPC port, as any agent's do.
+        let mut addr = listeners.grpc.local_addr()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        state.tasks = Some(Arc::new(tasks::TaskGateway::new(
+            vec![format!("http://{addr}")],
+            agents.token.clone(),
+        )));
+    }
     let grpc_token = token.clone();
     // Nagle's algorithm would hold small gRPC frames back ~40 ms behind delayed ACKs.
     // The builder's tcp_nodelay only covers listeners tonic binds itself.

@@ -228,7 +228,7 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
             "INT32",
             vec![1, 2048],
             2048,
-            ErrorKind::ModelNotFound,
+            ErrorKind::NotFound,
         ),
         tensor_case(
             "unknown version",
@@ -238,7 +238,7 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
             "INT32",
             vec![1, 2048],
             2048,
-            ErrorKind::ModelNotFound,
+            ErrorKind::NotFound,
         ),
         tensor_case(
             "wrong input name",
@@ -533,5 +533,155 @@ async fn token_buckets_limit_bursts_per_tenant_on_both_protocols() {
     // Tokens come back at the rate.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert_eq!(post("acme").await.unwrap().status(), 200);
+    server.stop().await;
+}
+
+/// `POST /v1/agents/tasks`: a task offered over REST goes through the orchestrator's
+/// gRPC stream to a worker agent, and each way it can fail gets its status from the
+/// error table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_tasks_reach_a_worker_and_failures_map_to_statuses() {
+    use lattice_agent::{
+        client::ClientConfig,
+        worker::{self, WorkerConfig},
+    };
+    let repo = repo_copy(&["magika"]);
+    let token = "s3cret";
+    let server = start(
+        repo.path(),
+        Options {
+            agents: true,
+            agent_token: Some(token.into()),
+            ..Options::default()
+        },
+    )
+    .await;
+    tokio::spawn(worker::run(
+        WorkerConfig {
+            client: ClientConfig {
+                endpoints: vec![format!("http://{}", server.grpc)],
+                capabilities: vec!["tools".into()],
+                auth_token: Some(token.into()),
+                ..ClientConfig::default()
+            },
+        },
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let post = |body: Value, auth: Option<&str>| {
+        let mut r = http.post(server.url("/v1/agents/tasks")).json(&body);
+        if let Some(t) = auth {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let calc = json!({"capability": "tools", "tool": "calculator", "arguments": {"expression": "6 * 7"},
+                      "priority": "high", "timeout_ms": 20000});
+
+    let (status, body) = post(calc.clone(), Some(token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["output"]["value"], json!(42.0), "{body}");
+    assert!(body["worker_id"].as_str().is_some_and(|w| !w.is_empty()), "{body}");
+
+    let expect = |k: ErrorKind| k.codes().0.as_u16();
+    let cases: Vec<(&str, Value, Option<&str>, u16, &str)> = vec![
+        (
+            "no token",
+            calc.clone(),
+            None,
+            expect(ErrorKind::Unauthenticated),
+            "bearer token",
+        ),
+        (
+            "wrong token",
+            calc.clone(),
+            Some("nope"),
+            expect(ErrorKind::Unauthenticated),
+            "bearer token",
+        ),
+        (
+            "not an object",
+            json!([1]),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "task request",
+        ),
+        (
+            "no tool",
+            json!({"capability": "tools"}),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "tool",
+        ),
+        (
+            "unknown field",
+            json!({"capability": "tools", "tool": "echo", "colour": 1}),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "colour",
+        ),
+        (
+            "bad priority",
+            json!({"capability": "tools", "tool": "echo", "priority": "asap"}),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "priority",
+        ),
+        (
+            "arguments not an object",
+            json!({"capability": "tools", "tool": "echo", "arguments": 3}),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "arguments",
+        ),
+        (
+            "unknown tool",
+            json!({"capability": "tools", "tool": "teleport", "timeout_ms": 20000}),
+            Some(token),
+            expect(ErrorKind::NotFound),
+            "teleport",
+        ),
+        (
+            "arguments against the tool's schema",
+            json!({"capability": "tools", "tool": "calculator", "arguments": {"expression": 7}, "timeout_ms": 20000}),
+            Some(token),
+            expect(ErrorKind::InvalidInput),
+            "schema of 'calculator'",
+        ),
+        (
+            "slower than its timeout",
+            json!({"capability": "tools", "tool": "sleep", "arguments": {"ms": 60000}, "timeout_ms": 300}),
+            Some(token),
+            expect(ErrorKind::DeadlineExceeded),
+            "",
+        ),
+        (
+            "no worker has the capability",
+            json!({"capability": "nobody", "tool": "echo", "arguments": {"value": 1}, "timeout_ms": 300}),
+            Some(token),
+            expect(ErrorKind::DeadlineExceeded),
+            "",
+        ),
+    ];
+    for (what, body, auth, want, needle) in cases {
+        let started = std::time::Instant::now();
+        let (status, resp) = post(body, auth).await;
+        assert_eq!(status, want, "{what}: {resp}");
+        let msg = resp["error"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty() && msg.contains(needle), "{what}: {resp}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Still serving after every failure.
+    let (status, _) = post(calc, Some(token)).await;
+    assert_eq!(status, 200);
     server.stop().await;
 }

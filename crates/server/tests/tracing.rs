@@ -1,6 +1,8 @@
 //! Traces leave the process over OTLP and continue the caller's W3C trace on both
 //! protocols: an in-test OTLP receiver gets the REST and gRPC server spans as
-//! children of the caller's spans, and the core's inference spans as their children.
+//! children of the caller's spans, and the core's inference spans as their children;
+//! a task posted over REST is one chain REST → gRPC (agent.offer → agent.task) →
+//! worker agent → tool call → model.
 //! (Its own test binary: the tracing subscriber is global to a process.)
 
 mod support;
@@ -9,13 +11,10 @@ use std::{sync::Arc, time::Duration};
 
 use lattice_agent::{
     client::{ClientConfig, SendOptions},
-    orchestrator::{Orchestrator, OrchestratorConfig},
-    store::{Store, StoreUrl},
-    tools::ToolGateway,
     worker::{self, Requester, WorkerConfig},
 };
 use lattice_observability::telemetry::{self, TelemetryConfig};
-use lattice_proto::agent::{agent_coordination_server::AgentCoordinationServer, agent_message, TaskOffer};
+use lattice_proto::agent::{agent_message, TaskOffer};
 use lattice_proto::inference as pb;
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -82,7 +81,14 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
     .expect("telemetry init");
 
     let repo = repo_copy(&["magika"]);
-    let server = start(repo.path(), Options::default()).await;
+    let server = start(
+        repo.path(),
+        Options {
+            agents: true,
+            ..Options::default()
+        },
+    )
+    .await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let (rest_parent, grpc_parent) = ("00f067aa0ba902b7", "1a2b3c4d5e6f7081");
 
@@ -145,22 +151,7 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
     // hangs under it, the tool gateway's `tool.call` under that, and the model's
     // `inference` span under the tool call.
     let agent_parent = "2b3c4d5e6f708192";
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreUrl::Redb(dir.path().join("a.redb")), "t")
-        .await
-        .unwrap();
-    let metrics = server.repo().metrics().clone();
-    let tools = ToolGateway::new(store.clone(), Some(server.repo().clone()), metrics.clone()).unwrap();
-    let orch = Orchestrator::new(OrchestratorConfig::default(), store, tools, metrics)
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let orch_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentCoordinationServer::new(orch))
-            .serve_with_incoming(tokio_stream_shim::incoming(listener)),
-    );
+    let orch_url = format!("http://{}", server.grpc);
     let client = |caps: &[&str]| ClientConfig {
         endpoints: vec![orch_url.clone()],
         capabilities: caps.iter().map(|c| c.to_string()).collect(),
@@ -199,6 +190,46 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
     assert_eq!(out["outputs"]["target_label"]["shape"], json!([1, 214]), "{out}");
     let mut parent = agent_parent.to_string();
     for name in ["agent.task", "agent.run", "tool.call", "inference"] {
+        assert_eventually(Duration::from_secs(20), || {
+            guard.flush();
+            find(name, &parent).is_some()
+        })
+        .await;
+        let span = find(name, &parent).unwrap();
+        assert_eq!(span.name, name);
+        parent = hex(&span.span_id);
+    }
+
+    // REST → gRPC → agent → tool in one chain: a REST client (span `task_parent`)
+    // posts a task; the REST span's `agent.offer` client span carries it over the
+    // orchestrator's gRPC stream, and the agent spans follow as above.
+    let task_parent = "3c4d5e6f70819203";
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/agents/tasks"))
+        .header("traceparent", format!("00-{trace_id}-{task_parent}-01"))
+        .json(
+            &json!({"capability": "models", "tool": "infer", "arguments": {"model": "magika", "inputs": {
+            "bytes": {"datatype": "INT32", "shape": [1, 2048], "data": vec![2; 2048]}}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        out["output"]["outputs"]["target_label"]["shape"],
+        json!([1, 214]),
+        "{out}"
+    );
+    let mut parent = task_parent.to_string();
+    for name in [
+        "POST /v1/agents/tasks",
+        "agent.offer",
+        "agent.task",
+        "agent.run",
+        "tool.call",
+        "inference",
+    ] {
         assert_eventually(Duration::from_secs(20), || {
             guard.flush();
             find(name, &parent).is_some()

@@ -64,6 +64,8 @@ pub struct TestServer {
     pub state: AppState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The agent plane's embedded store, when it runs.
+    _store_dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -99,6 +101,10 @@ pub struct Options {
     pub load_models: bool,
     /// Per-tenant (rate, burst); rate 0 = no limit.
     pub rate_limit: (u32, u32),
+    /// Runs the agent plane (orchestrator, tool gateway on the repository, REST
+    /// task gateway) on an embedded store.
+    pub agents: bool,
+    pub agent_token: Option<String>,
 }
 
 impl Default for Options {
@@ -107,6 +113,8 @@ impl Default for Options {
             max_body_bytes: 16 << 20,
             load_models: true,
             rate_limit: (0, 0),
+            agents: false,
+            agent_token: None,
         }
     }
 }
@@ -134,7 +142,9 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
         listeners.grpc.local_addr().unwrap(),
         listeners.metrics.local_addr().unwrap(),
     );
-    let state = AppState::new(
+    let metrics_registry = repository.metrics().clone();
+    let agents_repo = repository.clone();
+    let mut state = AppState::new(
         repository,
         ServerConfig {
             max_body_bytes: opts.max_body_bytes,
@@ -144,6 +154,36 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             warmup: lattice_server::Warmup::default(),
         },
     );
+    let mut store_dir = None;
+    if opts.agents {
+        use lattice_agent::{
+            orchestrator::{Orchestrator, OrchestratorConfig},
+            store::{Store, StoreUrl},
+            tools::ToolGateway,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreUrl::Redb(dir.path().join("agents.redb")), "t")
+            .await
+            .expect("store");
+        let tools = ToolGateway::new(store.clone(), Some(agents_repo), metrics_registry.clone()).expect("tools");
+        let orchestrator = Orchestrator::new(
+            OrchestratorConfig {
+                auth_token: opts.agent_token.clone(),
+                ..OrchestratorConfig::default()
+            },
+            store,
+            tools,
+            metrics_registry,
+        )
+        .await
+        .expect("orchestrator");
+        state = state.with_agents(lattice_server::AgentPlane {
+            orchestrator,
+            chat: lattice_agent::chat::ChatService::default(),
+            token: opts.agent_token.clone(),
+        });
+        store_dir = Some(dir);
+    }
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(lattice_server::run(state.clone(), listeners, opts.load_models, async {
         let _ = rx.await;
@@ -155,6 +195,7 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
         state,
         stop: Some(tx),
         task: Some(task),
+        _store_dir: store_dir,
     };
     let st = s.state.clone();
     assert_eventually(Duration::from_secs(60), || st.is_ready()).await;

@@ -1,0 +1,324 @@
+//! The REST front door of the agent plane: `POST /v1/agents/tasks` offers one task
+//! and answers with its result.
+//!
+//! The handler is a requester agent like any other: it holds one session per tenant
+//! on the orchestrator's gRPC stream (`AgentCoordination.NegotiateTask`) and offers
+//! tasks there, so a REST call takes the same path as a task from a gRPC agent:
+//! priority lanes, credits, retries, resend and dedupe across reconnects. By default
+//! the orchestrator is this process's own gRPC port; the hop is a real gRPC call, which
+//! is what lets the trace of a REST request continue into the agents (REST span →
+//! `agent.offer` → orchestrator `agent.task` → worker `agent.run` → `tool.call`).
+//!
+//! Body: `{"capability", "tool", "arguments"?, "priority"? (0..=5 or a name),
+//! "timeout_ms"?, "task_id"?}`. A caller-chosen `task_id` makes a retried request
+//! the same task (the orchestrator dedupes offers and the tool gateway keys its
+//! side effects by it).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, State},
+    http::HeaderMap,
+    Json,
+};
+use lattice_agent::{
+    client::{AgentClient, ClientConfig, Event, SendOptions},
+    wire,
+};
+use lattice_observability::telemetry;
+use lattice_proto::agent::{agent_message, agent_response, Cancel, TaskOffer, TaskResult};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tonic::Code;
+
+use crate::{error::ApiError, AppState};
+
+/// Tenants with a live session at once; each costs one stream to the orchestrator.
+const MAX_TENANT_SESSIONS: usize = 256;
+/// Time a task may take when the request does not say.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `timeout_ms` accepted.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>>;
+
+enum Outcome {
+    Done(TaskResult),
+    /// The session that had accepted the offer was lost; the result will not come.
+    Lost,
+}
+
+/// One requester session per tenant, opened on first use.
+pub struct TaskGateway {
+    endpoints: Vec<String>,
+    token: Option<String>,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+}
+
+struct Session {
+    client: AgentClient,
+    waiting: Waiters,
+}
+
+impl TaskGateway {
+    /// `endpoints`: orchestrator URLs; `token`: the bearer token agent streams carry.
+    pub fn new(endpoints: Vec<String>, token: Option<String>) -> TaskGateway {
+        TaskGateway {
+            endpoints,
+            token,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn session(&self, tenant: &str) -> Result<Arc<Session>, ApiError> {
+        let mut sessions = self.sessions.lock();
+        if let Some(s) = sessions.get(tenant) {
+            return Ok(s.clone());
+        }
+        if sessions.len() >= MAX_TENANT_SESSIONS {
+            return Err(ApiError::Task {
+                code: Code::ResourceExhausted,
+                message: format!("{MAX_TENANT_SESSIONS} tenants already have task sessions on this replica"),
+            });
+        }
+        let (client, mut events) = AgentClient::connect(ClientConfig {
+            endpoints: self.endpoints.clone(),
+            agent_id: format!("rest-{tenant}-{}", uuid::Uuid::new_v4()),
+            tenant: tenant.to_string(),
+            auth_token: self.token.clone(),
+            ..ClientConfig::default()
+        });
+        let waiting: Waiters = Arc::default();
+        let pump = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                let (task_id, outcome) = match ev {
+                    Event::Frame(f) => match f.body {
+                        Some(agent_response::Body::Result(r)) => (r.task_id.clone(), Outcome::Done(r)),
+                        _ => continue,
+                    },
+                    Event::Lost { task_id } => (task_id, Outcome::Lost),
+                    // The client moves to another replica by itself.
+                    Event::Drain(_) => continue,
+                };
+                if let Some(tx) = pump.lock().remove(&task_id) {
+                    let _ = tx.send(outcome);
+                }
+            }
+        });
+        let session = Arc::new(Session { client, waiting });
+        sessions.insert(tenant.to_string(), session.clone());
+        Ok(session)
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OfferBody {
+    capability: String,
+    tool: String,
+    #[serde(default)]
+    arguments: Option<Value>,
+    #[serde(default)]
+    priority: Option<Value>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    task_id: Option<String>,
+}
+
+const PRIORITIES: [&str; 6] = ["background", "low", "normal", "high", "urgent", "realtime"];
+
+fn priority(v: Option<&Value>) -> Result<i32, ApiError> {
+    let bad = || ApiError::Malformed(format!("priority must be 0..=5 or one of {}", PRIORITIES.join(", ")));
+    match v {
+        None => Ok(2),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|p| *p <= 5)
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(bad),
+        Some(Value::String(s)) => PRIORITIES
+            .iter()
+            .position(|p| p.eq_ignore_ascii_case(s))
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(bad),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Cancels the task if the request ends before its result (timeout, or the caller
+/// went away and axum dropped the handler).
+struct CancelOnDrop {
+    armed: Option<(Arc<Session>, String)>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some((session, task_id)) = self.armed.take() {
+            session.waiting.lock().remove(&task_id);
+            tokio::spawn(async move {
+                let cancel = agent_message::Body::Cancel(Cancel {
+                    task_id,
+                    reason: "the REST request ended first".into(),
+                    grace_ms: 0,
+                });
+                let _ = session.client.send(cancel, SendOptions::default()).await;
+            });
+        }
+    }
+}
+
+pub async fn offer(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let gateway = s
+        .tasks
+        .as_ref()
+        .ok_or_else(|| ApiError::Task {
+            code: Code::Unavailable,
+            message: "the agent plane is off on this server".into(),
+        })?
+        .clone();
+    if !s.is_ready() {
+        return Err(ApiError::NotReady);
+    }
+    if let Some(token) = &gateway.token {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return Err(ApiError::Unauthenticated("a valid bearer token is required".into()));
+        }
+    }
+    let tenant = headers
+        .get("x-tenant")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty())
+        .unwrap_or("default")
+        .to_string();
+    s.admit(Some(&tenant))?;
+    let body = crate::http::body_bytes(&s, body)?;
+    let req: OfferBody =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("task request: {e}")))?;
+    if req.capability.is_empty() || req.tool.is_empty() {
+        return Err(ApiError::Malformed("capability and tool must not be empty".into()));
+    }
+    let arguments = req.arguments.unwrap_or_else(|| json!({}));
+    if !arguments.is_object() {
+        return Err(ApiError::Malformed("arguments must be a JSON object".into()));
+    }
+    let priority = priority(req.priority.as_ref())?;
+    let timeout = req.timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(ApiError::Malformed(format!(
+            "timeout_ms must be 1..={}",
+            MAX_TIMEOUT.as_millis()
+        )));
+    }
+    let task_id = req
+        .task_id
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| format!("rest-{}", uuid::Uuid::new_v4()));
+
+    // The client side of the gRPC hop; without spans, the caller's own traceparent
+    // is passed on so the next hops still join the caller's trace.
+    let (span, traceparent) = if telemetry::spans_enabled() {
+        let span = tracing::info_span!(
+            target: "lattice_server::observe",
+            "agent.offer",
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.method = "NegotiateTask",
+            task_id = %task_id,
+            tenant = %tenant,
+        );
+        let tp = telemetry::traceparent_of(&span);
+        (span, tp)
+    } else {
+        let tp = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        (tracing::Span::none(), tp)
+    };
+
+    let session = gateway.session(&tenant)?;
+    let (tx, rx) = oneshot::channel();
+    if session.waiting.lock().insert(task_id.clone(), tx).is_some() {
+        return Err(ApiError::Task {
+            code: Code::AlreadyExists,
+            message: format!("task '{task_id}' is already waited on by another request"),
+        });
+    }
+    let mut guard = CancelOnDrop {
+        armed: Some((session.clone(), task_id.clone())),
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let payload = json!({"tool": req.tool, "arguments": arguments});
+    let offer = agent_message::Body::Offer(TaskOffer {
+        task_id: task_id.clone(),
+        capability: req.capability,
+        payload: payload.to_string().into_bytes(),
+        max_attempts: 0,
+    });
+    let opts = SendOptions {
+        priority,
+        deadline_us: wire::now_us() + i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX / 2),
+        correlation_id: task_id.clone(),
+        traceparent,
+        ..SendOptions::default()
+    };
+    let outcome = tokio::time::timeout_at(deadline, async {
+        session.client.send(offer, opts).await.map_err(|e| ApiError::Task {
+            code: Code::Unavailable,
+            message: format!("offering the task: {e}"),
+        })?;
+        rx.await.map_err(|_| ApiError::Task {
+            code: Code::Unavailable,
+            message: "the task session closed".into(),
+        })
+    })
+    .await;
+    drop(span);
+    let result = match outcome {
+        Err(_) => {
+            return Err(ApiError::Task {
+                code: Code::DeadlineExceeded,
+                message: format!("task '{task_id}' did not finish within {} ms", timeout.as_millis()),
+            })
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Outcome::Lost)) => {
+            guard.armed = None;
+            return Err(ApiError::Task {
+                code: Code::Unavailable,
+                message: format!("task '{task_id}' was lost with its session; retry with the same task_id"),
+            });
+        }
+        Ok(Ok(Outcome::Done(r))) => r,
+    };
+    guard.armed = None;
+    let status = result.status.unwrap_or_else(wire::ok_status);
+    if status.code != 0 {
+        return Err(ApiError::Task {
+            code: Code::from_i32(status.code),
+            message: status.message,
+        });
+    }
+    // Tool outputs are JSON; anything else is returned as a string.
+    let output = serde_json::from_slice::<Value>(&result.output)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&result.output).into_owned()));
+    Ok(Json(json!({
+        "task_id": task_id,
+        "output": output,
+        "worker_id": result.worker_id,
+        "attempts": result.attempts,
+    })))
+}
