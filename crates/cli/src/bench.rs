@@ -40,6 +40,9 @@ pub enum Target {
     LatticeGrpc,
     /// `lattice serve --telemetry off` over HTTP: what metrics and tracing cost.
     LatticeHttpNoTelemetry,
+    /// `lattice serve` exporting every request's spans (sample ratio 1) to an OTLP
+    /// receiver in the benchmark: what full tracing costs.
+    LatticeHttpTraced,
     #[value(name = "gunicorn-2w")]
     #[serde(rename = "gunicorn-2w")]
     Gunicorn2w,
@@ -54,6 +57,7 @@ impl Target {
             Target::LatticeHttp => "lattice-http",
             Target::LatticeGrpc => "lattice-grpc",
             Target::LatticeHttpNoTelemetry => "lattice-http-no-telemetry",
+            Target::LatticeHttpTraced => "lattice-http-traced",
             Target::Gunicorn2w => "gunicorn-2w",
             Target::Uvicorn2w => "uvicorn-2w",
         }
@@ -158,6 +162,20 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     } else {
         None
     };
+    let mut traced = if needs(|t| *t == Target::LatticeHttpTraced) {
+        let sink = otlp_sink().await.context("starting the OTLP receiver")?;
+        let endpoint = format!("http://{sink}");
+        Some(
+            LatticeProcess::start(
+                &args,
+                &ort,
+                &["--otlp-endpoint", &endpoint, "--trace-sample-ratio", "1"],
+            )
+            .context("starting lattice serve")?,
+        )
+    } else {
+        None
+    };
     if let Some(l) = &lattice {
         println!(
             "lattice serve: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, RSS {:.1} MB",
@@ -181,8 +199,13 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             let startup_ms;
             let pid;
             let client = match target {
-                Target::LatticeHttpNoTelemetry => {
-                    let l = bare.as_ref().expect("started above");
+                Target::LatticeHttpNoTelemetry | Target::LatticeHttpTraced => {
+                    let l = if target == Target::LatticeHttpTraced {
+                        traced.as_ref()
+                    } else {
+                        bare.as_ref()
+                    }
+                    .expect("started above");
                     startup_ms = l.ready_ms;
                     pid = l.child.id();
                     LoadClient::http(&l.http, &w, args.load_generator)
@@ -236,7 +259,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         print_summary(&raw, &points, &args.concurrency);
         report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
     }
-    for l in [lattice.take(), bare.take()].into_iter().flatten() {
+    for l in [lattice.take(), bare.take(), traced.take()].into_iter().flatten() {
         l.stop()?;
     }
     std::fs::create_dir_all(&args.out_dir).context("creating the output directory")?;
@@ -296,6 +319,18 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
             ratios.sort_by(f64::total_cmp);
             println!(
                 "|   | telemetry on / off (HTTP), median of {} rounds | {:.3} | | | | | |",
+                ratios.len(),
+                ratios[ratios.len() / 2]
+            );
+        }
+        let mut ratios: Vec<f64> = rps(Target::LatticeHttpTraced)
+            .zip(rps(Target::LatticeHttpNoTelemetry))
+            .map(|(on, off)| on / off)
+            .collect();
+        if !ratios.is_empty() {
+            ratios.sort_by(f64::total_cmp);
+            println!(
+                "|   | every span exported / telemetry off (HTTP), median of {} rounds | {:.3} | | | | | |",
                 ratios.len(),
                 ratios[ratios.len() / 2]
             );
@@ -809,6 +844,32 @@ impl Drop for LatticeProcess {
     fn drop(&mut self) {
         terminate(&mut self.child);
     }
+}
+
+/// An OTLP/gRPC trace receiver on 127.0.0.1 that counts and drops what it gets.
+async fn otlp_sink() -> anyhow::Result<std::net::SocketAddr> {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Sink;
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            _req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Sink))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(addr)
 }
 
 fn wait_ready(addr: &str, within: Duration) -> anyhow::Result<()> {
