@@ -311,29 +311,22 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
         // the pair several times interleaves rounds; the median of the per-round
         // ratios resists the noise of a shared machine.
         let rps = |t: Target| at.iter().filter(move |p| p.target == t.name()).map(|p| p.rps);
-        let mut ratios: Vec<f64> = rps(Target::LatticeHttp)
-            .zip(rps(Target::LatticeHttpNoTelemetry))
-            .map(|(on, off)| on / off)
-            .collect();
-        if !ratios.is_empty() {
-            ratios.sort_by(f64::total_cmp);
-            println!(
-                "|   | telemetry on / off (HTTP), median of {} rounds | {:.3} | | | | | |",
-                ratios.len(),
-                ratios[ratios.len() / 2]
-            );
-        }
-        let mut ratios: Vec<f64> = rps(Target::LatticeHttpTraced)
-            .zip(rps(Target::LatticeHttpNoTelemetry))
-            .map(|(on, off)| on / off)
-            .collect();
-        if !ratios.is_empty() {
-            ratios.sort_by(f64::total_cmp);
-            println!(
-                "|   | every span exported / telemetry off (HTTP), median of {} rounds | {:.3} | | | | | |",
-                ratios.len(),
-                ratios[ratios.len() / 2]
-            );
+        for (what, on) in [
+            ("telemetry on / off", Target::LatticeHttp),
+            ("every span exported / telemetry off", Target::LatticeHttpTraced),
+        ] {
+            let mut ratios: Vec<f64> = rps(on)
+                .zip(rps(Target::LatticeHttpNoTelemetry))
+                .map(|(on, off)| on / off)
+                .collect();
+            if !ratios.is_empty() {
+                ratios.sort_by(f64::total_cmp);
+                println!(
+                    "|   | {what} (HTTP), median of {} rounds | {:.3} | | | | | |",
+                    ratios.len(),
+                    ratios[ratios.len() / 2]
+                );
+            }
         }
     }
 }

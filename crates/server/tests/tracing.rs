@@ -188,17 +188,24 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
     assert_eq!(result.status.as_ref().map(|s| s.code), Some(0), "{result:?}");
     let out: serde_json::Value = serde_json::from_slice(&result.output).unwrap();
     assert_eq!(out["outputs"]["target_label"]["shape"], json!([1, 214]), "{out}");
-    let mut parent = agent_parent.to_string();
-    for name in ["agent.task", "agent.run", "tool.call", "inference"] {
-        assert_eventually(Duration::from_secs(20), || {
-            guard.flush();
-            find(name, &parent).is_some()
-        })
-        .await;
-        let span = find(name, &parent).unwrap();
-        assert_eq!(span.name, name);
-        parent = hex(&span.span_id);
-    }
+    // Each named span is the child of the one before it, starting under `root`.
+    let chain = |root: &str, names: &'static [&'static str]| {
+        let (find, guard) = (&find, &guard);
+        let mut parent = root.to_string();
+        async move {
+            for name in names {
+                assert_eventually(Duration::from_secs(20), || {
+                    guard.flush();
+                    find(name, &parent).is_some()
+                })
+                .await;
+                let span = find(name, &parent).unwrap();
+                assert_eq!(span.name, *name);
+                parent = hex(&span.span_id);
+            }
+        }
+    };
+    chain(agent_parent, &["agent.task", "agent.run", "tool.call", "inference"]).await;
 
     // REST → gRPC → agent → tool in one chain: a REST client (span `task_parent`)
     // posts a task; the REST span's `agent.offer` client span carries it over the
@@ -221,24 +228,18 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
         json!([1, 214]),
         "{out}"
     );
-    let mut parent = task_parent.to_string();
-    for name in [
-        "POST /v1/agents/tasks",
-        "agent.offer",
-        "agent.task",
-        "agent.run",
-        "tool.call",
-        "inference",
-    ] {
-        assert_eventually(Duration::from_secs(20), || {
-            guard.flush();
-            find(name, &parent).is_some()
-        })
-        .await;
-        let span = find(name, &parent).unwrap();
-        assert_eq!(span.name, name);
-        parent = hex(&span.span_id);
-    }
+    chain(
+        task_parent,
+        &[
+            "POST /v1/agents/tasks",
+            "agent.offer",
+            "agent.task",
+            "agent.run",
+            "tool.call",
+            "inference",
+        ],
+    )
+    .await;
     server.stop().await;
 }
 
