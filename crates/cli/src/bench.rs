@@ -139,6 +139,10 @@ struct Point {
     p99_ms: f64,
     errors: u64,
     rss_mb: Option<f64>,
+    /// CPU time the server (process tree) spent per answered request in the
+    /// measured window: what a server costs, steadier than throughput when the load
+    /// generator and other tenants share the cores.
+    cpu_us_per_req: Option<f64>,
 }
 
 pub async fn run(args: BenchArgs) -> Result<(), Failure> {
@@ -236,11 +240,11 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                 tree_rss_mb(pid)
             );
             for &c in &args.concurrency {
-                let mut p = client.run(c, warm, dur).await;
+                let mut p = client.run(c, warm, dur, pid).await;
                 p.target = target.name().into();
                 p.rss_mb = Some(tree_rss_mb(pid));
                 println!(
-                    "  {:<13} c={:<3} {:>8.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}  RSS {:.1} MB  ({:.2}x raw)",
+                    "  {:<13} c={:<3} {:>8.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}  RSS {:.1} MB  CPU {:.1} µs/req  ({:.2}x raw)",
                     p.target,
                     c,
                     p.rps,
@@ -248,6 +252,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                     p.p99_ms,
                     p.errors,
                     p.rss_mb.unwrap_or_default(),
+                    p.cpu_us_per_req.unwrap_or(f64::NAN),
                     p.rps / raw.rps
                 );
                 points.push(p);
@@ -311,21 +316,30 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
         // the pair several times interleaves rounds; the median of the per-round
         // ratios resists the noise of a shared machine.
         let rps = |t: Target| at.iter().filter(move |p| p.target == t.name()).map(|p| p.rps);
+        let cpu = |t: Target| {
+            at.iter()
+                .filter(move |p| p.target == t.name())
+                .map(|p| p.cpu_us_per_req.unwrap_or(f64::NAN))
+        };
+        let median = |mut v: Vec<f64>| {
+            v.retain(|x| x.is_finite());
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| (v[v.len() / 2], v.len()))
+        };
         for (what, on) in [
             ("telemetry on / off", Target::LatticeHttp),
             ("every span exported / telemetry off", Target::LatticeHttpTraced),
         ] {
-            let mut ratios: Vec<f64> = rps(on)
-                .zip(rps(Target::LatticeHttpNoTelemetry))
-                .map(|(on, off)| on / off)
-                .collect();
-            if !ratios.is_empty() {
-                ratios.sort_by(f64::total_cmp);
-                println!(
-                    "|   | {what} (HTTP), median of {} rounds | {:.3} | | | | | |",
-                    ratios.len(),
-                    ratios[ratios.len() / 2]
-                );
+            let off = Target::LatticeHttpNoTelemetry;
+            let throughput = median(rps(on).zip(rps(off)).map(|(on, off)| on / off).collect());
+            // Cost, not speed: server CPU per request with telemetry off over on, so
+            // that below 1 is overhead on both rows.
+            let cost = median(cpu(on).zip(cpu(off)).map(|(on, off)| off / on).collect());
+            if let Some((ratio, rounds)) = throughput {
+                println!("|   | {what} (HTTP), throughput, median of {rounds} rounds | {ratio:.3} | | | | | |");
+            }
+            if let Some((ratio, rounds)) = cost {
+                println!("|   | {what} (HTTP), server CPU per request off / on, median of {rounds} rounds | {ratio:.3} | | | | | |");
             }
         }
     }
@@ -475,6 +489,7 @@ fn summarize(target: &str, c: usize, mut lat: Vec<f64>, errors: u64, dur: Durati
         p99_ms: percentile(&lat, 0.99),
         errors,
         rss_mb: None,
+        cpu_us_per_req: None,
     }
 }
 
@@ -594,15 +609,21 @@ impl LoadClient {
     }
 
     /// Closed loop: `c` workers send back to back; only the measured window counts.
-    async fn run(&self, c: usize, warm: Duration, dur: Duration) -> Point {
+    async fn run(&self, c: usize, warm: Duration, dur: Duration, server: u32) -> Point {
         if let LoadClient::Wrk { url, script, .. } = self {
             let (url, script) = (url.clone(), script.clone());
-            return tokio::task::spawn_blocking(move || run_wrk(&url, &script, c, warm, dur))
+            return tokio::task::spawn_blocking(move || run_wrk(&url, &script, c, warm, dur, server))
                 .await
                 .unwrap_or_else(|_| summarize("", c, Vec::new(), 1, dur));
         }
         let measure_from = Instant::now() + warm;
         let end = measure_from + dur;
+        let cpu = tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let before = tree_cpu_secs(server);
+            tokio::time::sleep_until(end.into()).await;
+            tree_cpu_secs(server) - before
+        });
         let tasks: Vec<_> = (0..c)
             .map(|i| {
                 let me = Arc::new(self.clone());
@@ -633,7 +654,10 @@ impl LoadClient {
                 errors += e;
             }
         }
-        summarize("", c, all, errors, dur)
+        let answered = all.len();
+        let mut p = summarize("", c, all, errors, dur);
+        p.cpu_us_per_req = cpu.await.ok().and_then(|secs| per_request_us(secs, answered as f64));
+        p
     }
 }
 
@@ -671,7 +695,7 @@ fn wrk_ms(v: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|x| x * mul)
 }
 
-fn run_wrk(url: &str, script: &Path, c: usize, warm: Duration, dur: Duration) -> Point {
+fn run_wrk(url: &str, script: &Path, c: usize, warm: Duration, dur: Duration, server: u32) -> Point {
     let wrk = |d: Duration| {
         Command::new("wrk")
             .args([
@@ -690,10 +714,12 @@ fn run_wrk(url: &str, script: &Path, c: usize, warm: Duration, dur: Duration) ->
     if !warm.is_zero() {
         let _ = wrk(warm);
     }
+    let before = tree_cpu_secs(server);
     let out = match wrk(dur) {
         Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
         Err(_) => return summarize("", c, Vec::new(), 1, dur),
     };
+    let cpu = tree_cpu_secs(server) - before;
     let field = |prefix: &str| {
         out.lines()
             .map(str::trim)
@@ -704,23 +730,33 @@ fn run_wrk(url: &str, script: &Path, c: usize, warm: Duration, dur: Duration) ->
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0)
         + field("Socket errors:").map_or(0, |_| 1);
+    // "  123456 requests in 8.00s, 12.34MB read"
+    let answered = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok());
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0);
     Point {
         target: String::new(),
         concurrency: c,
-        rps: field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0),
+        rps,
         p50_ms: field("50%").and_then(|v| wrk_ms(&v)).unwrap_or(f64::NAN),
         p99_ms: field("99%").and_then(|v| wrk_ms(&v)).unwrap_or(f64::NAN),
         errors,
         rss_mb: None,
+        cpu_us_per_req: answered.and_then(|n| per_request_us(cpu, n)),
     }
 }
 
 // === Processes ===
 
-/// Sums VmRSS over a process and its descendants.
-fn tree_rss_mb(pid: u32) -> f64 {
-    let mut total = 0u64;
-    let mut stack = vec![pid];
+fn per_request_us(cpu_secs: f64, requests: f64) -> Option<f64> {
+    (requests > 0.0 && cpu_secs > 0.0).then(|| cpu_secs * 1e6 / requests)
+}
+
+/// The process and its descendants, by pid.
+fn process_tree(pid: u32) -> Vec<u32> {
     let procs: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -733,16 +769,45 @@ fn tree_rss_mb(pid: u32) -> f64 {
             Some((p, ppid))
         })
         .collect();
+    let (mut tree, mut stack) = (Vec::new(), vec![pid]);
     while let Some(p) = stack.pop() {
-        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        tree.push(p);
         stack.extend(procs.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
     }
-    total as f64 / 1024.0
+    tree
+}
+
+/// User + system CPU seconds of a process and its descendants so far.
+fn tree_cpu_secs(pid: u32) -> f64 {
+    // USER_HZ: 100 on every Linux ABI this runs on (the kernel fixes it for /proc).
+    const TICKS_PER_SEC: f64 = 100.0;
+    let ticks: u64 = process_tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            // After the command: state ppid ... utime is the 12th, stime the 13th.
+            let utime: u64 = fields.nth(11)?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum();
+    ticks as f64 / TICKS_PER_SEC
+}
+
+/// Sums VmRSS over a process and its descendants.
+fn tree_rss_mb(pid: u32) -> f64 {
+    let kb: u64 = process_tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum();
+    kb as f64 / 1024.0
 }
 
 fn terminate(child: &mut Child) {

@@ -49,7 +49,7 @@ pub struct ModelVersion {
 
 impl ModelVersion {
     pub fn labels(&self) -> &ModelLabels {
-        &self.scheduler.runtime().labels
+        self.scheduler.runtime().recorder.labels()
     }
 }
 
@@ -305,13 +305,12 @@ impl ModelRepository {
     /// Validates and runs one request, and records it in the metrics.
     pub async fn infer(&self, name: &str, version: &str, parts: RequestParts) -> Result<InferResponse, InferError> {
         let mv = self.version(name, version)?;
-        let metrics = &self.inner.metrics;
-        if !metrics.enabled() {
+        let rec = &mv.scheduler.runtime().recorder;
+        if !rec.enabled() {
             return self.infer_on(&mv, parts).await;
         }
         let started = Instant::now();
-        let concurrent = metrics.concurrent_requests.get_or_create(mv.labels()).clone();
-        concurrent.inc();
+        rec.concurrent.inc();
         // The core's own span: a child of the edge's request span, so a trace shows
         // where the time went between protocol handling and the model.
         let span = if lattice_observability::telemetry::spans_enabled() {
@@ -320,13 +319,12 @@ impl ModelRepository {
             tracing::Span::none()
         };
         let result = self.infer_on(&mv, parts).instrument(span).await;
-        concurrent.dec();
+        rec.concurrent.dec();
         let (confidence, error) = match &result {
             Ok(r) => (r.confidence, ErrorType::None),
             Err(e) => (None, e.error_type()),
         };
-        metrics.observe_inference(
-            mv.labels(),
+        rec.observe_inference(
             started.elapsed(),
             confidence,
             error,
@@ -338,9 +336,9 @@ impl ModelRepository {
     async fn infer_on(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
         let rt = mv.scheduler.runtime().clone();
         let req = prepare(&rt.config, rt.text.as_deref(), parts)?;
-        if let Some(drift) = &rt.config.drift {
+        if let Some(drift) = rt.config.drift.as_ref().filter(|_| rt.recorder.enabled()) {
             for item in crate::quality::item_features(drift, &req.inputs, rt.config.max_batch_size > 0) {
-                self.inner.metrics.observe_features(&rt.labels, &item);
+                self.inner.metrics.observe_features(rt.recorder.labels(), &item);
             }
         }
         let deadline = req.deadline;
@@ -563,10 +561,10 @@ fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedMod
             engine_outputs: engine_outputs.clone(),
             stats: Stats::default(),
             metrics: metrics.clone(),
-            labels: ModelLabels {
+            recorder: metrics.recorder(&ModelLabels {
                 model_name: name.to_string(),
                 model_version: v.to_string(),
-            },
+            }),
         });
         versions.insert(
             v,

@@ -23,7 +23,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-use lattice_observability::{quality::std_dev, Metrics, ModelLabels};
+use lattice_observability::{quality::std_dev, Metrics, ModelRecorder};
 
 use crate::{
     backend::Backend,
@@ -81,7 +81,8 @@ pub struct ModelRuntime {
     pub engine_outputs: Vec<String>,
     pub stats: Stats,
     pub metrics: Arc<Metrics>,
-    pub labels: ModelLabels,
+    /// This version's metric handles (its labels included), resolved at load.
+    pub recorder: ModelRecorder,
 }
 
 struct Entry {
@@ -319,13 +320,11 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
     match result {
         Ok((outputs, timing)) => {
             rt.stats.record_batch(&timing);
-            let m = &rt.metrics;
-            let recording = m.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
+            let (m, rec) = (&rt.metrics, &rt.recorder);
+            let recording = rec.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
             if recording {
-                m.batch_size.get_or_create(&rt.labels).observe(size as f64);
-                m.compute_duration
-                    .get_or_create(&rt.labels)
-                    .observe(compute_time.as_secs_f64());
+                rec.batch_size.observe(size as f64);
+                rec.compute_duration.observe(compute_time.as_secs_f64());
                 m.observe_service_time(compute_time.as_secs_f64() / size.max(1) as f64);
             }
             let confidences = if recording {
@@ -351,11 +350,9 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 offset += e.items;
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
                 if recording {
-                    m.queue_duration.get_or_create(&rt.labels).observe(queued.as_secs_f64());
+                    rec.queue_duration.observe(queued.as_secs_f64());
                     m.observe_queue_time(queued.as_secs_f64());
-                    m.request_duration
-                        .get_or_create(&rt.labels)
-                        .observe(e.enqueued.elapsed().as_secs_f64());
+                    rec.request_duration.observe(e.enqueued.elapsed().as_secs_f64());
                 }
                 let resp = mine.map(|outputs| InferResponse {
                     id: e.req.id,
@@ -398,17 +395,12 @@ fn batch_quality(rt: &ModelRuntime, outputs: &[(String, Tensor)]) -> Vec<f64> {
         return Vec::new();
     };
     let items = crate::quality::item_confidences(q.kind, t);
-    let confidence = rt.metrics.confidence.get_or_create(&rt.labels);
-    let entropy = rt.metrics.entropy.get_or_create(&rt.labels);
     for &(c, h) in &items {
-        confidence.observe(c);
-        entropy.observe(h);
+        rt.recorder.confidence.observe(c);
+        rt.recorder.entropy.observe(h);
     }
     let tops: Vec<f64> = items.iter().map(|&(c, _)| c).collect();
-    rt.metrics
-        .batch_confidence_stddev
-        .get_or_create(&rt.labels)
-        .observe(std_dev(&tops));
+    rt.recorder.batch_confidence_stddev.observe(std_dev(&tops));
     tops
 }
 

@@ -11,4 +11,4 @@ pub mod quality;
 pub mod scaling;
 pub mod telemetry;
 
-pub use metrics::{ErrorType, Metrics, ModelLabels};
+pub use metrics::{ErrorType, Metrics, ModelLabels, ModelRecorder};

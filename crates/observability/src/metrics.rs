@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    sync::{atomic::AtomicI64, Arc},
+    sync::{atomic::AtomicI64, Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -303,11 +303,20 @@ struct LatencyWindow {
 
 const LATENCY_WINDOW: usize = 1024;
 
+/// One model version's recent completions, written per request through its
+/// [`ModelRecorder`] and read at scrape time.
+#[derive(Debug)]
+struct ModelRecent {
+    qps: RateWindow,
+    latency: LatencyWindow,
+}
+
 /// Per-model state read at scrape time.
 #[derive(Debug, Default)]
 struct ModelWindows {
-    qps: HashMap<ModelLabels, RateWindow>,
-    latency: HashMap<ModelLabels, LatencyWindow>,
+    /// Each entry has its own lock, so requests of different models do not contend
+    /// and a request never takes the registry-wide lock.
+    recent: HashMap<ModelLabels, Arc<Mutex<ModelRecent>>>,
     /// Keyed by model version, tagged with the id of the loaded instance that owns it.
     drift: HashMap<ModelLabels, (u64, Vec<(String, DriftFeature)>)>,
 }
@@ -392,8 +401,7 @@ pub struct Metrics {
     enabled: bool,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: HistogramFamily<RouteLabels>,
-    pub inference_latency:
-        Family<LatencyLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
+    pub inference_latency: LatencyFamily,
     pub queue_duration: HistogramFamily<ModelLabels>,
     pub compute_duration: HistogramFamily<ModelLabels>,
     pub request_duration: HistogramFamily<ModelLabels>,
@@ -669,29 +677,42 @@ impl Metrics {
     /// 1024 successful requests. prometheus-client has no summary type, so it is
     /// written here, in the shape both text formats share.
     fn encode_summary(&self, out: &mut String) {
-        let w = self.windows.lock();
-        let mut models: Vec<_> = w.latency.iter().filter(|(_, lw)| !lw.values.is_empty()).collect();
+        let recent: Vec<(ModelLabels, Arc<Mutex<ModelRecent>>)> = self
+            .windows
+            .lock()
+            .recent
+            .iter()
+            .map(|(m, r)| (m.clone(), r.clone()))
+            .collect();
+        let mut models: Vec<(ModelLabels, Vec<f64>, f64, u64)> = recent
+            .into_iter()
+            .filter_map(|(m, r)| {
+                let r = r.lock();
+                let lw = &r.latency;
+                (!lw.values.is_empty()).then(|| (m, lw.values.iter().copied().collect(), lw.sum, lw.count))
+            })
+            .collect();
         if models.is_empty() {
             return;
         }
-        models.sort_by(|a, b| a.0.cmp(b.0));
+        models.sort_by(|a, b| a.0.cmp(&b.0));
         let name = "ai_inference_latency_recent_seconds";
         let _ = writeln!(out, "# HELP {name} Inference latency quantiles over the last {LATENCY_WINDOW} successful requests of this process (histograms are the source of truth).");
         let _ = writeln!(out, "# TYPE {name} summary");
-        for (m, lw) in models {
+        for (m, mut v, sum, count) in models {
             let labels = format!("model_name=\"{}\",model_version=\"{}\"", m.model_name, m.model_version);
-            let mut v: Vec<f64> = lw.values.iter().copied().collect();
             v.sort_by(f64::total_cmp);
             for q in [0.5, 0.95, 0.99] {
                 let i = ((v.len() as f64 - 1.0) * q).round() as usize;
                 let _ = writeln!(out, "{name}{{{labels},quantile=\"{q}\"}} {}", v[i]);
             }
-            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", lw.sum);
-            let _ = writeln!(out, "{name}_count{{{labels}}} {}", lw.count);
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
         }
     }
 
-    /// Records one finished inference request.
+    /// Records one finished inference request. The serving path records through a
+    /// [`ModelRecorder`] resolved once per model version; this looks one up per call.
     pub fn observe_inference(
         &self,
         model: &ModelLabels,
@@ -700,51 +721,40 @@ impl Metrics {
         error: ErrorType,
         trace_id: Option<String>,
     ) {
-        if !self.enabled {
-            return;
-        }
-        let secs = latency.as_secs_f64();
-        self.inference_latency
-            .get_or_create(&LatencyLabels {
-                model_name: model.model_name.clone(),
-                model_version: model.model_version.clone(),
-                confidence_level: ConfidenceLevel::of(top1),
-                error_type: error,
+        self.recorder(model).observe_inference(latency, top1, error, trace_id);
+    }
+
+    /// The metric handles of one model version. Family entries are never removed, so
+    /// the handles stay valid for as long as the version serves.
+    pub fn recorder(&self, model: &ModelLabels) -> ModelRecorder {
+        let recent = self
+            .windows
+            .lock()
+            .recent
+            .entry(model.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(ModelRecent {
+                    qps: RateWindow::new(),
+                    latency: LatencyWindow::default(),
+                }))
             })
-            .observe(secs, trace_id.map(|trace_id| TraceLabel { trace_id }), None);
-        if error == ErrorType::None {
-            self.success.get_or_create(model).inc();
-        } else {
-            self.failure
-                .get_or_create(&FailureLabels {
-                    model_name: model.model_name.clone(),
-                    model_version: model.model_version.clone(),
-                    error_type: error,
-                })
-                .inc();
-        }
-        let now = Instant::now();
-        let mut w = self.windows.lock();
-        // Look up before inserting: `entry` would clone the labels on every request.
-        match w.qps.get_mut(model) {
-            Some(rate) => rate.add(now),
-            None => {
-                let mut rate = RateWindow::new();
-                rate.add(now);
-                w.qps.insert(model.clone(), rate);
-            }
-        }
-        if error == ErrorType::None {
-            if !w.latency.contains_key(model) {
-                w.latency.insert(model.clone(), Default::default());
-            }
-            let lw = w.latency.get_mut(model).expect("inserted above");
-            if lw.values.len() == LATENCY_WINDOW {
-                lw.values.pop_front();
-            }
-            lw.values.push_back(secs);
-            lw.sum += secs;
-            lw.count += 1;
+            .clone();
+        ModelRecorder {
+            enabled: self.enabled,
+            labels: model.clone(),
+            concurrent: self.concurrent_requests.get_or_create(model).clone(),
+            queue_duration: self.queue_duration.get_or_create(model).clone(),
+            compute_duration: self.compute_duration.get_or_create(model).clone(),
+            request_duration: self.request_duration.get_or_create(model).clone(),
+            batch_size: self.batch_size.get_or_create(model).clone(),
+            confidence: self.confidence.get_or_create(model).clone(),
+            entropy: self.entropy.get_or_create(model).clone(),
+            batch_confidence_stddev: self.batch_confidence_stddev.get_or_create(model).clone(),
+            success: self.success.get_or_create(model).clone(),
+            latency_ok: Arc::default(),
+            latency: self.inference_latency.clone(),
+            failure: self.failure.clone(),
+            recent,
         }
     }
 
@@ -832,10 +842,111 @@ impl Metrics {
             return;
         }
         let mut w = self.windows.lock();
-        w.qps.remove(model);
-        w.latency.remove(model);
+        w.recent.remove(model);
         if w.drift.get(model).is_some_and(|(i, _)| *i == id) {
             w.drift.remove(model);
+        }
+    }
+}
+
+// === ModelRecorder ===
+
+type LatencyFamily =
+    Family<LatencyLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>;
+
+/// One model version's metric handles, resolved once when the version loads, so a
+/// request neither hashes label sets nor takes a family's lock: at a few µs per
+/// request (the compute-light model) those lookups were a visible share of the
+/// server's own cost. Cheap to clone; every handle shares its series.
+#[derive(Clone)]
+pub struct ModelRecorder {
+    enabled: bool,
+    labels: ModelLabels,
+    pub concurrent: Gauge<i64, AtomicI64>,
+    pub queue_duration: Histogram,
+    pub compute_duration: Histogram,
+    pub request_duration: Histogram,
+    pub batch_size: Histogram,
+    pub confidence: Histogram,
+    pub entropy: Histogram,
+    pub batch_confidence_stddev: Histogram,
+    success: Counter,
+    /// Successful requests' latency, indexed by `ConfidenceLevel as usize`; each
+    /// series is created on its first observation, as a family would, so levels a
+    /// model never produces stay out of the exposition.
+    latency_ok: Arc<[OnceLock<HistogramWithExemplars<TraceLabel>>; 4]>,
+    /// Failures are rare: their series are looked up when they happen.
+    latency: LatencyFamily,
+    failure: Family<FailureLabels, Counter>,
+    recent: Arc<Mutex<ModelRecent>>,
+}
+
+impl std::fmt::Debug for ModelRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRecorder")
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelRecorder {
+    fn latency_series(
+        &self,
+        confidence_level: ConfidenceLevel,
+        error_type: ErrorType,
+    ) -> HistogramWithExemplars<TraceLabel> {
+        self.latency
+            .get_or_create(&LatencyLabels {
+                model_name: self.labels.model_name.clone(),
+                model_version: self.labels.model_version.clone(),
+                confidence_level,
+                error_type,
+            })
+            .clone()
+    }
+
+    /// Whether recorders should record; checked once per request or batch.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn labels(&self) -> &ModelLabels {
+        &self.labels
+    }
+
+    /// Records one finished inference request.
+    pub fn observe_inference(&self, latency: Duration, top1: Option<f64>, error: ErrorType, trace_id: Option<String>) {
+        if !self.enabled {
+            return;
+        }
+        let secs = latency.as_secs_f64();
+        let exemplar = trace_id.map(|trace_id| TraceLabel { trace_id });
+        let level = ConfidenceLevel::of(top1);
+        if error == ErrorType::None {
+            self.latency_ok[level as usize]
+                .get_or_init(|| self.latency_series(level, error))
+                .observe(secs, exemplar, None);
+            self.success.inc();
+        } else {
+            self.latency_series(level, error).observe(secs, exemplar, None);
+            self.failure
+                .get_or_create(&FailureLabels {
+                    model_name: self.labels.model_name.clone(),
+                    model_version: self.labels.model_version.clone(),
+                    error_type: error,
+                })
+                .inc();
+        }
+        let mut r = self.recent.lock();
+        r.qps.add(Instant::now());
+        if error == ErrorType::None {
+            let lw = &mut r.latency;
+            if lw.values.len() == LATENCY_WINDOW {
+                lw.values.pop_front();
+            }
+            lw.values.push_back(secs);
+            lw.sum += secs;
+            lw.count += 1;
         }
     }
 }
@@ -975,7 +1086,13 @@ impl Collector for ScrapeCollector {
         }
         if let Some((load, queue_p95, service, (safe, cost))) = scaling {
             let now = Instant::now();
-            let qps: f64 = self.windows.lock().qps.values_mut().map(|r| r.per_second(now)).sum();
+            let qps: f64 = self
+                .windows
+                .lock()
+                .recent
+                .values()
+                .map(|r| r.lock().qps.per_second(now))
+                .sum();
             scaling_signals(&mut enc, load, qps, queue_p95, service)?;
             crate::process::gauge(
                 &mut enc,
@@ -997,8 +1114,12 @@ impl Collector for ScrapeCollector {
             pending,
         )?;
         let now = Instant::now();
-        let mut w = self.windows.lock();
-        let mut qps: Vec<(ModelLabels, f64)> = w.qps.iter_mut().map(|(m, r)| (m.clone(), r.per_second(now))).collect();
+        let w = self.windows.lock();
+        let mut qps: Vec<(ModelLabels, f64)> = w
+            .recent
+            .iter()
+            .map(|(m, r)| (m.clone(), r.lock().qps.per_second(now)))
+            .collect();
         qps.sort_by(|a, b| a.0.cmp(&b.0));
         gauge_family(
             &mut enc,

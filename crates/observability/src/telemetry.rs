@@ -27,13 +27,15 @@ use opentelemetry_sdk::{
     Resource,
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+use tracing_subscriber::{filter::FilterExt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
 /// The module that opens the per-request server spans (`lattice_server::observe`).
 pub const EDGE_TARGET: &str = "lattice_server::observe";
 
 /// Set once by [`init`]; off until then (no subscriber, no spans to build).
 static SPANS: AtomicBool = AtomicBool::new(false);
+/// Whether JSON logs print span ids, so request spans must carry them as fields.
+static SPAN_ID_FIELDS: AtomicBool = AtomicBool::new(false);
 
 tokio::task_local! {
     /// The caller's trace id while spans are off (see the module docs).
@@ -145,8 +147,17 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
     // Without an exporter only the edge's request spans are needed (their ids go into
     // logs, exemplars and onward propagation); inner spans would be built for nothing.
     let exporting = cfg.otlp_endpoint.is_some();
+    // Per-span extras off: source location, thread, target and busy/idle timing
+    // (an Instant read at every poll) add attributes nobody queries, and context
+    // activation at every poll serves only libraries that read the ambient OpenTelemetry
+    // context, which nothing here does. Together they cost more than the span.
     let otel = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("lattice"))
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
         .with_filter(tracing_subscriber::filter::filter_fn(move |meta| {
             *meta.level() <= tracing::Level::INFO && (exporting || meta.target().starts_with(EDGE_TARGET))
         }));
@@ -160,9 +171,12 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
             .with_filter(filter)
             .boxed()
     } else {
+        // Text lines carry events only: formatting every request span's fields for a
+        // line that is seldom written was the largest part of a span's cost. JSON logs
+        // are the ones that carry a request's trace_id and span_id.
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_filter(filter)
+            .with_filter(filter.and(tracing_subscriber::filter::filter_fn(|meta| !meta.is_span())))
             .boxed()
     };
     tracing_subscriber::registry()
@@ -171,6 +185,7 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
         .try_init()
         .map_err(|e| format!("tracing already initialised: {e}"))?;
     SPANS.store(exporting || cfg.json_logs, Ordering::Relaxed);
+    SPAN_ID_FIELDS.store(cfg.json_logs, Ordering::Relaxed);
     Ok(TelemetryGuard { provider })
 }
 
@@ -201,6 +216,9 @@ impl Injector for HeaderInjector<'_> {
 
 /// The remote parent carried by `traceparent` / `tracestate` headers, if any.
 pub fn extract(headers: &http::HeaderMap) -> Context {
+    if !headers.contains_key("traceparent") {
+        return Context::new();
+    }
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
@@ -233,11 +251,14 @@ pub fn traceparent_of(span: &tracing::Span) -> String {
         .to_string()
 }
 
-/// Makes `span` a child of the remote context (when valid) and records its W3C ids as
-/// the span fields `trace_id` and `span_id`, which JSON logs then carry.
+/// Makes `span` a child of the remote context (when valid) and, when JSON logs print
+/// them, records its W3C ids as the span fields `trace_id` and `span_id`.
 pub fn adopt(span: &tracing::Span, remote: Context) {
     if remote.span().span_context().is_valid() {
         let _ = span.set_parent(remote);
+    }
+    if !SPAN_ID_FIELDS.load(Ordering::Relaxed) {
+        return;
     }
     let cx = span.context();
     let sc = cx.span().span_context().clone();

@@ -4,7 +4,8 @@
 
 use std::{
     borrow::Cow,
-    sync::Arc,
+    collections::HashSet,
+    sync::{Arc, LazyLock},
     task::{Context, Poll},
     time::Instant,
 };
@@ -19,6 +20,7 @@ use lattice_observability::{
     metrics::{RequestLabels, RouteLabels},
     telemetry, Metrics,
 };
+use parking_lot::RwLock;
 use tracing::{field::Empty, Instrument};
 
 use crate::AppState;
@@ -28,10 +30,11 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     if !state.cfg.telemetry {
         return next.run(req).await;
     }
-    let route: Cow<'static, str> = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(Cow::Borrowed("unmatched"), |p| Cow::Owned(p.as_str().to_string()));
+    let route = Cow::Borrowed(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", |p| intern(p.as_str())),
+    );
     let method = http_method(req.method());
     if !telemetry::spans_enabled() {
         let caller = telemetry::caller_trace_id(req.headers());
@@ -66,6 +69,31 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     tracing::debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request served");
     record(state.repo.metrics(), "http", method, route, status, started);
     resp
+}
+
+/// Most distinct routes and gRPC paths kept as label values; later ones are
+/// recorded as `other`. Router templates are few, but a client can name any method
+/// of a served gRPC service, and each name would be a new series.
+const MAX_INTERNED: usize = 256;
+
+static INTERNED: LazyLock<RwLock<HashSet<&'static str>>> = LazyLock::new(Default::default);
+
+/// `s` as a `'static` label value, so recording a request allocates nothing. Each
+/// distinct value is leaked once; [`MAX_INTERNED`] bounds them.
+fn intern(s: &str) -> &'static str {
+    if let Some(v) = INTERNED.read().get(s) {
+        return v;
+    }
+    let mut set = INTERNED.write();
+    if let Some(v) = set.get(s) {
+        return v;
+    }
+    if set.len() >= MAX_INTERNED {
+        return "other";
+    }
+    let v: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    set.insert(v);
+    v
 }
 
 /// The standard methods as static strings; anything else is owned.
@@ -164,15 +192,16 @@ where
         // Paths are client-chosen: only the services served here become label values,
         // so a scan of made-up methods cannot grow the metric families.
         let raw = req.uri().path();
-        let path: Cow<'static, str> = if SERVICES
+        let path: &'static str = if SERVICES
             .iter()
             .any(|s| raw.strip_prefix(s).is_some_and(|m| m.starts_with('/')))
         {
-            Cow::Owned(raw.to_string())
+            intern(raw)
         } else {
-            Cow::Borrowed("unknown")
+            "unknown"
         };
-        let method: Cow<'static, str> = Cow::Owned(path.rsplit('/').next().unwrap_or_default().to_string());
+        let method = Cow::Borrowed(path.rsplit('/').next().unwrap_or_default());
+        let path = Cow::Borrowed(path);
         if !telemetry::spans_enabled() {
             let caller = telemetry::caller_trace_id(req.headers());
             return Box::pin(async move {
