@@ -65,9 +65,9 @@ count() { # name, serve flags...
   until curl -sf "http://$http/v2/health/ready"; do sleep 0.2; done
   local url="http://$http/v2/models/silero_vad/infer"
   send "$url" 50
-  callgrind_control -z $pid > /dev/null
+  callgrind_control -z $pid > /dev/null 2>&1
   send "$url" "$n"
-  callgrind_control -d $pid > /dev/null
+  callgrind_control -d $pid > /dev/null 2>&1
   kill $pid; wait $pid 2>/dev/null || true
   grep -l "Trigger: dump" "$work/$name".* | xargs grep -h '^totals:' | awk '{print $2}'
 }

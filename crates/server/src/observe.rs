@@ -246,3 +246,27 @@ fn grpc_code<RB, E>(result: &Result<http::Response<RB>, E>) -> u16 {
         Err(_) => 13,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interned_labels_are_shared_and_bounded() {
+        let first = intern("/v2/models/{model}/infer");
+        assert!(
+            std::ptr::eq(first, intern("/v2/models/{model}/infer")),
+            "leaked once, then reused"
+        );
+        let names: Vec<String> = (0..MAX_INTERNED + 1)
+            .map(|i| format!("/inference.GRPCInferenceService/Made{i}"))
+            .collect();
+        let last = names.iter().map(|n| intern(n)).last();
+        assert_eq!(last, Some("other"), "past the cap, new values collapse");
+        assert_eq!(
+            intern("/v2/models/{model}/infer"),
+            first,
+            "values seen before keep theirs"
+        );
+    }
+}
