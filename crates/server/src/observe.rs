@@ -261,8 +261,8 @@ mod tests {
         let names: Vec<String> = (0..MAX_INTERNED + 1)
             .map(|i| format!("/inference.GRPCInferenceService/Made{i}"))
             .collect();
-        let last = names.iter().map(|n| intern(n)).last();
-        assert_eq!(last, Some("other"), "past the cap, new values collapse");
+        let interned: Vec<&'static str> = names.iter().map(|n| intern(n)).collect();
+        assert_eq!(interned.last(), Some(&"other"), "past the cap, new values collapse");
         assert_eq!(
             intern("/v2/models/{model}/infer"),
             first,
