@@ -654,7 +654,8 @@ impl LoadClient {
                 errors += e;
             }
         }
-        let answered = all.len();
+        // Failed requests cost the server too; wrk counts them the same way.
+        let answered = all.len() as u64 + errors;
         let mut p = summarize("", c, all, errors, dur);
         p.cpu_us_per_req = cpu.await.ok().and_then(|secs| per_request_us(secs, answered as f64));
         p

@@ -156,7 +156,9 @@ pub struct AgentArgs {
     /// Bearer token the orchestrator requires, if any.
     #[arg(long, env = "LATTICE_AGENT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// Log filter, in tracing's EnvFilter syntax. Text logs carry events only, so
+    /// directives scoped to a span (`[grpc.request]=debug`) take effect with
+    /// `--log-format json`.
     #[arg(long, env = "LATTICE_LOG", default_value = "info")]
     pub log: String,
 }
@@ -213,7 +215,9 @@ pub struct ConsumeArgs {
     /// ONNX Runtime shared library. Defaults to the one scripts/setup.sh installs in .venv.
     #[arg(long, env = "LATTICE_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// Log filter, in tracing's EnvFilter syntax. Text logs carry events only, so
+    /// directives scoped to a span (`[grpc.request]=debug`) take effect with
+    /// `--log-format json`.
     #[arg(long, env = "LATTICE_LOG", default_value = "info")]
     pub log: String,
 }

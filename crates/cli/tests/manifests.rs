@@ -56,7 +56,14 @@ fn registry_names() -> BTreeSet<String> {
     };
     m.observe_inference(&labels, Duration::from_millis(1), Some(0.9), ErrorType::None, None);
     m.observe_inference(&labels, Duration::from_millis(1), None, ErrorType::Overloaded, None);
-    m.track_model(&labels, 1, Box::new(|| 0), vec![("x:mean".into(), vec![1.0])], 1, 1);
+    m.track_model(
+        &m.recorder(&labels),
+        1,
+        Box::new(|| 0),
+        vec![("x:mean".into(), vec![1.0])],
+        1,
+        1,
+    );
     m.concurrent_requests.get_or_create(&labels).set(0);
     m.observe_service_time(0.001);
     m.observe_queue_time(0.001);

@@ -615,7 +615,14 @@ fn track(model: &LoadedModel, v: &ModelVersion, metrics: &Metrics) {
         }
         None => (Vec::new(), 1, 1),
     };
-    metrics.track_model(v.labels(), v.id, pending, features, reference_size, window);
+    metrics.track_model(
+        &v.scheduler.runtime().recorder,
+        v.id,
+        pending,
+        features,
+        reference_size,
+        window,
+    );
 }
 
 /// Maps the model file once and builds every instance from the same mapping.

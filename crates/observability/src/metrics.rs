@@ -721,24 +721,26 @@ impl Metrics {
         error: ErrorType,
         trace_id: Option<String>,
     ) {
-        self.recorder(model).observe_inference(latency, top1, error, trace_id);
-    }
-
-    /// The metric handles of one model version. Family entries are never removed, so
-    /// the handles stay valid for as long as the version serves.
-    pub fn recorder(&self, model: &ModelLabels) -> ModelRecorder {
-        let recent = self
-            .windows
+        let recorder = self.recorder(model);
+        self.windows
             .lock()
             .recent
             .entry(model.clone())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(ModelRecent {
-                    qps: RateWindow::new(),
-                    latency: LatencyWindow::default(),
-                }))
-            })
-            .clone();
+            .or_insert_with(|| recorder.recent.clone());
+        recorder.observe_inference(latency, top1, error, trace_id);
+    }
+
+    /// The metric handles of one model version. Family entries are never removed, so
+    /// the handles stay valid for as long as the version serves. A reload shares the
+    /// windows of the instance it replaces; [`Metrics::track_model`] makes them read
+    /// at scrape time.
+    pub fn recorder(&self, model: &ModelLabels) -> ModelRecorder {
+        let recent = self.windows.lock().recent.get(model).cloned().unwrap_or_else(|| {
+            Arc::new(Mutex::new(ModelRecent {
+                qps: RateWindow::new(),
+                latency: LatencyWindow::default(),
+            }))
+        });
         ModelRecorder {
             enabled: self.enabled,
             labels: model.clone(),
@@ -759,17 +761,18 @@ impl Metrics {
     }
 
     /// Registers a loaded model version (`id` tells a reload of the same version
-    /// apart from the instance it replaces): its live queue depth and its drift
-    /// features (name, optional fixed reference).
+    /// apart from the instance it replaces) once it serves: its recorder's windows,
+    /// its live queue depth and its drift features (name, optional fixed reference).
     pub fn track_model(
         &self,
-        model: &ModelLabels,
+        recorder: &ModelRecorder,
         id: u64,
         pending: GaugeSource,
         features: Vec<(String, Vec<f64>)>,
         reference_size: usize,
         window: usize,
     ) {
+        let model = recorder.labels();
         let mut sources = self.sources.lock();
         sources.pending.retain(|(m, _, _)| m != model);
         sources.pending.push((model.clone(), id, pending));
@@ -777,7 +780,12 @@ impl Metrics {
             .into_iter()
             .map(|(name, reference)| (name, DriftFeature::new(reference, reference_size, window)))
             .collect();
-        self.windows.lock().drift.insert(model.clone(), (id, list));
+        let mut w = self.windows.lock();
+        // Registered here, not when the recorder was made: between the two the
+        // instance this one replaces may stop serving and forget the entry, and a
+        // load that fails must leave none behind.
+        w.recent.insert(model.clone(), recorder.recent.clone());
+        w.drift.insert(model.clone(), (id, list));
     }
 
     /// Installs the replica's load source for the scaling signals.
@@ -1233,7 +1241,7 @@ mod tests {
             Some("abc".into()),
         );
         m.observe_inference(&labels(), Duration::from_millis(3), None, ErrorType::Overloaded, None);
-        m.track_model(&labels(), 1, Box::new(|| 7), Vec::new(), 1, 1);
+        m.track_model(&m.recorder(&labels()), 1, Box::new(|| 7), Vec::new(), 1, 1);
         let text = m.encode();
         assert!(
             text.contains("confidence_level=\"high\",error_type=\"none\"} 1 # {trace_id=\"abc\"} 0.003"),
@@ -1252,6 +1260,33 @@ mod tests {
         assert!(classic.contains("# TYPE ai_inference_success_total counter"));
         assert!(!classic.contains("# {trace_id"));
         assert!(!classic.contains("# EOF"));
+    }
+
+    #[test]
+    fn windows_are_read_once_tracked_and_survive_the_replaced_instance() {
+        let m = Metrics::new();
+        let qps_line = "ai_inference_qps{model_name=\"m\",model_version=\"1\"}";
+        // A load that never serves (it failed) leaves no series behind.
+        let failed = m.recorder(&labels());
+        failed.observe_inference(Duration::from_millis(1), None, ErrorType::None, None);
+        assert!(!m.encode().contains(qps_line));
+
+        let old = m.recorder(&labels());
+        m.track_model(&old, 1, Box::new(|| 0), Vec::new(), 1, 1);
+        // Unload, then load again while a request still holds the old instance: the
+        // new recorder is made, the old instance stops serving, then the new one is
+        // tracked.
+        let new = m.recorder(&labels());
+        m.forget_model(&labels(), 1);
+        m.track_model(&new, 2, Box::new(|| 0), Vec::new(), 1, 1);
+        new.observe_inference(Duration::from_millis(1), Some(0.95), ErrorType::None, None);
+        new.batch_size.observe(1.0);
+        let text = m.encode();
+        assert!(text.contains(&format!("{qps_line} 1")), "{text}");
+        assert!(
+            text.contains("ai_inference_batch_size_count{model_name=\"m\",model_version=\"1\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -173,7 +173,8 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
     } else {
         // Text lines carry events only: formatting every request span's fields for a
         // line that is seldom written was the largest part of a span's cost. JSON logs
-        // are the ones that carry a request's trace_id and span_id.
+        // are the ones that carry a request's trace_id and span_id (and the ones where
+        // span-scoped filter directives apply).
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_filter(filter.and(tracing_subscriber::filter::filter_fn(|meta| !meta.is_span())))

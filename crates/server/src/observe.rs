@@ -33,7 +33,7 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     let route = Cow::Borrowed(
         req.extensions()
             .get::<MatchedPath>()
-            .map_or("unmatched", |p| intern(p.as_str())),
+            .map_or("unmatched", |p| ROUTES.intern(p.as_str())),
     );
     let method = http_method(req.method());
     if !telemetry::spans_enabled() {
@@ -71,30 +71,45 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     resp
 }
 
-/// Most distinct routes and gRPC paths kept as label values; later ones are
-/// recorded as `other`. Router templates are few, but a client can name any method
-/// of a served gRPC service, and each name would be a new series.
-const MAX_INTERNED: usize = 256;
-
-static INTERNED: LazyLock<RwLock<HashSet<&'static str>>> = LazyLock::new(Default::default);
-
-/// `s` as a `'static` label value, so recording a request allocates nothing. Each
-/// distinct value is leaked once; [`MAX_INTERNED`] bounds them.
-fn intern(s: &str) -> &'static str {
-    if let Some(v) = INTERNED.read().get(s) {
-        return v;
-    }
-    let mut set = INTERNED.write();
-    if let Some(v) = set.get(s) {
-        return v;
-    }
-    if set.len() >= MAX_INTERNED {
-        return "other";
-    }
-    let v: &'static str = Box::leak(s.to_owned().into_boxed_str());
-    set.insert(v);
-    v
+/// Label values seen at the edge, leaked once each so recording a request borrows
+/// them instead of allocating. Bounded: past `cap` distinct values, new ones are
+/// recorded as `other`, so the leak and the metric families stay small.
+struct Interner {
+    set: LazyLock<RwLock<HashSet<&'static str>>>,
+    cap: usize,
 }
+
+impl Interner {
+    const fn new(cap: usize) -> Interner {
+        Interner {
+            set: LazyLock::new(Default::default),
+            cap,
+        }
+    }
+
+    fn intern(&self, s: &str) -> &'static str {
+        if let Some(v) = self.set.read().get(s) {
+            return v;
+        }
+        let mut set = self.set.write();
+        if let Some(v) = set.get(s) {
+            return v;
+        }
+        if set.len() >= self.cap {
+            return "other";
+        }
+        let v: &'static str = Box::leak(s.to_owned().into_boxed_str());
+        set.insert(v);
+        v
+    }
+}
+
+/// The router's matched templates: a fixed, small set.
+static ROUTES: Interner = Interner::new(256);
+/// Paths under the gRPC services served here. A client can name any method of a
+/// served service, so these have their own cap: made-up names cannot crowd out
+/// the REST routes, whose names per-route sampling matches.
+static GRPC_PATHS: Interner = Interner::new(256);
 
 /// The standard methods as static strings; anything else is owned.
 fn http_method(m: &http::Method) -> Cow<'static, str> {
@@ -196,7 +211,7 @@ where
             .iter()
             .any(|s| raw.strip_prefix(s).is_some_and(|m| m.starts_with('/')))
         {
-            intern(raw)
+            GRPC_PATHS.intern(raw)
         } else {
             "unknown"
         };
@@ -253,20 +268,20 @@ mod tests {
 
     #[test]
     fn interned_labels_are_shared_and_bounded() {
-        let first = intern("/v2/models/{model}/infer");
+        let first = ROUTES.intern("/v2/models/{model}/infer");
         assert!(
-            std::ptr::eq(first, intern("/v2/models/{model}/infer")),
+            std::ptr::eq(first, ROUTES.intern("/v2/models/{model}/infer")),
             "leaked once, then reused"
         );
-        let names: Vec<String> = (0..MAX_INTERNED + 1)
+        let names: Vec<String> = (0..=GRPC_PATHS.cap)
             .map(|i| format!("/inference.GRPCInferenceService/Made{i}"))
             .collect();
-        let interned: Vec<&'static str> = names.iter().map(|n| intern(n)).collect();
+        let interned: Vec<&'static str> = names.iter().map(|n| GRPC_PATHS.intern(n)).collect();
         assert_eq!(interned.last(), Some(&"other"), "past the cap, new values collapse");
         assert_eq!(
-            intern("/v2/models/{model}/infer"),
-            first,
-            "values seen before keep theirs"
+            ROUTES.intern("/v2/health/ready"),
+            "/v2/health/ready",
+            "a full gRPC set does not crowd out routes"
         );
     }
 }
