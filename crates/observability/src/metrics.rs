@@ -400,7 +400,8 @@ pub struct Metrics {
     registry: Registry,
     enabled: bool,
     pub http_requests: Family<RequestLabels, Counter>,
-    pub http_request_duration: HistogramFamily<RouteLabels>,
+    pub http_request_duration:
+        Family<RouteLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
     pub inference_latency: LatencyFamily,
     pub queue_duration: HistogramFamily<ModelLabels>,
     pub compute_duration: HistogramFamily<ModelLabels>,
@@ -464,7 +465,8 @@ impl Metrics {
             "Requests served, by protocol, method and status code",
             http_requests.clone(),
         );
-        let http_request_duration: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
+        let http_request_duration: Family<_, _, fn() -> HistogramWithExemplars<TraceLabel>> =
+            Family::new_with_constructor(latency_with_exemplars);
         r.register(
             "http_request_duration_seconds",
             "Request duration at the edge, by protocol, route and method",

@@ -288,7 +288,12 @@ pub fn current_trace_id() -> Option<String> {
     if !spans_enabled() {
         return CALLER_TRACE.try_with(Clone::clone).ok().flatten();
     }
-    let cx = tracing::Span::current().context();
+    trace_id_of(&tracing::Span::current())
+}
+
+/// The W3C trace id `span` belongs to, if it has a valid one.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
 }

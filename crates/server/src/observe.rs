@@ -17,7 +17,7 @@ use axum::{
 };
 use futures::future::BoxFuture;
 use lattice_observability::{
-    metrics::{RequestLabels, RouteLabels},
+    metrics::{RequestLabels, RouteLabels, TraceLabel},
     telemetry, Metrics,
 };
 use parking_lot::RwLock;
@@ -39,14 +39,17 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     if !telemetry::spans_enabled() {
         let caller = telemetry::caller_trace_id(req.headers());
         let started = Instant::now();
-        let resp = telemetry::with_caller_trace(caller, next.run(req)).await;
+        let resp = telemetry::with_caller_trace(caller.clone(), next.run(req)).await;
         record(
             state.repo.metrics(),
-            "http",
-            method,
-            route,
-            resp.status().as_u16(),
-            started,
+            Observed {
+                protocol: "http",
+                method,
+                route,
+                status_code: resp.status().as_u16(),
+                started,
+                trace_id: caller,
+            },
         );
         return resp;
     }
@@ -67,7 +70,17 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
     span.record("http.response.status_code", status);
     // An access log line at debug level; under the span, so JSON logs carry its ids.
     tracing::debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request served");
-    record(state.repo.metrics(), "http", method, route, status, started);
+    record(
+        state.repo.metrics(),
+        Observed {
+            protocol: "http",
+            method,
+            route,
+            status_code: status,
+            started,
+            trace_id: telemetry::trace_id_of(&span),
+        },
+    );
     resp
 }
 
@@ -120,14 +133,26 @@ fn http_method(m: &http::Method) -> Cow<'static, str> {
         .map_or_else(|| Cow::Owned(m.as_str().to_string()), |k| Cow::Borrowed(*k))
 }
 
-fn record(
-    metrics: &Metrics,
+/// One finished request, as the edge metrics record it.
+struct Observed {
     protocol: &'static str,
     method: Cow<'static, str>,
     route: Cow<'static, str>,
     status_code: u16,
     started: Instant,
-) {
+    /// The request's trace, as the duration histogram's exemplar.
+    trace_id: Option<String>,
+}
+
+fn record(metrics: &Metrics, o: Observed) {
+    let Observed {
+        protocol,
+        method,
+        route,
+        status_code,
+        started,
+        trace_id,
+    } = o;
     metrics
         .http_request_duration
         .get_or_create(&RouteLabels {
@@ -135,7 +160,11 @@ fn record(
             route,
             method: method.clone(),
         })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(
+            started.elapsed().as_secs_f64(),
+            trace_id.map(|trace_id| TraceLabel { trace_id }),
+            None,
+        );
     metrics
         .http_requests
         .get_or_create(&RequestLabels {
@@ -221,8 +250,16 @@ where
             let caller = telemetry::caller_trace_id(req.headers());
             return Box::pin(async move {
                 let started = Instant::now();
-                let result = telemetry::with_caller_trace(caller, inner.call(req)).await;
-                record(&metrics, "grpc", method, path, grpc_code(&result), started);
+                let result = telemetry::with_caller_trace(caller.clone(), inner.call(req)).await;
+                let o = Observed {
+                    protocol: "grpc",
+                    method,
+                    route: path,
+                    status_code: grpc_code(&result),
+                    started,
+                    trace_id: caller,
+                };
+                record(&metrics, o);
                 result
             });
         }
@@ -242,7 +279,15 @@ where
             let result = inner.call(req).instrument(span.clone()).await;
             let code = grpc_code(&result);
             span.record("rpc.grpc.status_code", code);
-            record(&metrics, "grpc", method, path, code, started);
+            let o = Observed {
+                protocol: "grpc",
+                method,
+                route: path,
+                status_code: code,
+                started,
+                trace_id: telemetry::trace_id_of(&span),
+            };
+            record(&metrics, o);
             result
         })
     }

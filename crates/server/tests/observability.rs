@@ -138,6 +138,12 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
             && l.contains(&format!("# {{trace_id=\"{caller_trace}\"}}"))),
         "no exemplar with the caller's trace id in\n{om}"
     );
+    assert!(
+        om.lines().any(|l| l.starts_with("http_request_duration_seconds_bucket{")
+            && l.contains("route=\"/v2/models/{model}/infer\"")
+            && l.contains(&format!("# {{trace_id=\"{caller_trace}\"}}"))),
+        "no request-duration exemplar with the caller's trace id in\n{om}"
+    );
     for needle in [
         "http_requests_total{protocol=\"http\",method=\"POST\",status_code=\"200\"}",
         "http_requests_total{protocol=\"http\",method=\"POST\",status_code=\"400\"}",
