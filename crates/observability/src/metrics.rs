@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder},
+    metrics::MetricType,
     metrics::{
         counter::Counter,
         exemplar::HistogramWithExemplars,
@@ -26,7 +27,7 @@ use prometheus_client::{
         gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 use crate::quality::DriftFeature;
@@ -245,6 +246,17 @@ fn load_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 14))
 }
 
+/// Registers a family and notes the series names it yields.
+fn declare(r: &mut Registry, declared: &mut Vec<String>, name: &str, help: &str, metric: impl Metric) {
+    let suffixes: &[&str] = match metric.metric_type() {
+        MetricType::Counter => &["_total"],
+        MetricType::Histogram => &["_bucket", "_sum", "_count"],
+        _ => &[""],
+    };
+    declared.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    r.register(name, help, metric);
+}
+
 // === Scrape-time state ===
 
 /// Completions over the last second, in 100 ms slots.
@@ -398,6 +410,9 @@ struct PriorityLabel {
 /// Every metric of the process. Cheap to share (`Arc`); pass it explicitly.
 pub struct Metrics {
     registry: Registry,
+    /// Series names of every registered family, sampled or not (collectors' series
+    /// appear only in a scrape).
+    declared: Vec<String>,
     enabled: bool,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration:
@@ -459,156 +474,213 @@ impl Metrics {
 
     pub fn new() -> Metrics {
         let mut r = Registry::default();
+        let mut declared = Vec::new();
         let http_requests = Family::<RequestLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "http_requests",
             "Requests served, by protocol, method and status code",
             http_requests.clone(),
         );
         let http_request_duration: Family<_, _, fn() -> HistogramWithExemplars<TraceLabel>> =
             Family::new_with_constructor(latency_with_exemplars);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "http_request_duration_seconds",
             "Request duration at the edge, by protocol, route and method",
             http_request_duration.clone(),
         );
         let inference_latency: Family<_, _, fn() -> HistogramWithExemplars<TraceLabel>> =
             Family::new_with_constructor(latency_with_exemplars);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_latency_seconds",
             "End-to-end inference latency (validation, queue, compute), by model, top-1 confidence level and outcome; exemplars carry trace_id",
             inference_latency.clone(),
         );
         let queue_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_queue_duration_seconds",
             "Time a request waited in the model's queue",
             queue_duration.clone(),
         );
         let compute_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_compute_duration_seconds",
             "Time one batch spent in compute (input preparation, engine, output)",
             compute_duration.clone(),
         );
         let request_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(latency_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_request_duration_seconds",
             "Time from enqueue to answer (queue plus compute)",
             request_duration.clone(),
         );
         let batch_size: HistogramFamily<ModelLabels> = Family::new_with_constructor(batch_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_batch_size",
             "Items per executed batch",
             batch_size.clone(),
         );
         let concurrent_requests = Family::<ModelLabels, Gauge<i64, AtomicI64>>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "inference_concurrent_requests",
             "Inference requests in progress (queued or computing)",
             concurrent_requests.clone(),
         );
         let success = Family::<ModelLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_success",
             "Inference requests that succeeded",
             success.clone(),
         );
         let failure = Family::<FailureLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_inference_failure",
             "Inference requests that failed, by error type",
             failure.clone(),
         );
         let load_duration: HistogramFamily<ModelLabels> = Family::new_with_constructor(load_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_model_load_duration_seconds",
             "Cold start of a model version: engine sessions built and a warm-up inference run",
             load_duration.clone(),
         );
         let confidence: HistogramFamily<ModelLabels> = Family::new_with_constructor(probability_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_prediction_confidence",
             "Top-1 probability of each predicted item",
             confidence.clone(),
         );
         let entropy: HistogramFamily<ModelLabels> = Family::new_with_constructor(entropy_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_prediction_entropy_nats",
             "Entropy of each predicted item's probability vector",
             entropy.clone(),
         );
         let batch_confidence_stddev: HistogramFamily<ModelLabels> = Family::new_with_constructor(probability_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "ai_batch_confidence_stddev",
             "Standard deviation of top-1 confidence across the items of one executed batch",
             batch_confidence_stddev.clone(),
         );
         let agent_frames = Family::<FrameLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_frames",
             "Agent-stream frames, by direction and body",
             agent_frames.clone(),
         );
         let agent_tasks = Family::<OutcomeLabels, Counter>::default();
-        r.register("lattice_agent_tasks", "Tasks finished, by outcome", agent_tasks.clone());
+        declare(
+            &mut r,
+            &mut declared,
+            "lattice_agent_tasks",
+            "Tasks finished, by outcome",
+            agent_tasks.clone(),
+        );
         let agent_dispatch = latency_histogram();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_dispatch_seconds",
             "Time from a task's offer to its assignment to a worker",
             agent_dispatch.clone(),
         );
         let agent_task_duration = latency_histogram();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_task_duration_seconds",
             "Time from a task's offer to its result",
             agent_task_duration.clone(),
         );
         let agent_resumes = Family::<OutcomeLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_hellos",
             "Agent handshakes, by outcome: fresh, resumed, or gap (session unknown)",
             agent_resumes.clone(),
         );
         let agent_heartbeat_rtt = latency_histogram();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_heartbeat_rtt_seconds",
             "Round trip of orchestrator heartbeats echoed by agents",
             agent_heartbeat_rtt.clone(),
         );
         let agent_dropped = Family::<OutcomeLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_frames_dropped",
             "Agent frames received again and dropped by dedupe (re-acknowledged, not re-processed), by reason",
             agent_dropped.clone(),
         );
         let agent_resent = Counter::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_frames_resent",
             "Frames resent to agents after they resumed a session",
             agent_resent.clone(),
         );
         let agent_credit_waits = Family::<OutcomeLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_agent_credit_waits",
             "Requesters held back by their window: offers refused, or streams paused",
             agent_credit_waits.clone(),
         );
         let memory_ops = Family::<MemoryLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_memory_ops",
             "Memory broker operations, by op and outcome (aborted = version conflict)",
             memory_ops.clone(),
         );
         let tool_calls = Family::<ToolLabels, Counter>::default();
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_tool_calls",
             "Tool gateway calls, by tool and outcome (cached = answered from the idempotency cache)",
             tool_calls.clone(),
         );
         let tool_duration: HistogramFamily<ToolNameLabels> = Family::new_with_constructor(latency_histogram);
-        r.register(
+        declare(
+            &mut r,
+            &mut declared,
             "lattice_tool_call_duration_seconds",
             "Tool gateway call duration, cache hits included",
             tool_duration.clone(),
@@ -627,6 +699,7 @@ impl Metrics {
         }
         Metrics {
             registry: r,
+            declared,
             enabled: true,
             http_requests,
             http_request_duration,
@@ -657,6 +730,13 @@ impl Metrics {
             windows,
             sources,
         }
+    }
+
+    /// The series names every registered family can produce, with the suffixes
+    /// Prometheus sees (`_total`, `_bucket`, `_sum`, `_count`), whether or not they
+    /// have a sample yet: what dashboards and rules may name.
+    pub fn declared_series(&self) -> std::collections::BTreeSet<String> {
+        self.declared.iter().cloned().collect()
     }
 
     /// OpenMetrics text of every metric.

@@ -62,7 +62,7 @@ async fn some_traffic(server: &support::TestServer, http: &reqwest::Client, n: u
 fn referenced_metrics(text: &str) -> BTreeSet<String> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
         .filter(|t| {
-            ["ai_", "inference_", "http_", "process_", "tokio_"]
+            ["ai_", "inference_", "http_", "process_", "tokio_", "lattice_"]
                 .iter()
                 .any(|p| t.starts_with(p))
         })
@@ -79,7 +79,15 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
             "inputs = [\"bytes\"]\nreference_size = 4\nwindow = 4\n",
         )
     });
-    let server = start(repo.path(), Options::default()).await;
+    // With the agent plane, so its series (named by the dashboard) are declared.
+    let server = start(
+        repo.path(),
+        Options {
+            agents: true,
+            ..Options::default()
+        },
+    )
+    .await;
     let http = reqwest::Client::new();
     some_traffic(&server, &http, 5).await;
     // One request that fails inside inference (a schema violation).
@@ -139,9 +147,10 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
         "no exemplar with the caller's trace id in\n{om}"
     );
     assert!(
-        om.lines().any(|l| l.starts_with("http_request_duration_seconds_bucket{")
-            && l.contains("route=\"/v2/models/{model}/infer\"")
-            && l.contains(&format!("# {{trace_id=\"{caller_trace}\"}}"))),
+        om.lines()
+            .any(|l| l.starts_with("http_request_duration_seconds_bucket{")
+                && l.contains("route=\"/v2/models/{model}/infer\"")
+                && l.contains(&format!("# {{trace_id=\"{caller_trace}\"}}"))),
         "no request-duration exemplar with the caller's trace id in\n{om}"
     );
     for needle in [
@@ -170,7 +179,10 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
     assert!(
         exposition.contains("model_name=\"minilm\",model_version=\"1\",confidence_level=\"none\",error_type=\"none\"")
     );
-    let known = lattice_observability::metrics::series_names(&exposition);
+    // Scrape-time series show in a scrape; families with no sample yet (agent tasks
+    // here) only in the registry's declarations.
+    let mut known = lattice_observability::metrics::series_names(&exposition);
+    known.extend(server.repo().metrics().declared_series());
 
     let rules = workspace_root().join("deploy/observability/alerts.yaml");
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
