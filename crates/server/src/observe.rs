@@ -36,51 +36,41 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
             .map_or("unmatched", |p| ROUTES.intern(p.as_str())),
     );
     let method = http_method(req.method());
-    if !telemetry::spans_enabled() {
-        let caller = telemetry::caller_trace_id(req.headers());
-        let started = Instant::now();
-        let resp = telemetry::with_caller_trace(caller.clone(), next.run(req)).await;
-        record(
-            state.repo.metrics(),
-            Observed {
-                protocol: "http",
-                method,
-                route,
-                status_code: resp.status().as_u16(),
-                started,
-                trace_id: caller,
-            },
-        );
-        return resp;
-    }
-    let span = tracing::info_span!(
-        "http.request",
-        otel.name = %format!("{method} {route}"),
-        otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
-        http.response.status_code = Empty,
-        trace_id = Empty,
-        span_id = Empty,
-    );
-    telemetry::adopt(&span, telemetry::extract(req.headers()));
     let started = Instant::now();
-    let resp = next.run(req).instrument(span.clone()).await;
-    let status = resp.status().as_u16();
-    span.record("http.response.status_code", status);
-    // An access log line at debug level; under the span, so JSON logs carry its ids.
-    tracing::debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request served");
-    record(
-        state.repo.metrics(),
-        Observed {
-            protocol: "http",
-            method,
-            route,
-            status_code: status,
-            started,
-            trace_id: telemetry::trace_id_of(&span),
-        },
-    );
+    let (resp, trace_id) = if telemetry::spans_enabled() {
+        let span = tracing::info_span!(
+            "http.request",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        telemetry::adopt(&span, telemetry::extract(req.headers()));
+        let resp = next.run(req).instrument(span.clone()).await;
+        let status = resp.status().as_u16();
+        span.record("http.response.status_code", status);
+        // An access log line at debug level; under the span, so JSON logs carry its ids.
+        tracing::debug!(parent: &span, status, elapsed_us = started.elapsed().as_micros() as u64, "request served");
+        (resp, telemetry::trace_id_of(&span))
+    } else {
+        let caller = telemetry::caller_trace_id(req.headers());
+        (
+            telemetry::with_caller_trace(caller.clone(), next.run(req)).await,
+            caller,
+        )
+    };
+    let o = Observed {
+        protocol: "http",
+        method,
+        route,
+        status_code: resp.status().as_u16(),
+        started,
+        trace_id,
+    };
+    record(state.repo.metrics(), o);
     resp
 }
 
