@@ -47,24 +47,19 @@ fn typed<T: serde::de::DeserializeOwned>(docs: &BTreeMap<(String, String), Value
     serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{kind}/{name}: {e}"))
 }
 
-/// Names the metrics registry exposes once it has seen a model.
+/// Names the metrics registry declares, plus the scrape-time series it exposes once
+/// it serves a model.
 fn registry_names() -> BTreeSet<String> {
     let m = Metrics::new();
     let labels = ModelLabels {
         model_name: "m".into(),
         model_version: "1".into(),
     };
-    m.observe_inference(&labels, Duration::from_millis(1), Some(0.9), ErrorType::None, None);
-    m.observe_inference(&labels, Duration::from_millis(1), None, ErrorType::Overloaded, None);
-    m.track_model(
-        &m.recorder(&labels),
-        1,
-        Box::new(|| 0),
-        vec![("x:mean".into(), vec![1.0])],
-        1,
-        1,
-    );
-    m.concurrent_requests.get_or_create(&labels).set(0);
+    let rec = m.recorder(&labels);
+    m.track_model(&rec, 1, Box::new(|| 0), vec![("x:mean".into(), vec![1.0])], 1, 1);
+    // The recent-latency summary and the drift gauge need a sample.
+    rec.observe_inference(Duration::from_millis(1), Some(0.9), ErrorType::None, None);
+    rec.observe_features(&[1.0]);
     m.observe_service_time(0.001);
     m.observe_queue_time(0.001);
     m.set_load_source(Box::new(|| {
@@ -74,7 +69,9 @@ fn registry_names() -> BTreeSet<String> {
             capacity: 1,
         })
     }));
-    lattice_observability::metrics::series_names(&m.encode())
+    let mut names = lattice_observability::metrics::series_names(&m.encode());
+    names.extend(m.declared_series().iter().cloned());
+    names
 }
 
 fn env(container: &k8s_openapi::api::core::v1::Container, key: &str) -> Option<String> {

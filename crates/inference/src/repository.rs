@@ -338,7 +338,7 @@ impl ModelRepository {
         let req = prepare(&rt.config, rt.text.as_deref(), parts)?;
         if let Some(drift) = rt.config.drift.as_ref().filter(|_| rt.recorder.enabled()) {
             for item in crate::quality::item_features(drift, &req.inputs, rt.config.max_batch_size > 0) {
-                self.inner.metrics.observe_features(rt.recorder.labels(), &item);
+                rt.recorder.observe_features(&item);
             }
         }
         let deadline = req.deadline;

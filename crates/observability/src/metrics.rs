@@ -7,7 +7,7 @@
 //! windowed quantiles, process figures) come from collectors registered here.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fmt::Write as _,
     sync::{atomic::AtomicI64, Arc, OnceLock},
     time::{Duration, Instant},
@@ -219,6 +219,8 @@ pub struct TraceLabel {
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type ExemplarHistogramFamily<L> =
+    Family<L, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>;
 
 fn latency_histogram() -> Histogram {
     // 100 µs .. ~13 s, doubling: covers the compute-light model and slow batches.
@@ -247,7 +249,7 @@ fn load_histogram() -> Histogram {
 }
 
 /// Registers a family and notes the series names it yields.
-fn declare(r: &mut Registry, declared: &mut Vec<String>, name: &str, help: &str, metric: impl Metric) {
+fn declare(r: &mut Registry, declared: &mut BTreeSet<String>, name: &str, help: &str, metric: impl Metric) {
     let suffixes: &[&str] = match metric.metric_type() {
         MetricType::Counter => &["_total"],
         MetricType::Histogram => &["_bucket", "_sum", "_count"],
@@ -323,14 +325,19 @@ struct ModelRecent {
     latency: LatencyWindow,
 }
 
+/// A model version's drift features (name, reference and window), in the order of
+/// its config.
+type DriftFeatures = Arc<Mutex<Vec<(String, DriftFeature)>>>;
+
 /// Per-model state read at scrape time.
 #[derive(Debug, Default)]
 struct ModelWindows {
     /// Each entry has its own lock, so requests of different models do not contend
     /// and a request never takes the registry-wide lock.
     recent: HashMap<ModelLabels, Arc<Mutex<ModelRecent>>>,
-    /// Keyed by model version, tagged with the id of the loaded instance that owns it.
-    drift: HashMap<ModelLabels, (u64, Vec<(String, DriftFeature)>)>,
+    /// Keyed by model version, tagged with the id of the loaded instance that owns it;
+    /// shared with that instance's recorder.
+    drift: HashMap<ModelLabels, (u64, DriftFeatures)>,
 }
 
 /// Reads a live value at scrape time (queue depth from a scheduler).
@@ -412,12 +419,11 @@ pub struct Metrics {
     registry: Registry,
     /// Series names of every registered family, sampled or not (collectors' series
     /// appear only in a scrape).
-    declared: Vec<String>,
+    declared: BTreeSet<String>,
     enabled: bool,
     pub http_requests: Family<RequestLabels, Counter>,
-    pub http_request_duration:
-        Family<RouteLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>,
-    pub inference_latency: LatencyFamily,
+    pub http_request_duration: ExemplarHistogramFamily<RouteLabels>,
+    pub inference_latency: ExemplarHistogramFamily<LatencyLabels>,
     pub queue_duration: HistogramFamily<ModelLabels>,
     pub compute_duration: HistogramFamily<ModelLabels>,
     pub request_duration: HistogramFamily<ModelLabels>,
@@ -474,7 +480,7 @@ impl Metrics {
 
     pub fn new() -> Metrics {
         let mut r = Registry::default();
-        let mut declared = Vec::new();
+        let mut declared = BTreeSet::new();
         let http_requests = Family::<RequestLabels, Counter>::default();
         declare(
             &mut r,
@@ -483,7 +489,7 @@ impl Metrics {
             "Requests served, by protocol, method and status code",
             http_requests.clone(),
         );
-        let http_request_duration: Family<_, _, fn() -> HistogramWithExemplars<TraceLabel>> =
+        let http_request_duration: ExemplarHistogramFamily<RouteLabels> =
             Family::new_with_constructor(latency_with_exemplars);
         declare(
             &mut r,
@@ -492,7 +498,7 @@ impl Metrics {
             "Request duration at the edge, by protocol, route and method",
             http_request_duration.clone(),
         );
-        let inference_latency: Family<_, _, fn() -> HistogramWithExemplars<TraceLabel>> =
+        let inference_latency: ExemplarHistogramFamily<LatencyLabels> =
             Family::new_with_constructor(latency_with_exemplars);
         declare(
             &mut r,
@@ -735,8 +741,8 @@ impl Metrics {
     /// The series names every registered family can produce, with the suffixes
     /// Prometheus sees (`_total`, `_bucket`, `_sum`, `_count`), whether or not they
     /// have a sample yet: what dashboards and rules may name.
-    pub fn declared_series(&self) -> std::collections::BTreeSet<String> {
-        self.declared.iter().cloned().collect()
+    pub fn declared_series(&self) -> &BTreeSet<String> {
+        &self.declared
     }
 
     /// OpenMetrics text of every metric.
@@ -793,25 +799,6 @@ impl Metrics {
         }
     }
 
-    /// Records one finished inference request. The serving path records through a
-    /// [`ModelRecorder`] resolved once per model version; this looks one up per call.
-    pub fn observe_inference(
-        &self,
-        model: &ModelLabels,
-        latency: Duration,
-        top1: Option<f64>,
-        error: ErrorType,
-        trace_id: Option<String>,
-    ) {
-        let recorder = self.recorder(model);
-        self.windows
-            .lock()
-            .recent
-            .entry(model.clone())
-            .or_insert_with(|| recorder.recent.clone());
-        recorder.observe_inference(latency, top1, error, trace_id);
-    }
-
     /// The metric handles of one model version. Family entries are never removed, so
     /// the handles stay valid for as long as the version serves. A reload shares the
     /// windows of the instance it replaces; [`Metrics::track_model`] makes them read
@@ -839,6 +826,7 @@ impl Metrics {
             latency: self.inference_latency.clone(),
             failure: self.failure.clone(),
             recent,
+            drift: DriftFeatures::default(),
         }
     }
 
@@ -858,7 +846,7 @@ impl Metrics {
         let mut sources = self.sources.lock();
         sources.pending.retain(|(m, _, _)| m != model);
         sources.pending.push((model.clone(), id, pending));
-        let list = features
+        *recorder.drift.lock() = features
             .into_iter()
             .map(|(name, reference)| (name, DriftFeature::new(reference, reference_size, window)))
             .collect();
@@ -867,7 +855,7 @@ impl Metrics {
         // instance this one replaces may stop serving and forget the entry, and a
         // load that fails must leave none behind.
         w.recent.insert(model.clone(), recorder.recent.clone());
-        w.drift.insert(model.clone(), (id, list));
+        w.drift.insert(model.clone(), (id, recorder.drift.clone()));
     }
 
     /// Installs the replica's load source for the scaling signals.
@@ -904,22 +892,11 @@ impl Metrics {
         self.sources.lock().service_times.push(secs);
     }
 
-    /// Feeds one item's feature values, in the order given to [`Metrics::track_model`].
-    pub fn observe_features(&self, model: &ModelLabels, values: &[f64]) {
-        if !self.enabled {
-            return;
-        }
-        if let Some((_, list)) = self.windows.lock().drift.get_mut(model) {
-            for ((_, f), v) in list.iter_mut().zip(values) {
-                f.observe(*v);
-            }
-        }
-    }
-
     /// Current drift score of one feature (tests and the scrape use this).
     pub fn drift_score(&self, model: &ModelLabels, feature: &str) -> Option<f64> {
-        let w = self.windows.lock();
-        w.drift.get(model)?.1.iter().find(|(n, _)| n == feature)?.1.score()
+        let list = self.windows.lock().drift.get(model)?.1.clone();
+        let list = list.lock();
+        list.iter().find(|(n, _)| n == feature)?.1.score()
     }
 
     /// Forgets a model version's scrape-time state when the instance `id` stops
@@ -940,9 +917,6 @@ impl Metrics {
 }
 
 // === ModelRecorder ===
-
-type LatencyFamily =
-    Family<LatencyLabels, HistogramWithExemplars<TraceLabel>, fn() -> HistogramWithExemplars<TraceLabel>>;
 
 /// One model version's metric handles, resolved once when the version loads, so a
 /// request neither hashes label sets nor takes a family's lock: at a few µs per
@@ -966,9 +940,11 @@ pub struct ModelRecorder {
     /// model never produces stay out of the exposition.
     latency_ok: Arc<[OnceLock<HistogramWithExemplars<TraceLabel>>; 4]>,
     /// Failures are rare: their series are looked up when they happen.
-    latency: LatencyFamily,
+    latency: ExemplarHistogramFamily<LatencyLabels>,
     failure: Family<FailureLabels, Counter>,
     recent: Arc<Mutex<ModelRecent>>,
+    /// Filled by [`Metrics::track_model`] once the version serves.
+    drift: DriftFeatures,
 }
 
 impl std::fmt::Debug for ModelRecorder {
@@ -1002,6 +978,17 @@ impl ModelRecorder {
 
     pub fn labels(&self) -> &ModelLabels {
         &self.labels
+    }
+
+    /// Feeds one item's feature values, in the order of the features given to
+    /// [`Metrics::track_model`].
+    pub fn observe_features(&self, values: &[f64]) {
+        if !self.enabled {
+            return;
+        }
+        for ((_, f), v) in self.drift.lock().iter_mut().zip(values) {
+            f.observe(*v);
+        }
     }
 
     /// Records one finished inference request.
@@ -1219,7 +1206,7 @@ impl Collector for ScrapeCollector {
         )?;
         let mut drift = Vec::new();
         for (m, (_, list)) in &w.drift {
-            for (name, f) in list {
+            for (name, f) in list.lock().iter() {
                 if let Some(score) = f.score() {
                     drift.push((
                         DriftLabels {
@@ -1315,15 +1302,15 @@ mod tests {
     #[test]
     fn exposition_names_and_exemplars() {
         let m = Metrics::new();
-        m.observe_inference(
-            &labels(),
+        let rec = m.recorder(&labels());
+        m.track_model(&rec, 1, Box::new(|| 7), Vec::new(), 1, 1);
+        rec.observe_inference(
             Duration::from_millis(3),
             Some(0.95),
             ErrorType::None,
             Some("abc".into()),
         );
-        m.observe_inference(&labels(), Duration::from_millis(3), None, ErrorType::Overloaded, None);
-        m.track_model(&m.recorder(&labels()), 1, Box::new(|| 7), Vec::new(), 1, 1);
+        rec.observe_inference(Duration::from_millis(3), None, ErrorType::Overloaded, None);
         let text = m.encode();
         assert!(
             text.contains("confidence_level=\"high\",error_type=\"none\"} 1 # {trace_id=\"abc\"} 0.003"),

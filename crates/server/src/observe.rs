@@ -236,46 +236,41 @@ where
         };
         let method = Cow::Borrowed(path.rsplit('/').next().unwrap_or_default());
         let path = Cow::Borrowed(path);
-        if !telemetry::spans_enabled() {
-            let caller = telemetry::caller_trace_id(req.headers());
-            return Box::pin(async move {
-                let started = Instant::now();
-                let result = telemetry::with_caller_trace(caller.clone(), inner.call(req)).await;
-                let o = Observed {
-                    protocol: "grpc",
-                    method,
-                    route: path,
-                    status_code: grpc_code(&result),
-                    started,
-                    trace_id: caller,
-                };
-                record(&metrics, o);
-                result
-            });
-        }
-        let span = tracing::info_span!(
-            "grpc.request",
-            otel.name = %path,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = %method,
-            rpc.grpc.status_code = Empty,
-            trace_id = Empty,
-            span_id = Empty,
-        );
-        telemetry::adopt(&span, telemetry::extract(req.headers()));
+        // A span when spans go somewhere; otherwise only the caller's trace id.
+        let (span, caller) = if telemetry::spans_enabled() {
+            let span = tracing::info_span!(
+                "grpc.request",
+                otel.name = %path,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = %method,
+                rpc.grpc.status_code = Empty,
+                trace_id = Empty,
+                span_id = Empty,
+            );
+            telemetry::adopt(&span, telemetry::extract(req.headers()));
+            (Some(span), None)
+        } else {
+            (None, telemetry::caller_trace_id(req.headers()))
+        };
+        let call = inner.call(req);
         Box::pin(async move {
             let started = Instant::now();
-            let result = inner.call(req).instrument(span.clone()).await;
-            let code = grpc_code(&result);
-            span.record("rpc.grpc.status_code", code);
+            let (result, trace_id) = match span {
+                Some(span) => {
+                    let result = call.instrument(span.clone()).await;
+                    span.record("rpc.grpc.status_code", grpc_code(&result));
+                    (result, telemetry::trace_id_of(&span))
+                }
+                None => (telemetry::with_caller_trace(caller.clone(), call).await, caller),
+            };
             let o = Observed {
                 protocol: "grpc",
                 method,
                 route: path,
-                status_code: code,
+                status_code: grpc_code(&result),
                 started,
-                trace_id: telemetry::trace_id_of(&span),
+                trace_id,
             };
             record(&metrics, o);
             result

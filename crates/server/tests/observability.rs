@@ -182,7 +182,7 @@ async fn exposition_is_promtool_clean_and_rules_name_real_series() {
     // Scrape-time series show in a scrape; families with no sample yet (agent tasks
     // here) only in the registry's declarations.
     let mut known = lattice_observability::metrics::series_names(&exposition);
-    known.extend(server.repo().metrics().declared_series());
+    known.extend(server.repo().metrics().declared_series().iter().cloned());
 
     let rules = workspace_root().join("deploy/observability/alerts.yaml");
     let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
