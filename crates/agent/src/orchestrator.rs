@@ -386,6 +386,11 @@ impl Orchestrator {
         if self.inner.state.lock().sessions.contains_key(sid) {
             return Ok(true);
         }
+        // A barrier first: this replica's own writes still in the group commit (an
+        // eviction's deletes) land before the read, so an evicted session is not
+        // read back to life.
+        let barrier = self.inner.store.submit(Vec::new());
+        self.inner.store.durable(barrier).await;
         let backend = self.inner.store.backend();
         let Some(meta) = backend.get(coll::SESSIONS, sid).await? else {
             return Ok(false);

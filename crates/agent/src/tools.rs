@@ -75,6 +75,8 @@ struct Inner {
     /// Cancellation tokens of running calls, by task id, each with a call number.
     running: Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
     calls: std::sync::atomic::AtomicU64,
+    /// Origins `http_fetch` may reach; empty (the default) means none.
+    fetch_allow: parking_lot::RwLock<Vec<reqwest::Url>>,
 }
 
 impl ToolGateway {
@@ -137,12 +139,30 @@ impl ToolGateway {
                 tools,
                 store,
                 repo,
-                http: reqwest::Client::builder().timeout(DEFAULT_TIMEOUT).build()?,
+                // Redirects are not followed: an allowed origin could otherwise send
+                // the request to one that is not.
+                http: reqwest::Client::builder()
+                    .timeout(DEFAULT_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()?,
                 keyed: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashMap::new()),
                 calls: std::sync::atomic::AtomicU64::new(0),
+                fetch_allow: parking_lot::RwLock::new(Vec::new()),
             }),
         })
+    }
+
+    /// Sets the origins (`scheme://host:port`) `http_fetch` may reach. A tool runs
+    /// with the server's network position (loopback, the pod's sidecars, the
+    /// cluster), so nothing is reachable unless the operator lists it.
+    pub fn set_fetch_allow(&self, origins: Vec<reqwest::Url>) {
+        *self.inner.fetch_allow.write() = origins;
+    }
+
+    fn fetch_allowed(&self, url: &reqwest::Url) -> bool {
+        let origin = url.origin();
+        self.inner.fetch_allow.read().iter().any(|a| a.origin() == origin)
     }
 
     /// Tool calls running now.
@@ -330,14 +350,14 @@ impl ToolGateway {
             Kind::HttpFetch => {
                 let url = args["url"].as_str().unwrap_or_default();
                 let parsed = reqwest::Url::parse(url).map_err(|e| (Code::InvalidArgument, format!("bad url: {e}")))?;
-                let allowed = matches!(parsed.host_str(), Some("127.0.0.1" | "localhost" | "[::1]" | "::1"));
-                if !allowed {
+                if !self.fetch_allowed(&parsed) {
+                    let origin = parsed.origin().ascii_serialization();
                     return Err((
                         Code::PermissionDenied,
-                        format!("'{url}' is not on the allow-list (loopback only)"),
+                        format!("origin '{origin}' is not on the http_fetch allow-list (--tool-fetch-allow)"),
                     ));
                 }
-                let resp = self
+                let mut resp = self
                     .inner
                     .http
                     .get(parsed)
@@ -345,11 +365,18 @@ impl ToolGateway {
                     .await
                     .map_err(|e| (Code::Unavailable, format!("fetch failed: {e}")))?;
                 let status = resp.status().as_u16();
-                let body = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| (Code::Unavailable, format!("fetch failed: {e}")))?;
-                let text = String::from_utf8_lossy(&body[..body.len().min(MAX_FETCH_BYTES)]).into_owned();
+                // Read no more than is kept, whatever the server sends.
+                let mut body = Vec::new();
+                while body.len() < MAX_FETCH_BYTES {
+                    match resp.chunk().await {
+                        Ok(Some(chunk)) => {
+                            body.extend_from_slice(&chunk[..chunk.len().min(MAX_FETCH_BYTES - body.len())])
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err((Code::Unavailable, format!("fetch failed: {e}"))),
+                    }
+                }
+                let text = String::from_utf8_lossy(&body).into_owned();
                 Ok((json!({"status": status, "body": text}), Vec::new()))
             }
             Kind::Infer => self.infer(args).await.map(|v| (v, Vec::new())),

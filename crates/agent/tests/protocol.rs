@@ -632,38 +632,46 @@ async fn tool_cache_is_per_tenant_and_fetch_is_loopback_only() {
     assert!(!other.cached);
     assert_eq!(counter(&plane.store, "charges").await, 2);
 
-    // A one-shot HTTP server on loopback.
+    // A loopback HTTP server: one answer, then a redirect to a port not listed.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = other.local_addr().unwrap();
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = [0u8; 1024];
-        let _ = s.read(&mut buf).await;
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
-            .await
-            .unwrap();
+        let answers = [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello".to_string(),
+            format!("HTTP/1.1 302 Found\r\nlocation: http://{other_addr}/secret\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"),
+        ];
+        for answer in answers {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(answer.as_bytes()).await.unwrap();
+        }
     });
     let none = lattice_agent::tools::CallContext::default();
-    let r = tools
-        .call(
-            &none,
-            call("http_fetch", serde_json::json!({"url": format!("http://{addr}/x")})),
-        )
-        .await;
+    let fetch = |url: String| call("http_fetch", serde_json::json!({ "url": url }));
+    // Nothing is reachable until the operator lists it, loopback included.
+    let r = tools.call(&none, fetch(format!("http://{addr}/x"))).await;
+    assert_eq!(r.status.unwrap().code, Code::PermissionDenied as i32);
+    tools.set_fetch_allow(vec![format!("http://{addr}").parse().unwrap()]);
+    let r = tools.call(&none, fetch(format!("http://{addr}/x"))).await;
     assert_eq!(r.status.as_ref().unwrap().code, 0, "{r:?}");
     let out: serde_json::Value = serde_json::from_str(&r.output_json).unwrap();
     assert_eq!(
         (out["status"].as_u64(), out["body"].as_str()),
         (Some(200), Some("hello"))
     );
-    let r = tools
-        .call(
-            &none,
-            call("http_fetch", serde_json::json!({"url": "http://example.com/"})),
-        )
-        .await;
-    assert_eq!(r.status.unwrap().code, Code::PermissionDenied as i32);
+    // A redirect out of the allowed origin is answered as it is, not followed.
+    let r = tools.call(&none, fetch(format!("http://{addr}/moved"))).await;
+    let out: serde_json::Value = serde_json::from_str(&r.output_json).unwrap();
+    assert_eq!(out["status"].as_u64(), Some(302), "{r:?}");
+    for denied in [format!("http://{other_addr}/secret"), "http://example.com/".to_string()] {
+        let r = tools.call(&none, fetch(denied.clone())).await;
+        assert_eq!(r.status.unwrap().code, Code::PermissionDenied as i32, "{denied}");
+    }
+    drop(other);
     let r = tools.call(&none, call("nope", serde_json::json!({}))).await;
     assert_eq!(r.status.unwrap().code, Code::NotFound as i32);
     // Without models in this process, inference is refused clearly.

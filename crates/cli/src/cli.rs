@@ -293,6 +293,31 @@ pub struct ServeArgs {
     /// Largest request body (REST) or message (gRPC) accepted, in bytes; larger ones get 413.
     #[arg(long, env = "LATTICE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest answer sent on either protocol, in bytes. A request whose answer would
+    /// be larger (many outputs, a large batch of token states) fails with 400 /
+    /// RESOURCE_EXHAUSTED before it is encoded. The default holds the bundled models'
+    /// largest answer (MiniLM's token states for 32 texts, as JSON) several times over.
+    #[arg(long, env = "LATTICE_MAX_RESPONSE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+    /// Seconds an HTTP/1 client has to send a request's headers; a keep-alive
+    /// connection waiting for its next request is closed after this long too.
+    #[arg(long, env = "LATTICE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection (REST or gRPC) with no request in flight and no traffic
+    /// is kept. gRPC keepalive pings come well within it, so live peers stay.
+    #[arg(long, env = "LATTICE_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    pub idle_timeout_secs: u64,
+    /// Connections open at once on each of the REST and gRPC ports; past it the port
+    /// stops accepting until one closes.
+    #[arg(long, env = "LATTICE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Streams one HTTP/2 connection may have open (REST over h2, and gRPC).
+    #[arg(long, env = "LATTICE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub http2_max_concurrent_streams: u32,
+    /// Seconds a `POST /v1/agents/tasks` session with no task waiting is kept before
+    /// it is closed; the table holds 256 tenants.
+    #[arg(long, env = "LATTICE_TASK_SESSION_IDLE_SECS", default_value_t = 60)]
+    pub task_session_idle_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM before the process exits.
     /// Keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "LATTICE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
@@ -455,13 +480,21 @@ pub struct AgentPlaneArgs {
     /// Bearer token agent streams must carry; none when unset.
     #[arg(long, env = "LATTICE_AGENT_TOKEN", hide_env_values = true)]
     pub agent_token: Option<String>,
+    /// Origins the `http_fetch` tool may reach, comma-separated (e.g.
+    /// "https://api.example.com,http://10.0.0.5:8080"). Empty, the default, means
+    /// none: a tool runs with the server's network position, which includes
+    /// loopback and the pod's sidecars.
+    #[arg(long, env = "LATTICE_TOOL_FETCH_ALLOW", value_delimiter = ',')]
+    pub tool_fetch_allow: Vec<String>,
 }
 
 impl AgentPlaneArgs {
+    /// `kube_api`: the credentialed Kubernetes API proxy, which no tool may reach.
     pub async fn build(
         &self,
         repo: Option<ModelRepository>,
         metrics: Arc<Metrics>,
+        kube_api: &str,
     ) -> Result<Option<lattice_server::AgentPlane>, Failure> {
         use lattice_agent::{
             orchestrator::{Orchestrator, OrchestratorConfig},
@@ -480,6 +513,7 @@ impl AgentPlaneArgs {
             .await
             .map_err(|e| Failure::Usage(format!("--memory-store: {e:#}")))?;
         let tools = ToolGateway::new(store.clone(), repo, metrics.clone())?;
+        tools.set_fetch_allow(fetch_allow(&self.tool_fetch_allow, kube_api)?);
         let cfg = OrchestratorConfig {
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             session_idle_timeout: Duration::from_secs(self.session_idle_timeout_secs),
@@ -500,6 +534,30 @@ impl AgentPlaneArgs {
             token: self.agent_token.clone(),
         }))
     }
+}
+
+/// Parses `--tool-fetch-allow`; the Kubernetes API proxy is refused even if listed.
+fn fetch_allow(entries: &[String], kube_api: &str) -> Result<Vec<reqwest::Url>, Failure> {
+    let kube = reqwest::Url::parse(kube_api).ok().map(|u| u.origin());
+    entries
+        .iter()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let url = reqwest::Url::parse(e.trim())
+                .map_err(|err| Failure::Usage(format!("--tool-fetch-allow: '{e}': {err}")))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(Failure::Usage(format!(
+                    "--tool-fetch-allow: '{e}' must be an http(s) origin such as https://host:port"
+                )));
+            }
+            if Some(url.origin()) == kube {
+                return Err(Failure::Usage(format!(
+                    "--tool-fetch-allow: '{e}' is the Kubernetes API proxy (--kube-api), which no tool may reach"
+                )));
+            }
+            Ok(url)
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -586,11 +644,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         addr(&listeners.metrics)
     );
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
-    let agents = args.agents.build(Some(repo.clone()), repo.metrics().clone()).await?;
+    let agents = args
+        .agents
+        .build(Some(repo.clone()), repo.metrics().clone(), &args.pod_cost.kube_api)
+        .await?;
     let mut state = AppState::new(
         repo,
         ServerConfig {
             max_body_bytes: args.max_body_bytes,
+            max_response_bytes: args.max_response_bytes,
+            connections: lattice_server::conn::Limits {
+                max_connections: args.max_connections,
+                header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+                idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+                http2_max_concurrent_streams: args.http2_max_concurrent_streams,
+            },
+            task_session_idle: Duration::from_secs(args.task_session_idle_secs),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             telemetry: args.telemetry == Switch::On,
             rate_limit: (args.rate_limit_rps, args.rate_limit_burst),

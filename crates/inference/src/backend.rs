@@ -3,12 +3,24 @@
 
 use crate::tensor::{DataType, Tensor};
 
+/// Why an engine run failed: the request's fault or the engine's.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// The engine refused the input (a value or shape the model cannot take); the
+    /// caller can fix it.
+    #[error("{0}")]
+    Input(String),
+    /// Anything else: a fault of the server or the model.
+    #[error("{0}")]
+    Engine(String),
+}
+
 /// One loaded model instance. An instance runs one batch at a time on the thread that
 /// owns it; parallelism comes from several instances.
 pub trait Backend: Send {
     /// Runs the model. `inputs` are named and already batched; the result holds the
     /// requested outputs in the order of `outputs`.
-    fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, String>;
+    fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, BackendError>;
 
     /// Input names and datatypes the engine itself reports, to check a config against.
     fn inputs(&self) -> Vec<(String, Option<DataType>)>;
@@ -27,8 +39,26 @@ pub mod onnx {
         value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType},
     };
 
-    use super::Backend;
+    use super::{Backend, BackendError};
     use crate::tensor::{DataType, Tensor, TensorData};
+
+    /// ONNX Runtime says INVALID_ARGUMENT when the input does not fit the graph (a
+    /// dimension, a rank, a type); that is the request's fault. Its own prefix
+    /// ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :") is dropped.
+    fn classify(e: &ort::Error) -> BackendError {
+        let text = e.to_string();
+        let text = text
+            .rsplit_once("INVALID_ARGUMENT :")
+            .map_or(text.as_str(), |(_, rest)| rest)
+            .trim()
+            .to_string();
+        match e.code() {
+            ort::error::ErrorCode::InvalidArgument => {
+                BackendError::Input(format!("the model rejected the input: {text}"))
+            }
+            _ => BackendError::Engine(text),
+        }
+    }
 
     /// The library scripts/setup.sh installs under `<root>/.venv`:
     /// `.venv/lib/python*/site-packages/onnxruntime/capi/libonnxruntime.so.<version>`.
@@ -141,9 +171,12 @@ pub mod onnx {
         };
     }
 
-    fn to_ort(name: &str, t: Tensor) -> Result<DynValue, String> {
+    fn to_ort(name: &str, t: Tensor) -> Result<DynValue, BackendError> {
         let shape = t.shape.clone();
-        let err = |e: ort::Error| format!("input '{name}': {e}");
+        let err = |e: ort::Error| match classify(&e) {
+            BackendError::Input(m) => BackendError::Input(format!("input '{name}': {m}")),
+            BackendError::Engine(m) => BackendError::Engine(format!("input '{name}': {m}")),
+        };
         let b = match &t.data {
             TensorData::Raw(b) => b.clone(),
             TensorData::Strings(items) => {
@@ -152,7 +185,7 @@ pub mod onnx {
                     .map(|s| {
                         std::str::from_utf8(s)
                             .map(str::to_owned)
-                            .map_err(|_| format!("input '{name}': BYTES element is not UTF-8"))
+                            .map_err(|_| BackendError::Input(format!("input '{name}': BYTES element is not UTF-8")))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 return OrtTensor::from_string_array((shape, strings.as_slice()))
@@ -230,19 +263,19 @@ pub mod onnx {
     }
 
     impl Backend for OnnxBackend {
-        fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, String> {
+        fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, BackendError> {
             let values = inputs
                 .into_iter()
                 .map(|(name, t)| to_ort(&name, t).map(|v| (name, v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let result = self.session.run(values).map_err(|e| e.to_string())?;
+            let result = self.session.run(values).map_err(|e| classify(&e))?;
             outputs
                 .iter()
                 .map(|name| {
                     let v = result
                         .get(name)
-                        .ok_or_else(|| format!("model produced no output '{name}'"))?;
-                    from_ort_value(name, v)
+                        .ok_or_else(|| BackendError::Engine(format!("model produced no output '{name}'")))?;
+                    from_ort_value(name, v).map_err(BackendError::Engine)
                 })
                 .collect()
         }

@@ -102,6 +102,11 @@ pub struct TensorConfig {
     /// where zero is not valid, such as a sample rate.
     #[serde(default)]
     pub warmup_fill: Option<f64>,
+    /// For an integer input: the only values the model accepts (Silero's sample
+    /// rate), so a wrong one is the caller's mistake named as such, not an engine
+    /// failure.
+    #[serde(default)]
+    pub allowed_values: Option<Vec<i64>>,
 }
 
 impl TensorConfig {
@@ -222,10 +227,17 @@ pub struct TextPipelineConfig {
     pub attention_mask: String,
     #[serde(default)]
     pub token_type_ids: Option<String>,
+    /// Longest token sequence the model takes (its position embeddings), for
+    /// requests that send token tensors themselves.
+    #[serde(default = "default_max_positions")]
+    pub max_positions: usize,
 }
 
 fn default_max_tokens() -> usize {
     128
+}
+fn default_max_positions() -> usize {
+    512
 }
 fn default_ids() -> String {
     "input_ids".to_string()

@@ -1,18 +1,31 @@
 //! Work around the engine call: text tokenization before it, pooling after it.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use bytes::Bytes;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokio::sync::Semaphore;
 
 use crate::{
     config::{PoolingConfig, TextPipelineConfig},
-    tensor::{DataType, Tensor},
+    error::InferError,
+    tensor::{DataType, Tensor, TensorData},
 };
+
+/// Bytes of text read per token the model keeps. WordPiece turns a word of up to 100
+/// characters into one token and a longer one into `[UNK]`, so `max_length` tokens
+/// never need more than about `max_length x 101` bytes of ASCII; 128 leaves room for
+/// multi-byte characters. Text past that is never tokenized: a model that keeps 128
+/// tokens has no use for a megabyte of characters, and reading them would stall it.
+pub const TEXT_BYTES_PER_TOKEN: usize = 128;
 
 pub struct TextPipeline {
     cfg: TextPipelineConfig,
     tokenizer: Tokenizer,
+    /// Tokenization runs on the blocking pool, never on an instance thread (where it
+    /// would hold every other request of the model) nor on the async runtime; this
+    /// bounds how many batches of text are tokenized at once.
+    permits: Arc<Semaphore>,
 }
 
 impl TextPipeline {
@@ -31,9 +44,11 @@ impl TextPipeline {
                 ..TruncationParams::default()
             }))
             .map_err(|e| format!("tokenizer truncation: {e}"))?;
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(TextPipeline {
             cfg: cfg.clone(),
             tokenizer,
+            permits: Arc::new(Semaphore::new(threads)),
         })
     }
 
@@ -41,37 +56,94 @@ impl TextPipeline {
         &self.cfg.input
     }
 
-    /// Rejects what would fail at tokenization or in the embedding lookup: text that
-    /// is not UTF-8, and token ids outside the vocabulary.
+    /// The token tensors: their sequence axis is padded when requests share a batch.
+    pub fn is_token_input(&self, name: &str) -> bool {
+        name == self.cfg.input_ids
+            || name == self.cfg.attention_mask
+            || self.cfg.token_type_ids.as_deref() == Some(name)
+    }
+
+    /// Bytes of one item that are tokenized at most.
+    pub fn max_text_bytes(&self) -> usize {
+        self.cfg.max_length.saturating_mul(TEXT_BYTES_PER_TOKEN)
+    }
+
+    /// Rejects what the model would fail on when a request sends token tensors
+    /// itself: ids without a mask (or the reverse), tensors of different shapes, a
+    /// sequence longer than the model's positions, and ids outside the vocabulary.
     pub fn check(&self, inputs: &[(String, Tensor)]) -> Result<(), String> {
-        for (name, t) in inputs {
-            if *name == self.cfg.input {
-                if let crate::tensor::TensorData::Strings(items) = &t.data {
-                    if let Some(i) = items.iter().position(|s| std::str::from_utf8(s).is_err()) {
-                        return Err(format!("input '{name}' item {i} is not valid UTF-8"));
-                    }
-                }
-            } else if *name == self.cfg.input_ids {
-                let vocab = self.tokenizer.get_vocab_size(true) as i64;
-                if let Some(id) = t
-                    .to_i64_vec()
-                    .and_then(|ids| ids.into_iter().find(|&id| id < 0 || id >= vocab))
-                {
-                    return Err(format!(
-                        "input '{name}' has token id {id} outside the vocabulary 0..{vocab}"
-                    ));
-                }
+        let find = |n: &str| inputs.iter().find(|(x, _)| x == n).map(|(_, t)| t);
+        let (ids, mask) = (find(&self.cfg.input_ids), find(&self.cfg.attention_mask));
+        let (ids, mask) = match (ids, mask) {
+            (None, None) => return Ok(()),
+            (Some(ids), Some(mask)) => (ids, mask),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(format!(
+                    "inputs '{}' and '{}' go together: send both, or the text as '{}'",
+                    self.cfg.input_ids, self.cfg.attention_mask, self.cfg.input
+                ))
             }
+        };
+        let types = self.cfg.token_type_ids.as_deref().and_then(|n| find(n).map(|t| (n, t)));
+        for (name, t) in [(self.cfg.attention_mask.as_str(), mask)].into_iter().chain(types) {
+            if t.shape != ids.shape {
+                return Err(format!(
+                    "input '{name}' has shape {:?}, but '{}' has {:?}: token tensors must agree",
+                    t.shape, self.cfg.input_ids, ids.shape
+                ));
+            }
+        }
+        if let Some(&len) = ids.shape.last() {
+            if len < 1 || len as u64 > self.cfg.max_positions as u64 {
+                return Err(format!(
+                    "input '{}' has {len} tokens per item, the model takes 1..={}",
+                    self.cfg.input_ids, self.cfg.max_positions
+                ));
+            }
+        }
+        let vocab = self.tokenizer.get_vocab_size(true) as i64;
+        if let Some(id) = ids
+            .to_i64_vec()
+            .and_then(|ids| ids.into_iter().find(|&id| id < 0 || id >= vocab))
+        {
+            return Err(format!(
+                "input '{}' has token id {id} outside the vocabulary 0..{vocab}",
+                self.cfg.input_ids
+            ));
         }
         Ok(())
     }
 
+    /// Tokenizes a request's texts on the blocking pool, at most as many requests at
+    /// once as there are cores; waits for a permit otherwise.
+    pub async fn tokenize(self: &Arc<Self>, texts: Vec<Bytes>) -> Result<Vec<(String, Tensor)>, InferError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| InferError::Backend("tokenizer pool closed".into()))?;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            me.encode(&texts)
+        })
+        .await
+        .map_err(|e| InferError::Backend(format!("tokenizer task failed: {e}")))?
+        .map_err(InferError::InvalidInput)
+    }
+
     /// Tokenizes a batch of texts into the model's integer inputs, padded to the
-    /// longest item.
+    /// longest item. Only the first [`max_text_bytes`](Self::max_text_bytes) of each
+    /// item are read.
     pub fn encode(&self, texts: &[Bytes]) -> Result<Vec<(String, Tensor)>, String> {
+        let cap = self.max_text_bytes();
         let strs = texts
             .iter()
-            .map(|t| std::str::from_utf8(t).map_err(|_| "text input is not valid UTF-8".to_string()))
+            .enumerate()
+            .map(|(i, t)| {
+                utf8_prefix(t, cap).ok_or_else(|| format!("input '{}' item {i} is not valid UTF-8", self.cfg.input))
+            })
             .collect::<Result<Vec<&str>, _>>()?;
         let encodings = self
             .tokenizer
@@ -96,6 +168,44 @@ impl TextPipeline {
             out.push((tt.clone(), Tensor::from_i64(shape, &types)));
         }
         Ok(out)
+    }
+}
+
+/// The first `cap` bytes of `text` as UTF-8, cut back to a character boundary; `None`
+/// when the bytes kept are not UTF-8.
+fn utf8_prefix(text: &[u8], cap: usize) -> Option<&str> {
+    let head = &text[..text.len().min(cap)];
+    match std::str::from_utf8(head) {
+        Ok(s) => Some(s),
+        // Only a character cut by the cap itself is forgiven.
+        Err(e) if e.error_len().is_none() && head.len() < text.len() => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    }
+}
+
+/// Pads `[n, len]` integer token tensors to `[n, to]` with zeros (the pad id, an
+/// attention mask of 0 and token type 0), so requests of different lengths can share
+/// a batch.
+pub fn pad_tokens(t: &Tensor, to: i64) -> Tensor {
+    let (Some(&n), Some(&len)) = (t.shape.first(), t.shape.get(1)) else {
+        return t.clone();
+    };
+    let Some(size) = t.dtype.size() else { return t.clone() };
+    if len >= to || t.shape.len() != 2 {
+        return t.clone();
+    }
+    let (row, padded_row) = (len as usize * size, to as usize * size);
+    let mut out = Vec::with_capacity(n as usize * padded_row);
+    for r in t.raw_bytes().chunks_exact(row.max(1)) {
+        out.extend_from_slice(r);
+        out.resize(out.len() + padded_row - row, 0);
+    }
+    Tensor {
+        dtype: t.dtype,
+        shape: vec![n, to],
+        data: TensorData::Raw(out.into()),
     }
 }
 
@@ -146,6 +256,25 @@ pub fn mean_pool(cfg: &PoolingConfig, states: &Tensor, mask: &Tensor) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_read_up_to_a_character_boundary() {
+        assert_eq!(utf8_prefix("héllo".as_bytes(), 2), Some("h"));
+        assert_eq!(utf8_prefix("héllo".as_bytes(), 3), Some("hé"));
+        assert_eq!(utf8_prefix(b"ab\xffcd", 10), None);
+        // A broken character at the very end of the whole text is not a cut.
+        assert_eq!(utf8_prefix(b"ab\xc3", 10), None);
+        assert_eq!(utf8_prefix(b"", 10), Some(""));
+    }
+
+    #[test]
+    fn tokens_pad_to_the_batch_length() {
+        let t = Tensor::from_i64(vec![2, 2], &[1, 2, 3, 4]);
+        let p = pad_tokens(&t, 3);
+        assert_eq!(p.shape, vec![2, 3]);
+        assert_eq!(p.to_i64_vec().unwrap(), vec![1, 2, 0, 3, 4, 0]);
+        assert_eq!(pad_tokens(&t, 2), t);
+    }
 
     #[test]
     fn mean_pool_ignores_padding_and_normalises() {

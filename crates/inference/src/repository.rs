@@ -310,7 +310,7 @@ impl ModelRepository {
             return self.infer_on(&mv, parts).await;
         }
         let started = Instant::now();
-        rec.concurrent.inc();
+        let _concurrent = InFlightGauge::new(&rec.concurrent);
         // The core's own span: a child of the edge's request span, so a trace shows
         // where the time went between protocol handling and the model.
         let span = if lattice_observability::telemetry::spans_enabled() {
@@ -319,7 +319,6 @@ impl ModelRepository {
             tracing::Span::none()
         };
         let result = self.infer_on(&mv, parts).instrument(span).await;
-        rec.concurrent.dec();
         let (confidence, error) = match &result {
             Ok(r) => (r.confidence, ErrorType::None),
             Err(e) => (None, e.error_type()),
@@ -335,13 +334,20 @@ impl ModelRepository {
 
     async fn infer_on(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
         let rt = mv.scheduler.runtime().clone();
-        let req = prepare(&rt.config, rt.text.as_deref(), parts)?;
+        let mut req = prepare(&rt.config, rt.text.as_deref(), parts)?;
         if let Some(drift) = rt.config.drift.as_ref().filter(|_| rt.recorder.enabled()) {
             for item in crate::quality::item_features(drift, &req.inputs, rt.config.max_batch_size > 0) {
                 rt.recorder.observe_features(&item);
             }
         }
         let deadline = req.deadline;
+        let tokenized = tokenize(rt.text.as_ref(), &mut req);
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), tokenized)
+                .await
+                .map_err(|_| InferError::DeadlineExceeded)??,
+            None => tokenized.await?,
+        }
         let rx = mv.scheduler.submit(req)?;
         let reply = match deadline {
             // Answer at the deadline even if the request is still queued; dropping
@@ -358,6 +364,41 @@ impl ModelRepository {
     }
 }
 
+/// Holds a model version's in-flight gauge up for as long as a request is being
+/// served: a request cancelled by its client (its future dropped) or one that
+/// unwinds gives it back too. The autoscaler reads this gauge.
+struct InFlightGauge<'a>(&'a lattice_observability::metrics::InFlight);
+
+impl<'a> InFlightGauge<'a> {
+    fn new(g: &'a lattice_observability::metrics::InFlight) -> Self {
+        g.inc();
+        InFlightGauge(g)
+    }
+}
+
+impl Drop for InFlightGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Replaces a request's text with token tensors, tokenized on the bounded pool.
+async fn tokenize(text: Option<&Arc<TextPipeline>>, req: &mut InferRequest) -> Result<(), InferError> {
+    let Some(text) = text else { return Ok(()) };
+    let Some(pos) = req.inputs.iter().position(|(n, _)| n == text.input_name()) else {
+        return Ok(());
+    };
+    let (_, t) = req.inputs.remove(pos);
+    let TensorData::Strings(items) = t.data else {
+        return Err(InferError::InvalidInput(format!(
+            "input '{}' must be BYTES",
+            text.input_name()
+        )));
+    };
+    req.inputs.extend(text.tokenize(items).await?);
+    Ok(())
+}
+
 /// `names` with replica `index`'s shard first, each part in its original order.
 pub fn shard_order(names: Vec<String>, index: usize, count: usize) -> Vec<String> {
     let count = count.max(1);
@@ -366,6 +407,16 @@ pub fn shard_order(names: Vec<String>, index: usize, count: usize) -> Vec<String
         .enumerate()
         .partition(|(i, _)| i % count == index % count);
     mine.into_iter().chain(rest).map(|(_, n)| n).collect()
+}
+
+/// A name from a request as it is echoed in an error: at most 128 characters, so a
+/// long made-up name cannot inflate error bodies or gRPC status headers.
+pub fn echo(name: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 128;
+    match name.char_indices().nth(MAX) {
+        None => name.into(),
+        Some((cut, _)) => format!("{}...", &name[..cut]).into(),
+    }
 }
 
 fn is_safe_name(name: &str) -> bool {
@@ -382,6 +433,16 @@ pub fn prepare(
     let text_input = text.map(|t| t.input_name());
     let batching = cfg.max_batch_size > 0;
     let mut inputs = parts.inputs;
+    // Bounded before any per-input work: a request cannot name more inputs or
+    // outputs than the model has without repeating one.
+    if inputs.len() > cfg.input.len() {
+        return invalid(format!(
+            "{} inputs given, model '{}' has {}: an input is repeated or unknown",
+            inputs.len(),
+            echo(&cfg.name),
+            cfg.input.len()
+        ));
+    }
     let mut batch: Option<i64> = None;
     for (name, t) in &inputs {
         let Some(decl) = cfg.input_by_name(name) else {
@@ -404,6 +465,17 @@ pub fn prepare(
         }
         t.check_consistent()
             .map_err(|m| InferError::InvalidInput(format!("input '{name}': {m}")))?;
+        if t.shape.contains(&0) {
+            return invalid(format!("input '{name}' has an empty dimension in shape {:?}", t.shape));
+        }
+        if let Some(allowed) = &decl.allowed_values {
+            if let Some(bad) = t
+                .to_i64_vec()
+                .and_then(|v| v.into_iter().find(|x| !allowed.contains(x)))
+            {
+                return invalid(format!("input '{name}' must be one of {allowed:?}, got {bad}"));
+            }
+        }
         let is_text = Some(name.as_str()) == text_input;
         let expected = cfg.wire_shape(decl);
         let shape_ok = if is_text {
@@ -465,14 +537,15 @@ pub fn prepare(
                 .iter()
                 .filter(|i| i.zeros_if_absent && !has(&inputs, &i.name))
                 .map(|i| {
-                    let n = element_count(&like).unwrap_or(0);
-                    let sz = i.dtype().size().unwrap_or(1);
-                    (
+                    let bytes = element_count(&like)
+                        .and_then(|n| n.checked_mul(i.dtype().size().unwrap_or(1)))
+                        .ok_or_else(|| InferError::InvalidInput(format!("shape {like:?} is too large")))?;
+                    Ok((
                         i.name.clone(),
-                        Tensor::raw(i.dtype(), like.clone(), Bytes::from(vec![0u8; n * sz])),
-                    )
+                        Tensor::raw(i.dtype(), like.clone(), Bytes::from(vec![0u8; bytes])),
+                    ))
                 })
-                .collect();
+                .collect::<Result<_, InferError>>()?;
             inputs.extend(fills);
         }
         let missing: Vec<&str> = cfg
@@ -488,9 +561,14 @@ pub fn prepare(
     let outputs = if parts.outputs.is_empty() {
         cfg.output.iter().map(|o| o.name.clone()).collect()
     } else {
-        for o in &parts.outputs {
+        // Each output is written once per request: a repeated name would multiply
+        // the response (and its memory) by the number of repeats.
+        for (i, o) in parts.outputs.iter().enumerate() {
             if cfg.output_by_name(o).is_none() {
-                return invalid(format!("unknown output '{o}' for model '{}'", cfg.name));
+                return invalid(format!("unknown output '{}' for model '{}'", echo(o), cfg.name));
+            }
+            if parts.outputs[..i].contains(o) {
+                return invalid(format!("output '{o}' is requested more than once"));
             }
         }
         parts.outputs
@@ -511,7 +589,8 @@ pub fn prepare(
         inputs,
         outputs,
         priority,
-        deadline: timeout.map(|t| Instant::now() + t),
+        // A deadline too far to represent is no deadline.
+        deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
     })
 }
 
@@ -722,13 +801,14 @@ async fn warm_up(model: &LoadedModel) {
             timeout: None,
         };
         let pipeline = v.scheduler.runtime().text.as_deref();
-        let result = match prepare(cfg, pipeline, parts) {
-            Ok(req) => match v.scheduler.submit(req) {
-                Ok(rx) => rx.await.unwrap_or(Err(InferError::Cancelled)).map(|_| ()),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+
+        let result = async {
+            let mut req = prepare(cfg, pipeline, parts)?;
+            tokenize(v.scheduler.runtime().text.as_ref(), &mut req).await?;
+            let rx = v.scheduler.submit(req)?;
+            rx.await.unwrap_or(Err(InferError::Cancelled)).map(|_| ())
+        }
+        .await;
         if let Err(e) = result {
             tracing::warn!(model = %cfg.name, version = v.version, error = %e, "warm-up inference failed");
         }

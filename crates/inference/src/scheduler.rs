@@ -26,10 +26,10 @@ use tokio::sync::oneshot;
 use lattice_observability::{quality::std_dev, Metrics, ModelRecorder};
 
 use crate::{
-    backend::Backend,
+    backend::{Backend, BackendError},
     config::ModelConfig,
     error::InferError,
-    pipeline::{mean_pool, TextPipeline},
+    pipeline::{mean_pool, pad_tokens, TextPipeline},
     stats::{BatchTiming, Stats},
     tensor::{Tensor, TensorData},
 };
@@ -176,13 +176,14 @@ impl Scheduler {
         let rt = &self.shared.runtime;
         let limit = rt.config.queue().max_queue_size;
         let batching = rt.config.max_batch_size > 0;
-        let text_input = rt.text.as_ref().map(|t| t.input_name());
+        let text = rt.text.as_deref();
         let mut signature: Vec<_> = req
             .inputs
             .iter()
             .map(|(n, t)| {
-                // Text is tokenized per batch, so its length never splits batches.
-                let dims = if Some(n.as_str()) == text_input || !batching {
+                // Token sequences are padded to the batch's longest, so their length
+                // never splits batches.
+                let dims = if text.is_some_and(|t| t.is_token_input(n)) || !batching {
                     Vec::new()
                 } else {
                     t.shape[1..].to_vec()
@@ -292,16 +293,34 @@ fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
                 let _ = shared.available.wait_until(&mut q, until);
             }
         }
-        shared.in_flight.fetch_add(batch.len(), Ordering::Relaxed);
+        let _in_flight = InFlight::new(&shared.in_flight, batch.len());
         drop(q);
-        let n = batch.len();
         run_batch(&rt, backend.as_mut(), batch, size);
-        shared.in_flight.fetch_sub(n, Ordering::Relaxed);
     }
     // Release the engine session before the thread ends, then hand freed heap pages
     // back to the OS so unloading a model lowers RSS.
     drop(backend);
     trim_heap();
+}
+
+/// Counts requests taken off the queue until they are answered, even when the run
+/// unwinds: the autoscaler reads this count.
+struct InFlight<'a> {
+    count: &'a AtomicUsize,
+    n: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a AtomicUsize, n: usize) -> Self {
+        count.fetch_add(n, Ordering::Relaxed);
+        InFlight { count, n }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 #[allow(unsafe_code)]
@@ -315,7 +334,10 @@ fn trim_heap() {
 
 fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, size: usize) {
     let started = Instant::now();
-    let result = compute(rt, backend, &batch, size);
+    // A panic in the engine or in pooling answers this batch with an error instead of
+    // ending the instance thread, which would leave the model unable to serve.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute(rt, backend, &batch, size)))
+        .unwrap_or_else(|_| Err(InferError::Backend("the model instance panicked on this batch".into())));
     let compute_time = started.elapsed();
     match result {
         Ok((outputs, timing)) => {
@@ -369,7 +391,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
         }
         // One request's bad input must not fail the others merged with it: run each
         // alone so only the culprit gets the error.
-        Err(InferError::Backend(_)) if batch.len() > 1 => {
+        Err(InferError::Backend(_) | InferError::InvalidInput(_)) if batch.len() > 1 => {
             for e in batch {
                 let items = e.items;
                 run_batch(rt, backend, vec![e], items);
@@ -412,23 +434,17 @@ fn compute(
     size: usize,
 ) -> Result<(Vec<(String, Tensor)>, BatchTiming), InferError> {
     let t0 = Instant::now();
-    let mut inputs = concat_inputs(batch, rt.config.max_batch_size > 0);
-    if let Some(text) = &rt.text {
-        if let Some(pos) = inputs.iter().position(|(n, _)| n == text.input_name()) {
-            let (_, t) = inputs.remove(pos);
-            let TensorData::Strings(items) = t.data else {
-                return Err(InferError::InvalidInput("text input must be BYTES".into()));
-            };
-            inputs.extend(text.encode(&items).map_err(InferError::InvalidInput)?);
-        }
-    }
+    let inputs = concat_inputs(batch, rt.config.max_batch_size > 0, rt.text.as_deref());
     let mask = rt
         .config
         .pooling
         .as_ref()
         .and_then(|p| inputs.iter().find(|(n, _)| *n == p.mask).map(|(_, t)| t.clone()));
     let t1 = Instant::now();
-    let engine_out = backend.run(inputs, &rt.engine_outputs).map_err(InferError::Backend)?;
+    let engine_out = backend.run(inputs, &rt.engine_outputs).map_err(|e| match e {
+        BackendError::Input(m) => InferError::InvalidInput(m),
+        BackendError::Engine(m) => InferError::Backend(m),
+    })?;
     let t2 = Instant::now();
     let mut outputs: Vec<(String, Tensor)> = rt.engine_outputs.iter().cloned().zip(engine_out).collect();
     if let Some(p) = &rt.config.pooling {
@@ -450,7 +466,7 @@ fn compute(
     Ok((outputs, timing))
 }
 
-fn concat_inputs(batch: &[Entry], batching: bool) -> Vec<(String, Tensor)> {
+fn concat_inputs(batch: &[Entry], batching: bool, text: Option<&TextPipeline>) -> Vec<(String, Tensor)> {
     if batch.len() == 1 || !batching {
         return batch[0].req.inputs.clone();
     }
@@ -466,11 +482,21 @@ fn concat_inputs(batch: &[Entry], batching: bool) -> Vec<(String, Tensor)> {
         });
         let mut shape = first.shape.clone();
         shape[0] = batch.iter().map(|e| e.items as i64).sum();
+        // Token sequences of different lengths are padded to the longest.
+        let pad_to = text
+            .filter(|t| t.is_token_input(name))
+            .and_then(|_| parts.clone().filter_map(|p| p.shape.get(1).copied()).max());
+        if let (Some(to), Some(dim)) = (pad_to, shape.get_mut(1)) {
+            *dim = to;
+        }
         let data = match &first.data {
             TensorData::Raw(_) => {
                 let mut buf = BytesMut::new();
                 for p in parts {
-                    buf.extend_from_slice(p.raw_bytes());
+                    match pad_to {
+                        Some(to) => buf.extend_from_slice(pad_tokens(p, to).raw_bytes()),
+                        None => buf.extend_from_slice(p.raw_bytes()),
+                    }
                 }
                 TensorData::Raw(buf.freeze())
             }

@@ -161,12 +161,15 @@ impl Tensor {
         let n = element_count(&self.shape).ok_or_else(|| format!("invalid shape {:?}", self.shape))?;
         match (&self.data, self.dtype.size()) {
             (TensorData::Raw(b), Some(sz)) => {
-                if b.len() != n * sz {
+                // Checked: a shape like [1, 2^61 + 1] of 8-byte elements wraps to 8.
+                let need = n
+                    .checked_mul(sz)
+                    .ok_or_else(|| format!("shape {:?} of {} is too large", self.shape, self.dtype))?;
+                if b.len() != need {
                     return Err(format!(
-                        "shape {:?} of {} needs {} bytes, got {}",
+                        "shape {:?} of {} needs {need} bytes, got {}",
                         self.shape,
                         self.dtype,
-                        n * sz,
                         b.len()
                     ));
                 }
@@ -218,6 +221,14 @@ impl Tensor {
                 .collect(),
             _ => return None,
         })
+    }
+
+    /// Length of [`to_wire_bytes`](Self::to_wire_bytes), without building it.
+    pub fn wire_len(&self) -> usize {
+        match &self.data {
+            TensorData::Raw(b) => b.len(),
+            TensorData::Strings(items) => items.iter().map(|i| 4 + i.len()).fold(0, usize::saturating_add),
+        }
     }
 
     /// Serialises `BYTES` elements as the binary extension lays them out: each

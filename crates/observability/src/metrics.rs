@@ -341,6 +341,10 @@ struct ModelWindows {
 }
 
 /// Reads a live value at scrape time (queue depth from a scheduler).
+/// A gauge of work in flight, raised and lowered by the code that does the work
+/// (always through a drop guard, so a cancelled request gives it back).
+pub type InFlight = Gauge<i64, AtomicI64>;
+
 pub type GaugeSource = Box<dyn Fn() -> i64 + Send + Sync>;
 
 /// What the replica holds right now, for the scaling signals; `None` while the
@@ -926,7 +930,7 @@ impl Metrics {
 pub struct ModelRecorder {
     enabled: bool,
     labels: ModelLabels,
-    pub concurrent: Gauge<i64, AtomicI64>,
+    pub concurrent: InFlight,
     pub queue_duration: Histogram,
     pub compute_duration: Histogram,
     pub request_duration: Histogram,

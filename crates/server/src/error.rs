@@ -14,6 +14,9 @@ use axum::{
 use lattice_inference::InferError;
 use tonic::Code;
 
+/// Longest error message sent to a client, in bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiError {
     Infer(InferError),
@@ -32,6 +35,17 @@ pub enum ApiError {
     },
     /// A missing or wrong credential.
     Unauthenticated(String),
+    /// The REST task gateway has a session for as many tenants as it keeps, and none
+    /// is idle yet.
+    TaskSessionsFull {
+        limit: usize,
+        retry_after: Duration,
+    },
+    /// The answer would be larger than `--max-response-bytes`.
+    ResponseTooLarge {
+        size: usize,
+        limit: usize,
+    },
     /// An agent task that failed, with the gRPC code its result (or the task gateway)
     /// gave it.
     Task {
@@ -54,11 +68,12 @@ pub enum ErrorKind {
     Unavailable,
     LoadFailed,
     Unauthenticated,
+    ResponseTooLarge,
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::NotFound,
         ErrorKind::InvalidInput,
         ErrorKind::BatchTooLarge,
@@ -70,6 +85,7 @@ impl ErrorKind {
         ErrorKind::Unavailable,
         ErrorKind::LoadFailed,
         ErrorKind::Unauthenticated,
+        ErrorKind::ResponseTooLarge,
         ErrorKind::Internal,
     ];
 
@@ -93,6 +109,9 @@ impl ErrorKind {
             ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             ErrorKind::LoadFailed => (StatusCode::BAD_REQUEST, Code::FailedPrecondition),
             ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            // The request is what must change (fewer outputs, a smaller batch), so a
+            // 4xx; gRPC's own "message larger than max" is RESOURCE_EXHAUSTED.
+            ErrorKind::ResponseTooLarge => (StatusCode::BAD_REQUEST, Code::ResourceExhausted),
             ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }
     }
@@ -136,11 +155,28 @@ impl ApiError {
             ApiError::NotReady => ErrorKind::Unavailable,
             ApiError::RateLimited { .. } => ErrorKind::Overloaded,
             ApiError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            ApiError::TaskSessionsFull { .. } => ErrorKind::Overloaded,
+            ApiError::ResponseTooLarge { .. } => ErrorKind::ResponseTooLarge,
             ApiError::Task { code, .. } => ErrorKind::of_grpc(*code),
         }
     }
 
+    /// What the client is told; at most [`MAX_MESSAGE`] bytes, so nothing a request
+    /// names can inflate an error body or a `grpc-message` header.
     pub fn message(&self) -> String {
+        let mut m = self.full_message();
+        if m.len() > MAX_MESSAGE {
+            let mut cut = MAX_MESSAGE;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            m.truncate(cut);
+            m.push_str("...");
+        }
+        m
+    }
+
+    fn full_message(&self) -> String {
         match self {
             ApiError::Infer(e) => e.to_string(),
             ApiError::Malformed(m) => m.clone(),
@@ -151,14 +187,21 @@ impl ApiError {
                 retry_after.as_millis()
             ),
             ApiError::Unauthenticated(m) | ApiError::Task { message: m, .. } => m.clone(),
+            ApiError::TaskSessionsFull { limit, retry_after } => format!(
+                "{limit} tenants already have task sessions on this replica; retry after {} s",
+                retry_after.as_secs().max(1)
+            ),
+            ApiError::ResponseTooLarge { size, limit } => format!(
+                "the response would be {size} bytes, above the server's limit of {limit} (--max-response-bytes); request fewer outputs or a smaller batch"
+            ),
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::Infer(InferError::Overloaded { retry_after, .. }) | ApiError::RateLimited { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            ApiError::Infer(InferError::Overloaded { retry_after, .. })
+            | ApiError::RateLimited { retry_after, .. }
+            | ApiError::TaskSessionsFull { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

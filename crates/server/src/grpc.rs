@@ -33,6 +33,10 @@ fn malformed(m: impl Into<String>) -> ApiError {
 pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
     let v = md.get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The gRPC spec allows at most 8 digits, which keeps every unit's product in range.
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -198,6 +202,17 @@ impl InferenceService {
         let version = req.model_version.clone();
         let parts = request_parts(req, deadline)?;
         let resp = state.repo.infer(&model, &version, parts).await?;
+        let size = resp
+            .outputs
+            .iter()
+            .map(|(n, t)| 64 + n.len() + 11 * t.shape.len() + t.wire_len())
+            .fold(256 + resp.id.len(), usize::saturating_add);
+        if size > state.cfg.max_response_bytes {
+            return Err(ApiError::ResponseTooLarge {
+                size,
+                limit: state.cfg.max_response_bytes,
+            });
+        }
         Ok(response_proto(&model, resp))
     }
 }

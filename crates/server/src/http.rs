@@ -14,7 +14,7 @@ use tower_http::{compression::CompressionLayer, decompression::RequestDecompress
 
 use crate::{
     error::ApiError,
-    json::{decode_request, encode_response, HEADER_LEN},
+    json::{decode_request, encode_response, response_size_bound, HEADER_LEN},
     AppState,
 };
 
@@ -52,8 +52,38 @@ pub fn router(state: AppState) -> Router {
         // The limit above applies to the decompressed body, so a small compressed
         // body cannot expand past it.
         .layer(RequestDecompressionLayer::new())
+        // Outside the layers that answer on their own (an unknown Content-Encoding,
+        // a body over the limit, a method the route lacks): every error is JSON.
+        .layer(axum::middleware::map_response(json_errors))
         .layer(CompressionLayer::new())
         .with_state(state)
+}
+
+/// Gives an error answered without a JSON body (by a layer or an extractor rather
+/// than a handler) the same `{"error": ...}` body as every other error.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let reason = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "request body exceeds the server's limit (--max-body-bytes), after decompression"
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported Content-Encoding: use gzip, deflate or identity",
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route",
+        _ => status.canonical_reason().unwrap_or("request failed"),
+    };
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(json!({ "error": reason }).to_string()))
 }
 
 async fn live() -> StatusCode {
@@ -186,6 +216,13 @@ async fn infer_for(
         .transpose()?;
     let decoded = decode_request(body, header_len)?;
     let resp = s.repo.infer(&model, &version, decoded.parts).await?;
+    let size = response_size_bound(&resp, &decoded.binary);
+    if size > s.cfg.max_response_bytes {
+        return Err(ApiError::ResponseTooLarge {
+            size,
+            limit: s.cfg.max_response_bytes,
+        });
+    }
     let (body, json_len) = encode_response(&model, &resp, &decoded.binary);
     let mut r = body.into_response();
     let h = r.headers_mut();
@@ -328,7 +365,8 @@ async fn stats_for(State(s): State<AppState>, model: String, version: Option<Str
     Ok(Json(json!({ "model_stats": stats })))
 }
 
-async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn repository_index(State(s): State<AppState>, body: Body) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(&s, body)?;
     let ready_only = if body.is_empty() {
         false
     } else {
@@ -361,14 +399,14 @@ fn check_admin_body(body: &Bytes) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Bytes) -> Result<StatusCode, ApiError> {
-    check_admin_body(&body)?;
+async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
+    check_admin_body(&body_bytes(&s, body)?)?;
     s.repo.load(&model).await?;
     Ok(StatusCode::OK)
 }
 
-async fn unload(State(s): State<AppState>, Path(model): Path<String>, body: Bytes) -> Result<StatusCode, ApiError> {
-    check_admin_body(&body)?;
+async fn unload(State(s): State<AppState>, Path(model): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
+    check_admin_body(&body_bytes(&s, body)?)?;
     s.repo.unload(&model).await?;
     Ok(StatusCode::OK)
 }

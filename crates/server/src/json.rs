@@ -398,6 +398,48 @@ struct ResponseOut<'a> {
     outputs: Vec<OutputOut<'a>>,
 }
 
+/// Longest JSON text of one element of `dtype`, with its separator: what ryu and
+/// itoa write at most (`-2.2250738585072014e-308` for FP64).
+fn json_chars(dtype: DataType) -> usize {
+    1 + match dtype {
+        DataType::Bool => 5,
+        DataType::U8 => 3,
+        DataType::I8 => 4,
+        DataType::U16 => 5,
+        DataType::I16 => 6,
+        DataType::U32 => 10,
+        DataType::I32 => 11,
+        DataType::U64 | DataType::I64 => 20,
+        DataType::F32 | DataType::F16 | DataType::Bf16 => 15,
+        DataType::F64 => 24,
+        // Counted per byte below.
+        DataType::Bytes => 0,
+    }
+}
+
+/// An upper bound of [`encode_response`]'s size, computed before anything is
+/// encoded: exact for binary outputs, the longest text per element for JSON ones.
+pub fn response_size_bound(resp: &InferResponse, binary: &BinaryOutputs) -> usize {
+    resp.outputs.iter().fold(512 + resp.id.len(), |acc, (name, t)| {
+        let data = if binary.wants_binary(name) {
+            t.wire_len()
+        } else {
+            match &t.data {
+                // A byte may become a six-character escape.
+                TensorData::Strings(items) => items
+                    .iter()
+                    .map(|i| i.len().saturating_mul(6).saturating_add(3))
+                    .fold(0, usize::saturating_add),
+                TensorData::Raw(b) => {
+                    (b.len() / t.dtype.size().unwrap_or(1).max(1)).saturating_mul(json_chars(t.dtype))
+                }
+            }
+        };
+        acc.saturating_add(128 + name.len() + 21 * t.shape.len())
+            .saturating_add(data)
+    })
+}
+
 /// Encodes a response; returns the body and, with binary outputs, the JSON length for
 /// the `Inference-Header-Content-Length` header.
 pub fn encode_response(model: &str, resp: &InferResponse, binary: &BinaryOutputs) -> (Bytes, Option<usize>) {

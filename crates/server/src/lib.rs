@@ -4,6 +4,7 @@
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0
 //! and production passes SIGTERM.
 
+pub mod conn;
 pub mod error;
 pub mod grpc;
 pub mod http;
@@ -49,6 +50,13 @@ pub const EXTENSIONS: &[&str] = &[
 pub struct ServerConfig {
     /// Largest accepted request body (REST) or message (gRPC), in bytes.
     pub max_body_bytes: usize,
+    /// Largest answer either protocol sends, in bytes; a request whose answer would
+    /// be larger fails before it is encoded.
+    pub max_response_bytes: usize,
+    /// Connection limits and timeouts of the REST and gRPC ports.
+    pub connections: conn::Limits,
+    /// How long a REST task session with nothing waiting is kept.
+    pub task_session_idle: Duration,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     /// Request spans and edge metrics on (the default) or off, for overhead benchmarks.
@@ -167,7 +175,8 @@ pub async fn run(
         .build_v1()?;
     let infer = GrpcInferenceServiceServer::new(grpc::InferenceService { state: state.clone() })
         .max_decoding_message_size(state.cfg.max_body_bytes)
-        .max_encoding_message_size(usize::MAX)
+        // With the check before encoding, this only guards what that check misses.
+        .max_encoding_message_size(state.cfg.max_response_bytes.saturating_add(64 * 1024))
         // Clients may compress requests (tritonclient's compression_algorithm); answers
         // are compressed only for clients that ask for it.
         .accept_compressed(CompressionEncoding::Gzip)
@@ -188,22 +197,24 @@ pub async fn run(
         state.tasks = Some(Arc::new(tasks::TaskGateway::new(
             vec![format!("http://{addr}")],
             agents.token.clone(),
+            state.cfg.task_session_idle,
         )));
     }
     let grpc_token = token.clone();
     // Nagle's algorithm would hold small gRPC frames back ~40 ms behind delayed ACKs.
     // The builder's tcp_nodelay only covers listeners tonic binds itself.
-    let grpc_incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    let limits = state.cfg.connections;
+    let grpc_incoming = conn::incoming(listeners.grpc, limits);
     let grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
             .layer(observe::GrpcLayer {
                 metrics: state.repo.metrics().clone(),
                 enabled: state.cfg.telemetry,
             })
-            // Keepalive pings keep idle streams alive through load balancers.
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // Keepalive pings keep idle streams alive through load balancers, and keep
+            // a live peer's connection busier than the idle timeout.
+            .http2_keepalive_interval(Some(limits.ping_interval()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(infer)
@@ -220,11 +231,12 @@ pub async fn run(
     );
 
     let http_token = token.clone();
-    let http_server = tokio::spawn(
-        axum::serve(listeners.http, http::router(state.clone()))
-            .with_graceful_shutdown(http_token.cancelled_owned())
-            .into_future(),
-    );
+    let http_server = tokio::spawn(conn::serve_http(
+        listeners.http,
+        http::router(state.clone()),
+        limits,
+        http_token.cancelled_owned(),
+    ));
     let metrics_token = token.clone();
     let metrics_server = tokio::spawn(
         axum::serve(listeners.metrics, metrics::router(state.clone()))

@@ -114,13 +114,13 @@ static ROUTES: Interner = Interner::new(256);
 /// the REST routes, whose names per-route sampling matches.
 static GRPC_PATHS: Interner = Interner::new(256);
 
-/// The standard methods as static strings; anything else is owned.
+/// The method label: the standard methods, and `other` for anything a client makes
+/// up (each new value would otherwise be a new series).
 fn http_method(m: &http::Method) -> Cow<'static, str> {
-    const KNOWN: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
-    KNOWN
-        .iter()
-        .find(|k| **k == m.as_str())
-        .map_or_else(|| Cow::Owned(m.as_str().to_string()), |k| Cow::Borrowed(*k))
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    Cow::Borrowed(KNOWN.iter().find(|k| **k == m.as_str()).copied().unwrap_or("other"))
 }
 
 /// One finished request, as the edge metrics record it.

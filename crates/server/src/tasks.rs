@@ -14,7 +14,11 @@
 //! the same task (the orchestrator dedupes offers and the tool gateway keys its
 //! side effects by it).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     body::Bytes,
@@ -50,42 +54,79 @@ enum Outcome {
     Lost,
 }
 
-/// One requester session per tenant, opened on first use.
+/// One requester session per tenant, opened on first use and closed once idle.
 pub struct TaskGateway {
     endpoints: Vec<String>,
     token: Option<String>,
+    /// A session with no task waiting for this long is closed, so tenants that come
+    /// and go cannot fill the table for good.
+    idle: Duration,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
 }
 
 struct Session {
     client: AgentClient,
     waiting: Waiters,
+    /// When a request last used the session.
+    used: Mutex<Instant>,
+}
+
+impl Session {
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        self.waiting
+            .lock()
+            .is_empty()
+            .then(|| now.saturating_duration_since(*self.used.lock()))
+    }
 }
 
 impl TaskGateway {
-    /// `endpoints`: orchestrator URLs; `token`: the bearer token agent streams carry.
-    pub fn new(endpoints: Vec<String>, token: Option<String>) -> TaskGateway {
+    /// `endpoints`: orchestrator URLs; `token`: the bearer token agent streams carry;
+    /// `idle`: how long a session without waiting tasks is kept.
+    pub fn new(endpoints: Vec<String>, token: Option<String>, idle: Duration) -> TaskGateway {
         TaskGateway {
             endpoints,
             token,
+            idle,
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Tenants with an open session (tests and the hostile-client suite read it).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
     fn session(&self, tenant: &str) -> Result<Arc<Session>, ApiError> {
+        let now = Instant::now();
         let mut sessions = self.sessions.lock();
         if let Some(s) = sessions.get(tenant) {
+            *s.used.lock() = now;
             return Ok(s.clone());
         }
         if sessions.len() >= MAX_TENANT_SESSIONS {
-            return Err(ApiError::Task {
-                code: Code::ResourceExhausted,
-                message: format!("{MAX_TENANT_SESSIONS} tenants already have task sessions on this replica"),
+            self.evict_idle(&mut sessions, now);
+        }
+        if sessions.len() >= MAX_TENANT_SESSIONS {
+            // Honest: the soonest any session can become idle long enough is a
+            // full idle period away (none is idle enough now).
+            let soonest = sessions
+                .values()
+                .filter_map(|s| s.idle_for(now))
+                .max()
+                .map_or(self.idle, |idle| self.idle.saturating_sub(idle));
+            return Err(ApiError::TaskSessionsFull {
+                limit: MAX_TENANT_SESSIONS,
+                retry_after: soonest.max(Duration::from_secs(1)),
             });
         }
         let (client, mut events) = AgentClient::connect(ClientConfig {
             endpoints: self.endpoints.clone(),
-            agent_id: format!("rest-{tenant}-{}", uuid::Uuid::new_v4()),
+            agent_id: format!(
+                "rest-{}-{}",
+                lattice_inference::repository::echo(tenant),
+                uuid::Uuid::new_v4()
+            ),
             tenant: tenant.to_string(),
             auth_token: self.token.clone(),
             ..ClientConfig::default()
@@ -108,9 +149,26 @@ impl TaskGateway {
                 }
             }
         });
-        let session = Arc::new(Session { client, waiting });
+        let session = Arc::new(Session {
+            client,
+            waiting,
+            used: Mutex::new(now),
+        });
         sessions.insert(tenant.to_string(), session.clone());
         Ok(session)
+    }
+
+    /// Closes the sessions that have waited on nothing for the idle period.
+    fn evict_idle(&self, sessions: &mut HashMap<String, Arc<Session>>, now: Instant) {
+        sessions.retain(|_, s| {
+            let keep = s.idle_for(now).is_none_or(|idle| idle < self.idle);
+            if !keep {
+                let s = s.clone();
+                // A goodbye ends the orchestrator's side of the session at once.
+                tokio::spawn(async move { s.client.close(false).await });
+            }
+            keep
+        });
     }
 }
 

@@ -148,6 +148,9 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
         repository,
         ServerConfig {
             max_body_bytes: opts.max_body_bytes,
+            max_response_bytes: 64 * 1024 * 1024,
+            connections: lattice_server::conn::Limits::default(),
+            task_session_idle: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             telemetry: true,
             rate_limit: opts.rate_limit,

@@ -1,0 +1,325 @@
+//! Connections of the REST and gRPC ports: a cap on how many are open, a bound on
+//! how long a request's headers may take, and an idle timeout.
+//!
+//! Each port accepts at most `max_connections` at once: past that it stops accepting
+//! (the kernel's backlog holds the rest) instead of holding a socket per client.
+//! A connection on which nothing was read or written for `idle_timeout`, with no
+//! request in flight, is closed. HTTP/1 headers must arrive within
+//! `header_read_timeout` (hyper's timer, which also runs while a keep-alive
+//! connection waits for its next request). HTTP/2 advertises a stream limit.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::Router;
+use futures::{Stream, StreamExt};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
+use tower::ServiceExt;
+
+/// Limits of one listening port; the defaults are the serve flags' defaults.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once on the port.
+    pub max_connections: usize,
+    /// Time an HTTP/1 client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no bytes either way for this long
+    /// is closed.
+    pub idle_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open (REST over h2 and gRPC).
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            http2_max_concurrent_streams: 128,
+        }
+    }
+}
+
+impl Limits {
+    /// HTTP/2 keepalive pings: often enough that a live peer's connection is never
+    /// idle for the idle timeout (a ping and its answer are traffic).
+    pub fn ping_interval(&self) -> Duration {
+        (self.idle_timeout / 3).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    }
+}
+
+// === Activity ===
+
+/// What the idle timer of one connection looks at.
+struct Activity {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the last byte read or written.
+    last: AtomicU64,
+    /// Requests being answered (REST; gRPC connections rely on keepalive pings).
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// Counts a request on its connection while it is answered.
+struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    fn new(a: Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(a)
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === Conn ===
+
+/// An accepted socket that holds its port's connection permit and closes itself
+/// when idle.
+pub struct Conn<T> {
+    io: T,
+    _permit: OwnedSemaphorePermit,
+    activity: Arc<Activity>,
+    timer: Pin<Box<Sleep>>,
+    idle: Duration,
+}
+
+impl<T> Conn<T> {
+    fn new(io: T, permit: OwnedSemaphorePermit, activity: Arc<Activity>, idle: Duration) -> Self {
+        Conn {
+            io,
+            _permit: permit,
+            activity,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            idle,
+        }
+    }
+
+    /// Ready with an error once the connection has been idle for the timeout; the
+    /// timer is re-armed from the last activity otherwise.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let busy = self.activity.in_flight.load(Ordering::Relaxed) > 0;
+            let since = now.saturating_duration_since(self.activity.last());
+            if !busy && since >= self.idle {
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
+            }
+            let next = if busy {
+                now + self.idle
+            } else {
+                self.activity.last() + self.idle
+            };
+            self.timer.as_mut().reset(next);
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Conn<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut me.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    me.activity.touch();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match me.poll_idle(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Conn<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Conn<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+// === Accepting ===
+
+/// Waits for a free connection slot, then for a connection: at the cap the port
+/// stops accepting.
+async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> (TcpStream, OwnedSemaphorePermit) {
+    let permit = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                // Nagle's algorithm would hold small frames back ~40 ms behind
+                // delayed ACKs.
+                let _ = stream.set_nodelay(true);
+                return (stream, permit);
+            }
+            // Out of file descriptors, or a connection reset before it was
+            // accepted: wait a moment rather than spin.
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The gRPC port's connections, for tonic's `serve_with_incoming_shutdown`.
+pub fn incoming(listener: TcpListener, limits: Limits) -> impl Stream<Item = Result<Conn<TcpStream>, Infallible>> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    futures::stream::unfold((listener, slots), move |(listener, slots)| async move {
+        let (stream, permit) = accept(&listener, &slots).await;
+        let conn = Conn::new(stream, permit, Activity::new(), limits.idle_timeout);
+        Some((Ok(conn), (listener, slots)))
+    })
+    .boxed()
+}
+
+/// Serves the REST router until `shutdown`, then lets open connections finish.
+pub async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .keep_alive_interval(limits.ping_interval());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, permit) = tokio::select! {
+            accepted = accept(&listener, &slots) => accepted,
+            () = &mut shutdown => break,
+        };
+        let activity = Activity::new();
+        let io = TokioIo::new(Conn::new(stream, permit, activity.clone(), limits.idle_timeout));
+        let router = router.clone();
+        let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let guard = RequestGuard::new(activity.clone());
+            let router = router.clone();
+            async move {
+                let resp = router.oneshot(req.map(axum::body::Body::new)).await;
+                drop(guard);
+                resp
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            // A client that resets or times out ends its own connection only.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_come_well_inside_the_idle_timeout() {
+        for (idle, ping) in [(120, 30), (9, 3), (2, 1), (600, 30)] {
+            let l = Limits {
+                idle_timeout: Duration::from_secs(idle),
+                ..Limits::default()
+            };
+            assert_eq!(l.ping_interval(), Duration::from_secs(ping), "idle {idle}");
+        }
+    }
+}
