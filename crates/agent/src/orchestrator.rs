@@ -369,7 +369,7 @@ impl Orchestrator {
         let st = self.inner.state.lock();
         let mut d = [0; 6];
         for t in st.tasks.values() {
-            if t.rec.state == TaskState::Queued as i32 {
+            if t.rec.state() == TaskState::Queued {
                 d[(t.rec.priority as usize).min(5)] += 1;
             }
         }
@@ -448,7 +448,7 @@ impl Orchestrator {
         let mine: Vec<String> = st
             .tasks
             .values_mut()
-            .filter(|t| t.rec.worker == sid_owned && t.rec.state == TaskState::Assigned as i32)
+            .filter(|t| t.rec.worker == sid_owned && t.rec.state() == TaskState::Assigned)
             .map(|t| {
                 t.orphaned_since = None;
                 t.rec.task_id.clone()
@@ -546,7 +546,7 @@ impl Orchestrator {
         if let Some(r) = &resume {
             for id in &r.running_task_ids {
                 if let Some(t) = st.tasks.get_mut(id) {
-                    if t.rec.state == TaskState::Assigned as i32 {
+                    if t.rec.state() == TaskState::Assigned {
                         let previous = std::mem::replace(&mut t.rec.worker, sid.clone());
                         t.orphaned_since = None;
                         if let Some(p) = st.sessions.get_mut(&previous) {
@@ -561,7 +561,7 @@ impl Orchestrator {
         let mine: Vec<String> = st
             .tasks
             .values_mut()
-            .filter(|t| t.rec.worker == sid && t.rec.state == TaskState::Assigned as i32)
+            .filter(|t| t.rec.worker == sid && t.rec.state() == TaskState::Assigned)
             .map(|t| {
                 t.orphaned_since = None;
                 t.rec.task_id.clone()
@@ -1031,7 +1031,7 @@ fn on_offer(
                 .get_or_create(&OutcomeLabels { outcome: "refused" })
                 .inc();
         }
-        rec.state = TaskState::Done as i32;
+        rec.set_state(TaskState::Done);
         st.tasks.insert(
             rec.task_id.clone(),
             Task {
@@ -1066,7 +1066,7 @@ fn on_result(inner: &Inner, st: &mut State, sid: &str, result: TaskResult, step:
     let Some(task) = st.tasks.get(&task_id) else {
         return;
     };
-    if task.rec.state == TaskState::Done as i32 {
+    if task.rec.state() == TaskState::Done {
         return;
     }
     let code = wire::code_of(&result.status);
@@ -1104,7 +1104,7 @@ fn requeue(inner: &Inner, st: &mut State, task_id: &str, why: String, step: &mut
     };
     // Only an assigned task goes back: a queued or finished one is where it belongs
     // (a late failure from a worker presumed dead must not queue it twice).
-    if task.rec.state != TaskState::Assigned as i32 {
+    if task.rec.state() != TaskState::Assigned {
         return;
     }
     if let Some(w) = st.sessions.get_mut(&task.rec.worker) {
@@ -1122,7 +1122,7 @@ fn requeue(inner: &Inner, st: &mut State, task_id: &str, why: String, step: &mut
         finish(inner, st, task_id, status(Code::Aborted, msg), Bytes::new(), step);
         return;
     }
-    task.rec.state = TaskState::Queued as i32;
+    task.rec.set_state(TaskState::Queued);
     task.rec.worker.clear();
     task.orphaned_since = None;
     step.put_task(&task.rec);
@@ -1158,11 +1158,11 @@ fn finish(
             .agent_task_duration
             .observe((now_us() - task.rec.offered_us).max(0) as f64 / 1e6);
     }
-    if task.rec.state == TaskState::Queued as i32 {
+    if task.rec.state() == TaskState::Queued {
         st.queued = st.queued.saturating_sub(1);
     }
     let worker = std::mem::take(&mut task.rec.worker);
-    task.rec.state = TaskState::Done as i32;
+    task.rec.set_state(TaskState::Done);
     let result = TaskResult {
         task_id: task_id.to_string(),
         output: output.to_vec(),
@@ -1189,7 +1189,7 @@ fn cancel_task(inner: &Inner, st: &mut State, task_id: &str, reason: &str, step:
     let Some(task) = st.tasks.get(task_id) else {
         return;
     };
-    if task.rec.state == TaskState::Assigned as i32 {
+    if task.rec.state() == TaskState::Assigned {
         let worker = task.rec.worker.clone();
         if let Some(w) = st.sessions.get_mut(&worker) {
             push_frame(
@@ -1205,7 +1205,7 @@ fn cancel_task(inner: &Inner, st: &mut State, task_id: &str, reason: &str, step:
         }
         inner.tools.cancel_task(task_id);
     }
-    if task.rec.state != TaskState::Done as i32 {
+    if task.rec.state() != TaskState::Done {
         let msg = if reason.is_empty() {
             "cancelled by the requester".to_string()
         } else {
@@ -1256,7 +1256,7 @@ fn forget_session(st: &mut State, sid: &str, step: &mut Step) {
         .collect();
     for id in owned {
         if let Some(t) = st.tasks.remove(&id) {
-            if t.rec.state == TaskState::Queued as i32 {
+            if t.rec.state() == TaskState::Queued {
                 st.queued = st.queued.saturating_sub(1);
             }
         }
@@ -1323,7 +1323,7 @@ fn dispatch(inner: &Inner, st: &mut State, step: &mut Step) {
             let task = st.tasks.get_mut(&task_id).expect("next_queued checked");
             if task.rec.deadline_us > 0 && task.rec.deadline_us <= now_us() {
                 st.queued = st.queued.saturating_sub(1);
-                task.rec.state = TaskState::Assigned as i32;
+                task.rec.set_state(TaskState::Assigned);
                 finish(
                     inner,
                     st,
@@ -1335,7 +1335,7 @@ fn dispatch(inner: &Inner, st: &mut State, step: &mut Step) {
                 continue;
             }
             st.queued = st.queued.saturating_sub(1);
-            task.rec.state = TaskState::Assigned as i32;
+            task.rec.set_state(TaskState::Assigned);
             task.rec.worker = worker.clone();
             task.rec.attempts += 1;
             step.put_task(&task.rec);
@@ -1374,11 +1374,7 @@ fn next_queued(st: &mut State, cap: &str, now: Instant) -> Option<String> {
     let lanes = st.lanes.get_mut(cap)?;
     while let Some(id) = lanes.pop(now) {
         // Lanes are cleaned lazily: a cancelled or reassigned id may still sit there.
-        if st
-            .tasks
-            .get(&id)
-            .is_some_and(|t| t.rec.state == TaskState::Queued as i32)
-        {
+        if st.tasks.get(&id).is_some_and(|t| t.rec.state() == TaskState::Queued) {
             return Some(id);
         }
     }
@@ -1510,9 +1506,7 @@ async fn sweep_task(inner: std::sync::Weak<Inner>) {
         let expired: Vec<String> = st
             .tasks
             .values()
-            .filter(|t| {
-                t.rec.state == TaskState::Queued as i32 && t.rec.deadline_us > 0 && t.rec.deadline_us <= now_us()
-            })
+            .filter(|t| t.rec.state() == TaskState::Queued && t.rec.deadline_us > 0 && t.rec.deadline_us <= now_us())
             .map(|t| t.rec.task_id.clone())
             .collect();
         for id in expired {
@@ -1546,7 +1540,7 @@ async fn sweep_task(inner: std::sync::Weak<Inner>) {
         let total: usize = lanes.values().map(Lanes::len).sum();
         if total > 2 * *queued + 1024 {
             for lane in lanes.values_mut() {
-                lane.retain(|id| tasks.get(id).is_some_and(|t| t.rec.state == TaskState::Queued as i32));
+                lane.retain(|id| tasks.get(id).is_some_and(|t| t.rec.state() == TaskState::Queued));
             }
         }
         dispatch(&inner, &mut st, &mut step);
