@@ -140,7 +140,10 @@ impl ModelRepository {
     pub async fn load(&self, name: &str) -> Result<(), InferError> {
         let _admin = self.inner.admin.lock().await;
         if !is_safe_name(name) || !self.inner.root.join(name).join("config.toml").is_file() {
-            return Err(InferError::ModelNotFound(name.to_string()));
+            return Err(InferError::LoadFailed {
+                name: name.to_string(),
+                reason: "failed to poll from model repository: it has no such model (no <name>/config.toml)".into(),
+            });
         }
         let dir = self.inner.root.join(name);
         let model_name = name.to_string();
@@ -230,10 +233,9 @@ impl ModelRepository {
     /// A served version; an empty `version` means the highest served one.
     pub fn version(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, InferError> {
         let model = self.model(name)?;
-        let found = if version.is_empty() {
-            model.versions.values().next_back()
-        } else {
-            version.parse::<i64>().ok().and_then(|v| model.versions.get(&v))
+        let found = match crate::error::parse_requested_version(version)? {
+            None => model.versions.values().next_back(),
+            Some(v) => model.versions.get(&v),
         };
         found.cloned().ok_or_else(|| InferError::VersionNotFound {
             name: name.to_string(),

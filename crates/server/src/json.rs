@@ -73,6 +73,11 @@ fn malformed(m: impl Into<String>) -> ApiError {
     ApiError::Malformed(m.into())
 }
 
+/// Triton's text for an input with none, or more than one, of its data fields.
+pub fn content_fields(which: &str) -> String {
+    format!("Input must set only one of the following fields: 'data', 'binary_data_size' in 'parameters', 'shared_memory_region' in 'parameters'. But {which}")
+}
+
 /// `class_count` asks for the classification extension, which is not served: say so
 /// rather than silently returning the whole tensor.
 pub fn unsupported_classification(output: &str) -> ApiError {
@@ -145,13 +150,8 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
                 }
             }
             (None, Some(data)) => from_json(&inp.name, dtype, inp.shape, &data)?,
-            (Some(_), Some(_)) => {
-                return Err(malformed(format!(
-                    "input '{}' has both data and binary_data_size",
-                    inp.name
-                )))
-            }
-            (None, None) => return Err(malformed(format!("input '{}' has no data", inp.name))),
+            (Some(_), Some(_)) => return Err(malformed(content_fields("set 'data' 'binary_data_size'"))),
+            (None, None) => return Err(malformed(content_fields("no field is set"))),
         };
         inputs.push((inp.name, t));
     }

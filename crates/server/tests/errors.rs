@@ -241,6 +241,16 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
             ErrorKind::NotFound,
         ),
         tensor_case(
+            "unparsable version",
+            "magika",
+            "abc",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            2048,
+            ErrorKind::InvalidInput,
+        ),
+        tensor_case(
             "wrong input name",
             "magika",
             "",
