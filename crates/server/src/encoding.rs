@@ -1,6 +1,6 @@
 //! Response compression as Triton does it: only a successful inference answer is
 //! compressed, and only as that request's own `Accept-Encoding` asks (gzip, or
-//! deflate in its zlib framing, as tritonclient decodes it).
+//! deflate in its zlib framing, as tritonclient decodes it), chosen by Triton's rule.
 //!
 //! Everything else (metadata, statistics, repository, errors) goes out plain, because
 //! `tritonclient.http.aio` turns aiohttp's automatic decompression off, always sends
@@ -31,33 +31,40 @@ impl Encoding {
     }
 }
 
-/// The first of gzip / deflate the request accepts, in the order it lists them;
-/// a coding with `q=0` is refused, not accepted. `None`: send the body plain.
+/// Triton's choice among identity, gzip and deflate: the highest `q` (default 1),
+/// the first listed on a tie; other codings are ignored. `None`: send it plain.
 pub fn negotiate(headers: &HeaderMap) -> Option<Encoding> {
+    let mut best: Option<Encoding> = None;
+    let mut weight = 0.0f32;
     // At most a few header values, each split on commas: bounded by the header limits.
     for value in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
         for item in value.split(',') {
             let mut parts = item.split(';');
             let coding = parts.next().unwrap_or("").trim();
-            let refused = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            if refused {
+            let mut q = 1.0f32;
+            if let Some(p) = parts.next() {
+                match p.trim().strip_prefix("q=").map(|q| q.trim().parse::<f32>()) {
+                    Some(Ok(v)) if v.is_finite() => q = v,
+                    _ => continue,
+                }
+            }
+            let choice = if coding.eq_ignore_ascii_case("gzip") {
+                Some(Encoding::Gzip)
+            } else if coding.eq_ignore_ascii_case("deflate") {
+                Some(Encoding::Deflate)
+            } else if coding.eq_ignore_ascii_case("identity") {
+                None
+            } else {
                 continue;
-            }
-            if coding.eq_ignore_ascii_case("gzip") {
-                return Some(Encoding::Gzip);
-            }
-            if coding.eq_ignore_ascii_case("deflate") {
-                return Some(Encoding::Deflate);
+            };
+            if q > weight {
+                best = choice;
+                weight = q;
             }
         }
     }
-    None
+    best
 }
 
 fn compress_now(body: &[u8], enc: Encoding) -> std::io::Result<Vec<u8>> {
@@ -106,9 +113,15 @@ mod tests {
         assert_eq!(negotiate(&HeaderMap::new()), None);
         assert_eq!(negotiate(&headers("identity")), None);
         assert_eq!(negotiate(&headers("gzip")), Some(Encoding::Gzip));
+        assert_eq!(negotiate(&headers("gzip, deflate")), Some(Encoding::Gzip));
         assert_eq!(negotiate(&headers("br, deflate, gzip")), Some(Encoding::Deflate));
         assert_eq!(negotiate(&headers("gzip;q=0, deflate")), Some(Encoding::Deflate));
-        assert_eq!(negotiate(&headers("GZIP; q=0.5")), Some(Encoding::Gzip));
+        assert_eq!(
+            negotiate(&headers("gzip;q=0.5, deflate;q=0.8")),
+            Some(Encoding::Deflate)
+        );
+        assert_eq!(negotiate(&headers("GZIP;q=0.5")), Some(Encoding::Gzip));
+        assert_eq!(negotiate(&headers("identity, gzip")), None);
         assert_eq!(negotiate(&headers("gzip;q=0")), None);
     }
 
