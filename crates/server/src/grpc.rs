@@ -391,6 +391,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.state.scaling.arrival();
         self.state.admit(tenant(r.metadata()))?;
         let deadline = grpc_timeout(r.metadata());
         let resp = self.infer_one(r.into_inner(), deadline).await?;
@@ -421,6 +422,7 @@ impl GrpcInferenceService for InferenceService {
                     let id = req.id.clone();
                     let model = req.model_name.clone();
                     let version = req.model_version.clone();
+                    svc.state.scaling.arrival();
                     let admitted = svc.state.admit(tenant_name.as_deref());
                     let answer = match admitted {
                         Ok(()) => svc.infer_one(req, None).await,
