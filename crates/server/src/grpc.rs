@@ -516,9 +516,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let r = r.into_inner();
+        let params = crate::load_params::from_grpc(r.parameters)?;
         self.state
             .repo
-            .load(&r.into_inner().model_name)
+            .load_with(&r.model_name, params.config.as_deref())
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))

@@ -416,8 +416,8 @@ fn check_admin_body(body: &Bytes) -> Result<(), ApiError> {
 }
 
 async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
-    check_admin_body(&body_bytes(&s, body)?)?;
-    s.repo.load(&model).await?;
+    let params = crate::load_params::from_json(&body_bytes(&s, body)?)?;
+    s.repo.load_with(&model, params.config.as_deref()).await?;
     Ok(StatusCode::OK)
 }
 

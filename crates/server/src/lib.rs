@@ -13,6 +13,7 @@ pub mod http;
 pub mod jetstream;
 pub mod json;
 pub mod limit;
+pub mod load_params;
 pub mod metrics;
 pub mod observe;
 pub mod podcost;
