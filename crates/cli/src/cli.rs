@@ -610,9 +610,22 @@ impl AgentPlaneArgs {
     }
 }
 
-/// Parses `--tool-fetch-allow`; the Kubernetes API proxy is refused even if listed.
+/// Parses `--tool-fetch-allow`; the Kubernetes API proxy is refused even if listed,
+/// under any name for loopback.
 fn fetch_allow(entries: &[String], kube_api: &str) -> Result<Vec<reqwest::Url>, Failure> {
-    let kube = reqwest::Url::parse(kube_api).ok().map(|u| u.origin());
+    let kube = reqwest::Url::parse(kube_api).ok();
+    let is_loopback = |u: &reqwest::Url| match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    let is_kube = |u: &reqwest::Url| {
+        kube.as_ref().is_some_and(|k| {
+            u.origin() == k.origin()
+                || (is_loopback(u) && is_loopback(k) && u.port_or_known_default() == k.port_or_known_default())
+        })
+    };
     entries
         .iter()
         .filter(|e| !e.trim().is_empty())
@@ -624,7 +637,7 @@ fn fetch_allow(entries: &[String], kube_api: &str) -> Result<Vec<reqwest::Url>, 
                     "--tool-fetch-allow: '{e}' must be an http(s) origin such as https://host:port"
                 )));
             }
-            if Some(url.origin()) == kube {
+            if is_kube(&url) {
                 return Err(Failure::Usage(format!(
                     "--tool-fetch-allow: '{e}' is the Kubernetes API proxy (--kube-api), which no tool may reach"
                 )));
@@ -718,6 +731,21 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         addr(&listeners.metrics)
     );
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
+    for (flag, value) in [
+        ("--header-read-timeout-secs", args.header_read_timeout_secs),
+        ("--idle-timeout-secs", args.idle_timeout_secs),
+        ("--task-session-idle-secs", args.task_session_idle_secs),
+        (
+            "--http2-max-concurrent-streams",
+            u64::from(args.http2_max_concurrent_streams),
+        ),
+        ("--max-connections", args.max_connections as u64),
+        ("--max-response-bytes", args.max_response_bytes as u64),
+    ] {
+        if value == 0 {
+            return Err(Failure::Usage(format!("{flag} must be at least 1")));
+        }
+    }
     let policy = args.scaling.policy()?;
     repo.metrics().set_guard_config(policy.guard);
     let replica = args.pod_cost.pod_name.clone().unwrap_or_else(|| {

@@ -372,6 +372,7 @@ impl ModelRepository {
             }
         }
         let deadline = req.deadline;
+        mv.scheduler.check_room()?;
         let tokenized = tokenize(rt.text.as_ref(), &mut req);
         match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), tokenized)

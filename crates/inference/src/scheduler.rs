@@ -168,6 +168,21 @@ impl Scheduler {
         self.shared.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Fails with `Overloaded` when the queue is full, before a request spends work
+    /// (tokenization) it would only be refused after.
+    pub fn check_room(&self) -> Result<(), InferError> {
+        let rt = &self.shared.runtime;
+        let limit = rt.config.queue().max_queue_size;
+        if self.shared.queue.lock().len >= limit {
+            return Err(InferError::Overloaded {
+                model: rt.config.name.clone(),
+                limit,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        Ok(())
+    }
+
     /// Queues a request; fails at once with `Overloaded` when the queue is full.
     pub fn submit(
         &self,

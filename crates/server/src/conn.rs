@@ -41,7 +41,8 @@ use tower::ServiceExt;
 pub struct Limits {
     /// Connections open at once on the port.
     pub max_connections: usize,
-    /// Time an HTTP/1 client has to send a request's headers.
+    /// Time an HTTP/1 client has to send a request's headers, and the longest
+    /// stall while a request body is read (either protocol).
     pub header_read_timeout: Duration,
     /// A connection with no request in flight and no bytes either way for this long
     /// is closed.
@@ -279,6 +280,11 @@ pub async fn serve_http(
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .keep_alive_interval(limits.ping_interval());
     let graceful = GracefulShutdown::new();
+    // A request body that stalls for the header-read timeout fails its request: the
+    // request counts as in flight, which keeps the idle timer off its connection.
+    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.header_read_timeout,
+    ));
     tokio::pin!(shutdown);
     loop {
         let (stream, permit) = tokio::select! {

@@ -110,7 +110,8 @@ impl ErrorKind {
             ErrorKind::LoadFailed => (StatusCode::BAD_REQUEST, Code::FailedPrecondition),
             ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
             // The request is what must change (fewer outputs, a smaller batch), so a
-            // 4xx; gRPC's own "message larger than max" is RESOURCE_EXHAUSTED.
+            // 4xx. Checked before encoding; RESOURCE_EXHAUSTED is what gRPC itself
+            // uses for a message larger than the receiver's maximum.
             ErrorKind::ResponseTooLarge => (StatusCode::BAD_REQUEST, Code::ResourceExhausted),
             ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }

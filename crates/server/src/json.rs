@@ -392,24 +392,27 @@ fn json_chars(dtype: DataType) -> usize {
 /// An upper bound of [`encode_response`]'s size, computed before anything is
 /// encoded: exact for binary outputs, the longest text per element for JSON ones.
 pub fn response_size_bound(resp: &InferResponse, binary: &BinaryOutputs) -> usize {
-    resp.outputs.iter().fold(512 + resp.id.len(), |acc, (name, t)| {
-        let data = if binary.wants_binary(name) {
-            t.wire_len()
-        } else {
-            match &t.data {
-                // A byte may become a six-character escape.
-                TensorData::Strings(items) => items
-                    .iter()
-                    .map(|i| i.len().saturating_mul(6).saturating_add(3))
-                    .fold(0, usize::saturating_add),
-                TensorData::Raw(b) => {
-                    (b.len() / t.dtype.size().unwrap_or(1).max(1)).saturating_mul(json_chars(t.dtype))
+    // The id and names are written JSON-escaped: up to six characters a byte.
+    resp.outputs
+        .iter()
+        .fold(512 + resp.id.len().saturating_mul(6), |acc, (name, t)| {
+            let data = if binary.wants_binary(name) {
+                t.wire_len()
+            } else {
+                match &t.data {
+                    // A byte may become a six-character escape.
+                    TensorData::Strings(items) => items
+                        .iter()
+                        .map(|i| i.len().saturating_mul(6).saturating_add(3))
+                        .fold(0, usize::saturating_add),
+                    TensorData::Raw(b) => {
+                        (b.len() / t.dtype.size().unwrap_or(1).max(1)).saturating_mul(json_chars(t.dtype))
+                    }
                 }
-            }
-        };
-        acc.saturating_add(128 + name.len() + 21 * t.shape.len())
-            .saturating_add(data)
-    })
+            };
+            acc.saturating_add(128 + name.len().saturating_mul(6) + 21 * t.shape.len())
+                .saturating_add(data)
+        })
 }
 
 /// Writes BYTES elements as JSON strings the way Triton does (rapidjson without

@@ -191,11 +191,13 @@ pub async fn run(
                 std::net::Ipv6Addr::LOCALHOST.into()
             });
         }
-        state.tasks = Some(Arc::new(tasks::TaskGateway::new(
+        let gateway = Arc::new(tasks::TaskGateway::new(
             vec![format!("http://{addr}")],
             agents.token.clone(),
             state.cfg.task_session_idle,
-        )));
+        ));
+        gateway.start_sweeper(state.shutdown.clone());
+        state.tasks = Some(gateway);
     }
     let grpc_token = token.clone();
     // Nagle's algorithm would hold small gRPC frames back ~40 ms behind delayed ACKs.

@@ -90,10 +90,10 @@ impl Scaler {
         Ok(match t.policy {
             Policy::Demand => (demand, target),
             Policy::Predictive => {
-                let s = &self.state.scaling;
-                // Before the first decision, the fleet as it is.
-                let replicas = match s.desired() {
-                    0 => s.fleet().max(1),
+                // Before its first decision the policy has no answer: KEDA keeps
+                // its last value (or its fallback) rather than being told "1".
+                let replicas = match self.state.scaling.desired() {
+                    0 => return Err(Status::unavailable("the scaling policy has not decided yet; retry")),
                     n => n,
                 };
                 (lattice_scaling::keda::metric_for(replicas, 1.0), 1.0)
@@ -157,7 +157,11 @@ impl ExternalScaler for Scaler {
 
     async fn get_metric_spec(&self, r: Request<ScaledObjectRef>) -> Result<Response<GetMetricSpecResponse>, Status> {
         let t = trigger(r.get_ref())?;
-        let (_, target) = self.metric(&t)?;
+        let target = match t.policy {
+            // The metric is a replica count.
+            Policy::Predictive => 1.0,
+            Policy::Demand => self.measure(&t)?.1,
+        };
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: METRIC_NAME.into(),

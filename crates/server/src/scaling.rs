@@ -7,8 +7,9 @@
 //!
 //! Fleet-wide signals: with `--scaling-store redis://…` every replica writes its
 //! second into one Redis hash per second (`<prefix>:scaling:<unix second>`, field =
-//! replica id, kept 120 s); the policy reads the second that ended two seconds ago,
-//! so replicas whose clocks or ticks differ by up to a second are all counted, and
+//! replica id, kept 120 s). Every replica ticks 200 ms after each whole second and
+//! writes the second that just ended; the policy reads the one before it, so
+//! replicas whose clocks differ by less than about a second are all counted, and
 //! the fleet size is the number of replicas that wrote. Without a store the fleet is
 //! this replica alone (the one-machine default).
 
@@ -149,7 +150,7 @@ impl Store {
         })
     }
 
-    /// Writes this replica's second `at`, and reads the fleet's second `at - 2`
+    /// Writes this replica's second `at`, and reads the fleet's second `at - 1`
     /// (`None` until some replica wrote it), with how many replicas wrote it.
     async fn exchange(&mut self, at: u64, mine: Second) -> Result<Option<(Second, u32)>, ScalingError> {
         match self {
@@ -163,7 +164,7 @@ impl Store {
                     .query_async(conn)
                     .await?;
                 let read: Vec<(String, String)> = conn
-                    .hgetall(format!("{prefix}:scaling:{}", at.saturating_sub(2)))
+                    .hgetall(format!("{prefix}:scaling:{}", at.saturating_sub(1)))
                     .await?;
                 if read.is_empty() {
                     return Ok(None);
@@ -186,7 +187,18 @@ impl Store {
 /// replica is ready; a store error skips the second (the policy holds its last
 /// decision) and is logged.
 pub async fn run(state: AppState, cfg: ScalingConfig) -> Result<(), ScalingError> {
-    let mut store = Store::open(&cfg).await?;
+    let mut store = loop {
+        match Store::open(&cfg).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "scaling store unreachable; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = state.shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
     let signals = state.scaling.clone();
     let mut runner = PolicyRunner::new(
         cfg.policy.clone(),
@@ -198,8 +210,13 @@ pub async fn run(state: AppState, cfg: ScalingConfig) -> Result<(), ScalingError
             max: cfg.max_replicas,
         },
     );
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Ticks just after each whole second, the same phase on every replica, so each
+    // writes one sample per second key; a late tick is skipped, not doubled.
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let to_next = Duration::from_secs(1).saturating_sub(Duration::from_nanos(u64::from(since_epoch.subsec_nanos())));
+    let start = tokio::time::Instant::now() + to_next + Duration::from_millis(200);
+    let mut tick = tokio::time::interval_at(start, Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let last_error = Mutex::new(None::<String>);
     loop {
         tokio::select! {
@@ -217,10 +234,19 @@ pub async fn run(state: AppState, cfg: ScalingConfig) -> Result<(), ScalingError
         }
         let (demand, _) = state.repo.load_signals(None);
         let queue = demand.saturating_sub(state.repo.in_flight()) as f64;
-        match store.exchange(unix_second(), Second { arrivals, queue }).await {
+        // The counts cover the second that just ended.
+        let covered = unix_second().saturating_sub(1);
+        match store.exchange(covered, Second { arrivals, queue }).await {
             Ok(Some((fleet_second, replicas))) => {
                 signals.fleet.store(replicas, Ordering::Relaxed);
-                let desired = runner.tick(fleet_second, replicas.max(1));
+                // The fleet size the policy last chose is what KEDA applies; the
+                // simulator passes the same (replicas still starting are not yet
+                // in the store).
+                let current = match signals.desired() {
+                    0 => replicas.max(1),
+                    d => d,
+                };
+                let desired = runner.tick(fleet_second, current);
                 signals.desired.store(desired, Ordering::Relaxed);
                 *last_error.lock() = None;
             }

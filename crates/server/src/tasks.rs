@@ -67,8 +67,8 @@ pub struct TaskGateway {
 struct Session {
     client: AgentClient,
     waiting: Waiters,
-    /// When a request last used the session.
-    used: Mutex<Instant>,
+    /// When a request last started or stopped waiting on the session.
+    used: Arc<Mutex<Instant>>,
 }
 
 impl Session {
@@ -132,7 +132,9 @@ impl TaskGateway {
             ..ClientConfig::default()
         });
         let waiting: Waiters = Arc::default();
+        let used = Arc::new(Mutex::new(now));
         let pump = waiting.clone();
+        let pump_used = used.clone();
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
                 let (task_id, outcome) = match ev {
@@ -145,17 +147,31 @@ impl TaskGateway {
                     Event::Drain(_) => continue,
                 };
                 if let Some(tx) = pump.lock().remove(&task_id) {
+                    *pump_used.lock() = Instant::now();
                     let _ = tx.send(outcome);
                 }
             }
         });
-        let session = Arc::new(Session {
-            client,
-            waiting,
-            used: Mutex::new(now),
-        });
+        let session = Arc::new(Session { client, waiting, used });
         sessions.insert(tenant.to_string(), session.clone());
         Ok(session)
+    }
+
+    /// Closes idle sessions every half idle period until `stop`.
+    pub fn start_sweeper(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let me = Arc::downgrade(self);
+        let period = (self.idle / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    () = stop.cancelled() => return,
+                }
+                let Some(gw) = me.upgrade() else { return };
+                let mut sessions = gw.sessions.lock();
+                gw.evict_idle(&mut sessions, Instant::now());
+            }
+        });
     }
 
     /// Closes the sessions that have waited on nothing for the idle period.
@@ -217,6 +233,7 @@ impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if let Some((session, task_id)) = self.armed.take() {
             session.waiting.lock().remove(&task_id);
+            *session.used.lock() = Instant::now();
             tokio::spawn(async move {
                 let cancel = agent_message::Body::Cancel(Cancel {
                     task_id,

@@ -477,7 +477,14 @@ async fn agent_frames_through_the_orchestrator() {
     for (i, chunk) in frames.chunks(100).enumerate() {
         let mut client = AgentCoordinationClient::connect(url.clone()).await.expect("connect");
         let mut msgs = vec![hello(&format!("fuzz-{i}"))];
-        msgs.extend(chunk.iter().cloned());
+        // In sequence, so the frames pass the inbox's gap check and reach the
+        // handlers; the fields that matter to them stay as mutated.
+        msgs.extend(chunk.iter().cloned().enumerate().map(|(n, mut m)| {
+            if let Some(env) = m.env.as_mut() {
+                env.seq_no = n as u64 + 1;
+            }
+            m
+        }));
         // Whatever the orchestrator answers (frames, an error status, the end of
         // the stream), it answers within a bound.
         if let Ok(resp) = client.negotiate_task(futures::stream::iter(msgs)).await {
