@@ -517,12 +517,8 @@ impl GrpcInferenceService for InferenceService {
         r: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         let r = r.into_inner();
-        let params = crate::load_params::from_grpc(r.parameters)?;
-        self.state
-            .repo
-            .load_with(&r.model_name, params.config.as_deref())
-            .await
-            .map_err(ApiError::from)?;
+        let params = crate::load_params::from_grpc(r.parameters, self.state.cfg.max_body_bytes)?;
+        crate::load_params::load(&self.state.repo, &r.model_name, params).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 

@@ -416,8 +416,8 @@ fn check_admin_body(body: &Bytes) -> Result<(), ApiError> {
 }
 
 async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
-    let params = crate::load_params::from_json(&body_bytes(&s, body)?)?;
-    s.repo.load_with(&model, params.config.as_deref()).await?;
+    let params = crate::load_params::from_json(&body_bytes(&s, body)?, s.cfg.max_body_bytes)?;
+    crate::load_params::load(&s.repo, &model, params).await?;
     Ok(StatusCode::OK)
 }
 
