@@ -5,6 +5,7 @@
 //! and production passes SIGTERM.
 
 pub mod conn;
+pub mod embeddings;
 pub mod encoding;
 pub mod error;
 pub mod grpc;
