@@ -43,6 +43,8 @@ pub struct ModelVersion {
     pub name: String,
     pub version: i64,
     pub scheduler: Scheduler,
+    /// Live sequences, for a model with `[sequence_batching]`.
+    pub sequences: Option<crate::sequence::SequenceStore>,
     /// Tells this loaded instance apart from a reload of the same version.
     id: u64,
 }
@@ -87,6 +89,9 @@ pub struct RequestParts {
     pub outputs: Vec<String>,
     pub priority: Option<u8>,
     pub timeout: Option<Duration>,
+    /// `sequence_id` / `sequence_start` / `sequence_end`; ignored by models without
+    /// `[sequence_batching]`, as Triton ignores them.
+    pub sequence: Option<crate::sequence::SequenceControl>,
 }
 
 struct Inner {
@@ -430,7 +435,20 @@ impl ModelRepository {
         result
     }
 
-    async fn infer_on(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
+    async fn infer_on(&self, mv: &Arc<ModelVersion>, mut parts: RequestParts) -> Result<InferResponse, InferError> {
+        // A sequence's request waits here for the one before it, then carries its state.
+        let sequence = match (&mv.sequences, parts.sequence.take()) {
+            (Some(store), Some(ctrl)) => Some(store.acquire(ctrl, &mut parts.inputs, &mut parts.outputs).await?),
+            _ => None,
+        };
+        let mut resp = self.run(mv, parts).await?;
+        if let Some(seq) = sequence {
+            seq.commit(&mut resp.outputs)?;
+        }
+        Ok(resp)
+    }
+
+    async fn run(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
         let rt = mv.scheduler.runtime().clone();
         let mut req = prepare(&rt.config, rt.text.as_deref(), parts)?;
         if let Some(drift) = rt.config.drift.as_ref().filter(|_| rt.recorder.enabled()) {
@@ -784,6 +802,10 @@ fn load_model(
             Arc::new(ModelVersion {
                 name: name.to_string(),
                 version: v,
+                sequences: cfg
+                    .sequence_batching
+                    .as_ref()
+                    .map(|s| crate::sequence::SequenceStore::new(&cfg, s)),
                 scheduler: Scheduler::start(runtime, backends),
                 id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             }),
@@ -937,6 +959,7 @@ async fn warm_up(model: &LoadedModel) {
             outputs: Vec::new(),
             priority: Some(0),
             timeout: None,
+            sequence: None,
         };
         let pipeline = v.scheduler.runtime().text.as_deref();
 

@@ -146,6 +146,7 @@ pub async fn embeddings(State(s): State<AppState>, headers: HeaderMap, body: Bod
                 outputs: vec![pooling.output.clone()],
                 priority: None,
                 timeout: None,
+                sequence: None,
             },
         )
         .await?;

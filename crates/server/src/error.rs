@@ -164,7 +164,7 @@ impl ApiError {
                 InferError::ModelNotReady(_) => ErrorKind::Unavailable,
                 InferError::InvalidInput(_) | InferError::InvalidVersion(_) => ErrorKind::InvalidInput,
                 InferError::BatchTooLarge { .. } => ErrorKind::BatchTooLarge,
-                InferError::Overloaded { .. } => ErrorKind::Overloaded,
+                InferError::Overloaded { .. } | InferError::SequencesFull { .. } => ErrorKind::Overloaded,
                 InferError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
                 InferError::Cancelled => ErrorKind::Cancelled,
                 InferError::LoadFailed { .. } => ErrorKind::LoadFailed,
@@ -220,6 +220,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::Infer(InferError::Overloaded { retry_after, .. })
+            | ApiError::Infer(InferError::SequencesFull { retry_after, .. })
             | ApiError::RateLimited { retry_after, .. }
             | ApiError::TaskSessionsFull { retry_after, .. } => Some(*retry_after),
             _ => None,

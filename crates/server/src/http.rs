@@ -286,6 +286,13 @@ pub fn config_json(cfg: &ModelConfig) -> Value {
         "output": cfg.output.iter().map(tensor).collect::<Vec<_>>(),
         "instance_group": [{"name": format!("{}_0", cfg.name), "kind": "KIND_CPU", "count": cfg.instance_group.count}],
     });
+    if let Some(sb) = &cfg.sequence_batching {
+        v["sequence_batching"] = json!({
+            "max_sequence_idle_microseconds": sb.idle().as_micros() as u64,
+            "oldest": {"max_candidate_sequences": sb.max_candidate_sequences},
+            "state": sb.state,
+        });
+    }
     if let Some(db) = &cfg.dynamic_batching {
         v["dynamic_batching"] = json!({
             "preferred_batch_size": db.preferred_batch_size,

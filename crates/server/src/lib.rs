@@ -46,6 +46,7 @@ pub const SERVER_NAME: &str = "lattice";
 pub const EXTENSIONS: &[&str] = &[
     "binary_tensor_data",
     "model_repository",
+    "sequence",
     "schedule_policy",
     "statistics",
     "model_configuration",
