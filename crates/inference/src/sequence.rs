@@ -429,3 +429,111 @@ impl Drop for SequenceGuard<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> ModelConfig {
+        let mut c: ModelConfig = toml::from_str(&format!(
+            r#"
+            name = "m"
+            [[input]]
+            name = "x"
+            data_type = "FP32"
+            dims = [1]
+            [[input]]
+            name = "s"
+            data_type = "FP32"
+            dims = [2]
+            [[output]]
+            name = "sN"
+            data_type = "FP32"
+            dims = [2]
+            [sequence_batching]
+            max_candidate_sequences = 2
+            {extra}
+            [[sequence_batching.state]]
+            input_name = "s"
+            output_name = "sN"
+            data_type = "FP32"
+            dims = [2]
+            "#
+        ))
+        .unwrap();
+        c.name = "m".into();
+        c
+    }
+
+    fn ctrl(id: u64, start: bool, end: bool) -> SequenceControl {
+        SequenceControl {
+            id: SequenceId::Int(id),
+            start,
+            end,
+        }
+    }
+
+    #[test]
+    fn states_must_match_declared_tensors() {
+        assert!(config("").validate().is_ok());
+        let mut c = config("");
+        c.sequence_batching.as_mut().unwrap().state[0].dims = vec![3];
+        assert!(c.validate().is_err());
+        let mut c = config("");
+        c.sequence_batching.as_mut().unwrap().max_candidate_sequences = 0;
+        assert!(c.validate().is_err());
+        let mut c = config("");
+        c.sequence_batching.as_mut().unwrap().state[0].output_name = "nope".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[tokio::test]
+    async fn state_flows_and_sequences_are_bounded() {
+        let c = config("max_sequence_idle_microseconds = 3600000000");
+        let store = SequenceStore::new(&c, c.sequence_batching.as_ref().unwrap());
+        let (mut inputs, mut outputs) = (Vec::new(), vec!["sN".to_string()]);
+        // Unknown without START, and ID 0.
+        assert!(store
+            .acquire(ctrl(1, false, false), &mut inputs, &mut outputs)
+            .await
+            .is_err());
+        assert!(store
+            .acquire(ctrl(0, true, false), &mut inputs, &mut outputs)
+            .await
+            .is_err());
+        let g = store
+            .acquire(ctrl(1, true, false), &mut inputs, &mut outputs)
+            .await
+            .unwrap();
+        assert_eq!(inputs[0].1.to_f32_vec().unwrap(), vec![0.0, 0.0]);
+        let mut answer = vec![("sN".to_string(), Tensor::from_f32(vec![2], &[1.0, 2.0]))];
+        g.commit(&mut answer).unwrap();
+        let mut inputs = Vec::new();
+        let g = store
+            .acquire(ctrl(1, false, false), &mut inputs, &mut outputs)
+            .await
+            .unwrap();
+        assert_eq!(inputs[0].1.to_f32_vec().unwrap(), vec![1.0, 2.0]);
+        // A failed request (dropped guard) leaves the state as it was.
+        drop(g);
+        let _g2 = store
+            .acquire(ctrl(2, true, false), &mut Vec::new(), &mut outputs)
+            .await
+            .unwrap();
+        let full = store.acquire(ctrl(3, true, false), &mut Vec::new(), &mut outputs).await;
+        assert!(matches!(full, Err(InferError::SequencesFull { limit: 2, .. })));
+        // A wrong-shaped state output is not kept.
+        let g = store
+            .acquire(ctrl(1, false, true), &mut Vec::new(), &mut outputs)
+            .await
+            .unwrap();
+        let mut bad = vec![("sN".to_string(), Tensor::from_f32(vec![3], &[0.0; 3]))];
+        assert!(g.commit(&mut bad).is_err());
+        // END forgot sequence 1 even though its last request failed.
+        assert_eq!(store.live(), 1);
+        assert!(store
+            .acquire(ctrl(1, false, false), &mut Vec::new(), &mut outputs)
+            .await
+            .is_err());
+    }
+}
