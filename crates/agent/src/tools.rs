@@ -444,6 +444,7 @@ impl ToolGateway {
             outputs: Vec::new(),
             priority: None,
             timeout: None,
+            sequence: None,
         };
         let resp = repo
             .infer(model, version, parts)

@@ -42,6 +42,9 @@ pub struct ModelConfig {
     /// Input features whose distribution is watched for drift.
     #[serde(default)]
     pub drift: Option<DriftConfig>,
+    /// Stateful sequences with implicit state (Triton's sequence batcher).
+    #[serde(default)]
+    pub sequence_batching: Option<crate::sequence::SequenceBatching>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -292,6 +295,9 @@ impl ModelConfig {
             if db.max_queue_size == 0 {
                 return Err("dynamic_batching.max_queue_size must be >= 1".to_string());
             }
+        }
+        if let Some(s) = &self.sequence_batching {
+            s.validate(self)?;
         }
         if let Some(q) = &self.quality {
             let out = self.output_by_name(&q.output);

@@ -29,6 +29,13 @@ pub enum InferError {
         limit: usize,
         retry_after: Duration,
     },
+    /// As many sequences are live as the model allows (`max_candidate_sequences`).
+    #[error("model '{}' already has {limit} live sequences (max_candidate_sequences); end one (sequence_end) or retry once one has been idle for the model's max_sequence_idle_microseconds", echo(model))]
+    SequencesFull {
+        model: String,
+        limit: usize,
+        retry_after: Duration,
+    },
     #[error("request deadline exceeded before compute")]
     DeadlineExceeded,
     #[error("request cancelled by the client")]
@@ -79,7 +86,7 @@ impl InferError {
             InferError::InvalidInput(_) | InferError::InvalidVersion(_) | InferError::BatchTooLarge { .. } => {
                 ErrorType::InputSchemaViolation
             }
-            InferError::Overloaded { .. } => ErrorType::Overloaded,
+            InferError::Overloaded { .. } | InferError::SequencesFull { .. } => ErrorType::Overloaded,
             InferError::DeadlineExceeded => ErrorType::ModelTimeout,
             InferError::Cancelled => ErrorType::Cancelled,
             InferError::Backend(_) => ErrorType::Internal,

@@ -7,6 +7,7 @@
 //! - [`pipeline`]: text tokenization in front of a model, pooling behind it.
 //! - [`scheduler`]: per-model bounded priority queue, batch formation, instance threads.
 //! - [`repository`]: loads, reloads (atomic swap) and unloads model versions.
+//! - [`sequence`]: stateful sequences (implicit state carried between requests).
 //! - [`quality`]: confidence, entropy and drift features for the metrics.
 //!
 //! Nothing here knows HTTP, gRPC or JSON: the edge converts (see `lattice-server`).
@@ -19,6 +20,7 @@ pub mod pipeline;
 pub mod quality;
 pub mod repository;
 pub mod scheduler;
+pub mod sequence;
 pub mod stats;
 pub mod tensor;
 

@@ -61,6 +61,11 @@ impl TextPipeline {
         &self.cfg.input
     }
 
+    /// The attention mask input: its ones count the tokens each item became.
+    pub fn attention_mask_name(&self) -> &str {
+        &self.cfg.attention_mask
+    }
+
     /// The token tensors: their sequence axis is padded when requests share a batch.
     pub fn is_token_input(&self, name: &str) -> bool {
         name == self.cfg.input_ids

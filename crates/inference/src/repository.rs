@@ -43,6 +43,8 @@ pub struct ModelVersion {
     pub name: String,
     pub version: i64,
     pub scheduler: Scheduler,
+    /// Live sequences, for a model with `[sequence_batching]`.
+    pub sequences: Option<crate::sequence::SequenceStore>,
     /// Tells this loaded instance apart from a reload of the same version.
     id: u64,
 }
@@ -87,6 +89,9 @@ pub struct RequestParts {
     pub outputs: Vec<String>,
     pub priority: Option<u8>,
     pub timeout: Option<Duration>,
+    /// `sequence_id` / `sequence_start` / `sequence_end`; ignored by models without
+    /// `[sequence_batching]`, as Triton ignores them.
+    pub sequence: Option<crate::sequence::SequenceControl>,
 }
 
 struct Inner {
@@ -154,9 +159,6 @@ impl ModelRepository {
             });
         }
         let dir = self.inner.root.join(name);
-        let model_name = name.to_string();
-        let metrics = self.inner.metrics.clone();
-        let started = Instant::now();
         let cfg = match config_override {
             None => None,
             Some(text) => {
@@ -168,7 +170,67 @@ impl ModelRepository {
                 Some(crate::config_override::apply(&base, text).map_err(|e| InferError::InvalidInput(e.to_string()))?)
             }
         };
-        let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &model_name, metrics, cfg))
+        self.install(name, Source::Dir(dir), cfg).await
+    }
+
+    /// Loads a model from model bytes given in the load request (Triton's
+    /// `file:<version>/model.onnx` parameters), with `config_json` (required, as
+    /// Triton requires it) as its whole configuration: the repository directory is
+    /// not read, and only the versions given exist. The bytes are loaded from
+    /// memory; nothing is written to disk. Every failure is the caller's to fix
+    /// (`InvalidInput`) and changes nothing that is serving.
+    pub async fn load_from_bytes(
+        &self,
+        name: &str,
+        config_json: Option<&str>,
+        files: BTreeMap<i64, Bytes>,
+    ) -> Result<(), InferError> {
+        let _admin = self.inner.admin.lock().await;
+        let poll_failed = |why: &str| {
+            InferError::InvalidInput(format!(
+                "failed to load '{}', failed to poll from model repository: {why}",
+                echo(name)
+            ))
+        };
+        if !is_safe_name(name) {
+            return Err(poll_failed("invalid model name"));
+        }
+        let Some(text) = config_json else {
+            return Err(poll_failed(
+                "load parameter 'config' must be specified for model file override",
+            ));
+        };
+        if files.is_empty() {
+            return Err(poll_failed("no model file given"));
+        }
+        let cfg = crate::config_override::apply(&blank_config(name), text)
+            .map_err(|e| InferError::InvalidInput(e.to_string()))?;
+        if cfg.input.is_empty() || cfg.output.is_empty() {
+            return Err(InferError::InvalidInput(format!(
+                "invalid config override: a model loaded from file parameters needs 'input' and 'output' in 'config' (model '{}')",
+                echo(name)
+            )));
+        }
+        let versions: Vec<i64> = files.keys().copied().collect();
+        match self.install(name, Source::Bytes(files), Some(cfg)).await {
+            // The bytes are the caller's: a model that does not parse or does not
+            // match its config is their mistake, in Triton's wording.
+            Err(InferError::LoadFailed { reason, .. }) => Err(InferError::InvalidInput(format!(
+                "load failed for model '{}': version {} is at UNAVAILABLE state: {reason};",
+                echo(name),
+                versions.first().copied().unwrap_or(1)
+            ))),
+            other => other,
+        }
+    }
+
+    /// Builds, warms and swaps in a model; on failure records why and changes
+    /// nothing that is serving. The caller holds the admin lock.
+    async fn install(&self, name: &str, src: Source, cfg: Option<ModelConfig>) -> Result<(), InferError> {
+        let model_name = name.to_string();
+        let metrics = self.inner.metrics.clone();
+        let started = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || load_model(&src, &model_name, metrics, cfg))
             .await
             .map_err(|e| InferError::LoadFailed {
                 name: name.to_string(),
@@ -266,7 +328,17 @@ impl ModelRepository {
         let models = self.inner.models.read();
         let failures = self.inner.failures.lock();
         let mut out = Vec::new();
-        for name in self.available() {
+        // Models loaded from request bytes have no directory but are served.
+        let mut names = self.available();
+        names.extend(
+            models
+                .keys()
+                .filter(|n| !names.contains(n))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        names.sort();
+        for name in names {
             if let Some(m) = models.get(&name) {
                 for v in m.versions.keys() {
                     out.push(IndexEntry {
@@ -363,7 +435,20 @@ impl ModelRepository {
         result
     }
 
-    async fn infer_on(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
+    async fn infer_on(&self, mv: &Arc<ModelVersion>, mut parts: RequestParts) -> Result<InferResponse, InferError> {
+        // A sequence's request waits here for the one before it, then carries its state.
+        let sequence = match (&mv.sequences, parts.sequence.take()) {
+            (Some(store), Some(ctrl)) => Some(store.acquire(ctrl, &mut parts.inputs, &mut parts.outputs).await?),
+            _ => None,
+        };
+        let mut resp = self.run(mv, parts).await?;
+        if let Some(seq) = sequence {
+            seq.commit(&mut resp.outputs)?;
+        }
+        Ok(resp)
+    }
+
+    async fn run(&self, mv: &Arc<ModelVersion>, parts: RequestParts) -> Result<InferResponse, InferError> {
         let rt = mv.scheduler.runtime().clone();
         let mut req = prepare(&rt.config, rt.text.as_deref(), parts)?;
         if let Some(drift) = rt.config.drift.as_ref().filter(|_| rt.recorder.enabled()) {
@@ -626,31 +711,59 @@ pub fn prepare(
     })
 }
 
+/// Where a model's files come from.
+enum Source {
+    /// `<repository>/<model>/`.
+    Dir(PathBuf),
+    /// `model.onnx` bytes by version, from a load request; no directory at all.
+    Bytes(BTreeMap<i64, Bytes>),
+}
+
+/// The config a model loaded from bytes starts from: nothing but its name, so the
+/// request's `config` is the whole configuration (Triton's override mode).
+fn blank_config(name: &str) -> ModelConfig {
+    let mut c: ModelConfig = toml::from_str("input = []\noutput = []").expect("a blank config parses");
+    c.name = name.to_string();
+    c
+}
+
 /// Loads every selected version of a model, with all its instances, or nothing.
-fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>, cfg: Option<ModelConfig>) -> Result<LoadedModel, String> {
-    let mut cfg = match cfg {
-        Some(cfg) => cfg,
-        None => config::load(dir)?,
+fn load_model(
+    src: &Source,
+    name: &str,
+    metrics: Arc<Metrics>,
+    cfg: Option<ModelConfig>,
+) -> Result<LoadedModel, String> {
+    let mut cfg = match (cfg, src) {
+        (Some(cfg), _) => cfg,
+        (None, Source::Dir(dir)) => config::load(dir)?,
+        (None, Source::Bytes(_)) => return Err("a model loaded from bytes needs a config".into()),
     };
     cfg.name = name.to_string();
-    let on_disk: Vec<i64> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .flatten()
-        .filter(|e| e.path().join("model.onnx").is_file())
-        .filter_map(|e| config::parse_version(&e.file_name().to_string_lossy()))
-        .collect();
-    let selected = cfg.version_policy.select(on_disk);
+    let available: Vec<i64> = match src {
+        Source::Dir(dir) => std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .flatten()
+            .filter(|e| e.path().join("model.onnx").is_file())
+            .filter_map(|e| config::parse_version(&e.file_name().to_string_lossy()))
+            .collect(),
+        Source::Bytes(files) => files.keys().copied().collect(),
+    };
+    let selected = cfg.version_policy.select(available);
     if selected.is_empty() {
-        return Err(format!(
-            "no version directory with a model.onnx under {}",
-            dir.display()
-        ));
+        return Err(match src {
+            Source::Dir(dir) => format!("no version directory with a model.onnx under {}", dir.display()),
+            Source::Bytes(_) => "the version policy selects none of the versions given".into(),
+        });
     }
-    let text = cfg
-        .text
-        .as_ref()
-        .map(|t| TextPipeline::load(dir, t).map(Arc::new))
-        .transpose()?;
+    let text = match src {
+        Source::Dir(dir) => cfg
+            .text
+            .as_ref()
+            .map(|t| TextPipeline::load(dir, t).map(Arc::new))
+            .transpose()?,
+        Source::Bytes(_) => None,
+    };
     let pooled = cfg.pooling.as_ref().map(|p| p.output.clone());
     let mut engine_outputs: Vec<String> = cfg
         .output
@@ -666,8 +779,13 @@ fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>, cfg: Option<ModelCo
     let text_inputs = text.as_ref().map(|t| t.input_name().to_string());
     let mut versions = BTreeMap::new();
     for v in selected {
-        let path = dir.join(v.to_string()).join("model.onnx");
-        let backends = build_instances(&path, &cfg)?;
+        let backends = match src {
+            Source::Dir(dir) => build_instances(&dir.join(v.to_string()).join("model.onnx"), &cfg)?,
+            Source::Bytes(files) => {
+                let model = files.get(&v).ok_or("selected version has no bytes")?;
+                instances_from(model, &cfg).map_err(|e| format!("model.onnx of version {v}: {e}"))?
+            }
+        };
         check_signature(backends[0].as_ref(), &cfg, text_inputs.as_deref(), pooled.as_deref())?;
         let runtime = Arc::new(ModelRuntime {
             config: cfg.clone(),
@@ -685,17 +803,25 @@ fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>, cfg: Option<ModelCo
             Arc::new(ModelVersion {
                 name: name.to_string(),
                 version: v,
+                sequences: cfg
+                    .sequence_batching
+                    .as_ref()
+                    .map(|s| crate::sequence::SequenceStore::new(&cfg, s)),
                 scheduler: Scheduler::start(runtime, backends),
                 id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             }),
         );
     }
     // Read here, on the blocking load thread, not when the version starts serving.
+    let dir = match src {
+        Source::Dir(dir) => Some(dir),
+        Source::Bytes(_) => None,
+    };
     let drift_reference = cfg
         .drift
         .as_ref()
-        .and_then(|d| d.reference_file.as_ref())
-        .map(|f| {
+        .and_then(|d| d.reference_file.as_ref().zip(dir))
+        .map(|(f, dir)| {
             let p = dir.join(f);
             std::fs::read(&p)
                 .map_err(|e| format!("{}: {e}", p.display()))
@@ -746,12 +872,12 @@ fn build_instances(path: &Path, cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend
     // SAFETY: the mapping is read-only and lives only while the sessions are built;
     // the repository's files are not modified while a load of them runs.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    instances_from(&map, cfg).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn instances_from(model: &[u8], cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, String> {
     (0..cfg.instance_group.count)
-        .map(|_| {
-            OnnxBackend::new(&map, cfg.instance_group.intra_op_threads)
-                .map(|b| Box::new(b) as Box<dyn Backend>)
-                .map_err(|e| format!("{}: {e}", path.display()))
-        })
+        .map(|_| OnnxBackend::new(model, cfg.instance_group.intra_op_threads).map(|b| Box::new(b) as Box<dyn Backend>))
         .collect()
 }
 
@@ -834,6 +960,7 @@ async fn warm_up(model: &LoadedModel) {
             outputs: Vec::new(),
             priority: Some(0),
             timeout: None,
+            sequence: None,
         };
         let pipeline = v.scheduler.runtime().text.as_deref();
 

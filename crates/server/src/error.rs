@@ -119,6 +119,26 @@ impl ErrorKind {
 }
 
 impl ErrorKind {
+    /// A stable snake_case name, for error shapes that carry a code string
+    /// (OpenAI's `error.code`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::BatchTooLarge => "batch_too_large",
+            ErrorKind::Malformed => "malformed_request",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::LoadFailed => "load_failed",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::ResponseTooLarge => "response_too_large",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
     /// The kind of a failure that arrives as a gRPC code (an agent task's result):
     /// the inverse of the table where it has one, the nearest kind otherwise.
     pub fn of_grpc(code: Code) -> ErrorKind {
@@ -145,7 +165,7 @@ impl ApiError {
                 InferError::ModelNotReady(_) => ErrorKind::Unavailable,
                 InferError::InvalidInput(_) | InferError::InvalidVersion(_) => ErrorKind::InvalidInput,
                 InferError::BatchTooLarge { .. } => ErrorKind::BatchTooLarge,
-                InferError::Overloaded { .. } => ErrorKind::Overloaded,
+                InferError::Overloaded { .. } | InferError::SequencesFull { .. } => ErrorKind::Overloaded,
                 InferError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
                 InferError::Cancelled => ErrorKind::Cancelled,
                 InferError::LoadFailed { .. } => ErrorKind::LoadFailed,
@@ -201,6 +221,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::Infer(InferError::Overloaded { retry_after, .. })
+            | ApiError::Infer(InferError::SequencesFull { retry_after, .. })
             | ApiError::RateLimited { retry_after, .. }
             | ApiError::TaskSessionsFull { retry_after, .. } => Some(*retry_after),
             _ => None,

@@ -1,11 +1,12 @@
 //! OIP v2 over gRPC: `inference.GRPCInferenceService` with tonic.
 
-use std::{pin::Pin, time::Duration};
+use std::{collections::HashMap, pin::Pin, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use lattice_inference::{
     scheduler::InferResponse,
+    sequence::{SequenceControl, SequenceId},
     tensor::{element_count, parse_wire_strings},
     DataType, RequestParts, Tensor, TensorData,
 };
@@ -98,6 +99,34 @@ fn typed_contents(inp: &InferInputTensor, dtype: DataType) -> Result<TensorData,
     Ok(TensorData::Raw(buf.freeze()))
 }
 
+/// `sequence_id` (int64 or string), `sequence_start`, `sequence_end` (bools), with
+/// the texts of Triton's gRPC frontend.
+fn sequence_params(p: &HashMap<String, InferParameter>) -> Result<Option<SequenceControl>, ApiError> {
+    let flag = |k: &str| -> Result<bool, ApiError> {
+        match p.get(k).map(|v| v.parameter_choice.as_ref()) {
+            None => Ok(false),
+            Some(Some(ParameterChoice::BoolParam(b))) => Ok(*b),
+            Some(_) => Err(malformed(format!(
+                "invalid value type for '{k}' parameter, expected bool_param."
+            ))),
+        }
+    };
+    let (start, end) = (flag("sequence_start")?, flag("sequence_end")?);
+    let id = match p.get("sequence_id").map(|v| v.parameter_choice.as_ref()) {
+        None if !(start || end) => return Ok(None),
+        None => SequenceId::Int(0),
+        // Triton reads the int64 as the uint64 correlation ID it carries.
+        Some(Some(ParameterChoice::Int64Param(v))) => SequenceId::Int(*v as u64),
+        Some(Some(ParameterChoice::StringParam(s))) => SequenceId::Str(s.clone()),
+        Some(_) => {
+            return Err(malformed(
+                "invalid value type for 'sequence_id' parameter, expected int64_param or string_param.",
+            ))
+        }
+    };
+    Ok(Some(SequenceControl { id, start, end }))
+}
+
 /// Converts a protobuf request into core request parts.
 pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> Result<RequestParts, ApiError> {
     let raw = req.raw_input_contents;
@@ -156,6 +185,7 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
             .transpose()
     };
     let (priority, timeout) = schedule_params(int("priority")?, int("timeout")?)?;
+    let sequence = sequence_params(&req.parameters)?;
     // The tighter of the in-band timeout and the transport deadline wins.
     let timeout = match (timeout, deadline) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -167,6 +197,7 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         priority,
         timeout,
+        sequence,
     })
 }
 
@@ -517,12 +548,8 @@ impl GrpcInferenceService for InferenceService {
         r: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
         let r = r.into_inner();
-        let params = crate::load_params::from_grpc(r.parameters)?;
-        self.state
-            .repo
-            .load_with(&r.model_name, params.config.as_deref())
-            .await
-            .map_err(ApiError::from)?;
+        let params = crate::load_params::from_grpc(r.parameters, self.state.cfg.max_body_bytes)?;
+        crate::load_params::load(&self.state.repo, &r.model_name, params).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 

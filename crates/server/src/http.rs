@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
         .route("/v1/agents/tasks", post(crate::tasks::offer))
+        .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route("/metrics", get(crate::metrics::render))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
         .layer(axum::middleware::from_fn_with_state(
@@ -158,7 +159,7 @@ fn ready_status(ok: bool) -> StatusCode {
     }
 }
 
-type Body = Result<Bytes, BytesRejection>;
+pub type Body = Result<Bytes, BytesRejection>;
 
 /// The request body, or the error its rejection stands for (over the limit, or
 /// unreadable).
@@ -285,6 +286,13 @@ pub fn config_json(cfg: &ModelConfig) -> Value {
         "output": cfg.output.iter().map(tensor).collect::<Vec<_>>(),
         "instance_group": [{"name": format!("{}_0", cfg.name), "kind": "KIND_CPU", "count": cfg.instance_group.count}],
     });
+    if let Some(sb) = &cfg.sequence_batching {
+        v["sequence_batching"] = json!({
+            "max_sequence_idle_microseconds": sb.idle().as_micros() as u64,
+            "oldest": {"max_candidate_sequences": sb.max_candidate_sequences},
+            "state": sb.state,
+        });
+    }
     if let Some(db) = &cfg.dynamic_batching {
         v["dynamic_batching"] = json!({
             "preferred_batch_size": db.preferred_batch_size,
@@ -416,8 +424,8 @@ fn check_admin_body(body: &Bytes) -> Result<(), ApiError> {
 }
 
 async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
-    let params = crate::load_params::from_json(&body_bytes(&s, body)?)?;
-    s.repo.load_with(&model, params.config.as_deref()).await?;
+    let params = crate::load_params::from_json(&body_bytes(&s, body)?, s.cfg.max_body_bytes)?;
+    crate::load_params::load(&s.repo, &model, params).await?;
     Ok(StatusCode::OK)
 }
 

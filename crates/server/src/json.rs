@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use lattice_inference::{
     scheduler::InferResponse,
+    sequence::{SequenceControl, SequenceId},
     tensor::{element_count, parse_wire_strings},
     DataType, RequestParts, Tensor, TensorData,
 };
@@ -105,6 +106,36 @@ pub fn schedule_params(
     Ok((priority, timeout))
 }
 
+/// `sequence_id` (uint64 or string), `sequence_start`, `sequence_end` (bools), read
+/// as Triton's REST frontend reads them, with its texts.
+fn sequence_params(p: &Map<String, Value>) -> Result<Option<SequenceControl>, ApiError> {
+    let flag = |k: &str| -> Result<bool, ApiError> {
+        match p.get(k) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(malformed(format!(
+                "Unable to parse '{k}': attempt to access JSON non-boolean as boolean"
+            ))),
+        }
+    };
+    let (start, end) = (flag("sequence_start")?, flag("sequence_end")?);
+    let id = match p.get("sequence_id") {
+        None => {
+            if start || end {
+                // Flags without an ID: the ID check names what is missing.
+                SequenceId::Int(0)
+            } else {
+                return Ok(None);
+            }
+        }
+        Some(Value::String(s)) => SequenceId::Str(s.clone()),
+        Some(v) => SequenceId::Int(v.as_u64().ok_or_else(|| {
+            malformed("Unable to parse 'sequence_id': attempt to access JSON non-string as string".to_string())
+        })?),
+    };
+    Ok(Some(SequenceControl { id, start, end }))
+}
+
 pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded, ApiError> {
     let (json, mut binary) = match header_len {
         Some(n) if n > body.len() => {
@@ -180,6 +211,7 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
             .transpose()
     };
     let (priority, timeout) = schedule_params(int("priority")?, int("timeout")?)?;
+    let sequence = sequence_params(&req.parameters)?;
     Ok(Decoded {
         parts: RequestParts {
             id: req.id.unwrap_or_default(),
@@ -187,6 +219,7 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
             outputs: req.outputs.into_iter().map(|o| o.name).collect(),
             priority,
             timeout,
+            sequence,
         },
         binary,
     })

@@ -5,6 +5,7 @@
 //! and production passes SIGTERM.
 
 pub mod conn;
+pub mod embeddings;
 pub mod encoding;
 pub mod error;
 pub mod grpc;
@@ -45,6 +46,7 @@ pub const SERVER_NAME: &str = "lattice";
 pub const EXTENSIONS: &[&str] = &[
     "binary_tensor_data",
     "model_repository",
+    "sequence",
     "schedule_policy",
     "statistics",
     "model_configuration",

@@ -350,6 +350,7 @@ fn validate(models: &[Model], parts: &lattice_inference::RequestParts) {
             outputs: parts.outputs.clone(),
             priority: parts.priority,
             timeout: parts.timeout,
+            sequence: None,
         };
         if let Ok(req) = prepare(&m.cfg, m.text.as_ref(), p) {
             for (name, t) in &req.inputs {

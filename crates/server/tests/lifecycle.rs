@@ -26,6 +26,7 @@ fn magika_parts(priority: u8, timeout: Option<Duration>) -> RequestParts {
         outputs: vec![],
         priority: Some(priority),
         timeout,
+        sequence: None,
     }
 }
 
@@ -127,6 +128,7 @@ async fn unload_returns_memory_and_reload_serves_again() {
         outputs: vec!["embedding".into()],
         priority: None,
         timeout: None,
+        sequence: None,
     };
     let baseline = support::rss_bytes();
     for round in 0..2 {

@@ -77,6 +77,7 @@ async fn external_scaler_follows_a_real_load() {
                     outputs: vec![],
                     priority: None,
                     timeout: None,
+                    sequence: None,
                 };
                 repo.infer("magika", "", parts).await.expect("infer under load");
                 n += 1;
