@@ -858,6 +858,12 @@ impl LatticeProcess {
             // The serving benchmark needs no agent plane, and two servers must not
             // contend for one embedded store file.
             .args(["--agents", "off"])
+            // The gateway is off unless `extra` turns it on (the overhead runs do).
+            .args(if extra.contains(&"--auth") {
+                &[][..]
+            } else {
+                &["--auth", "off", "--rate-limits", "off", "--audit", "off"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

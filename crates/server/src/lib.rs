@@ -4,8 +4,12 @@
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0
 //! and production passes SIGTERM.
 
+pub mod audit;
+pub mod auth;
+pub mod canary;
 pub mod conn;
 pub mod error;
+pub mod gateway;
 pub mod grpc;
 pub mod http;
 pub mod jetstream;
@@ -16,6 +20,7 @@ pub mod observe;
 pub mod podcost;
 pub mod scaler;
 pub mod tasks;
+pub mod watch;
 
 use std::{
     future::{Future, IntoFuture},
@@ -61,8 +66,6 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Request spans and edge metrics on (the default) or off, for overhead benchmarks.
     pub telemetry: bool,
-    /// Inference requests per second and burst per tenant; rate 0 = no limit.
-    pub rate_limit: (u32, u32),
     /// This replica's index and the fleet size, for sharded warm-up, and the delay
     /// per index before loading starts (staggering a fleet that starts together).
     pub warmup: Warmup,
@@ -94,20 +97,25 @@ pub struct AppState {
     ready: Arc<AtomicBool>,
     /// Cancelled when draining starts; streams end on it.
     pub shutdown: CancellationToken,
-    /// Per-tenant token buckets, when `rate_limit` is set.
-    pub limiter: Option<Arc<limit::Limiter>>,
+    /// Authentication, tenant limits, canary routing and the audit log, in front of
+    /// every service ([`gateway`]); all off unless set with [`AppState::with_gateway`].
+    pub gateway: Arc<gateway::Gateway>,
     /// `POST /v1/agents/tasks`, when the agent plane is on (set by [`run`], which
     /// knows the gRPC address).
     pub tasks: Option<Arc<tasks::TaskGateway>>,
 }
 
+fn repo_metrics(repo: &ModelRepository) -> Arc<lattice_observability::Metrics> {
+    repo.metrics().clone()
+}
+
 impl AppState {
     pub fn new(repo: ModelRepository, cfg: ServerConfig) -> AppState {
         AppState {
+            gateway: Arc::new(gateway::Gateway::off(repo_metrics(&repo))),
             repo,
             agents: None,
             tasks: None,
-            limiter: limit::Limiter::new(cfg.rate_limit.0, cfg.rate_limit.1).map(Arc::new),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
@@ -119,16 +127,16 @@ impl AppState {
         self
     }
 
-    /// Takes a token from the tenant's bucket, if limiting is on.
+    pub fn with_gateway(mut self, gateway: gateway::Gateway) -> AppState {
+        self.gateway = Arc::new(gateway);
+        self
+    }
+
+    /// Takes a token from the tenant's buckets for one request of a stream (the
+    /// gateway admitted the stream itself), if limiting is on.
     pub fn admit(&self, tenant: Option<&str>) -> Result<(), error::ApiError> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
         let tenant = tenant.filter(|t| !t.is_empty()).unwrap_or("default");
-        limiter
-            .check(tenant)
-            .map_err(|retry_after| error::ApiError::RateLimited {
-                tenant: tenant.to_string(),
-                retry_after,
-            })
+        self.gateway.take_token(tenant)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -194,9 +202,16 @@ pub async fn run(
                 std::net::Ipv6Addr::LOCALHOST.into()
             });
         }
+        // With authentication on, the hop carries the server's internal key, which
+        // may act for the tenant the gateway verified on the REST request.
+        let token = state
+            .gateway
+            .internal_key()
+            .map(str::to_string)
+            .or_else(|| agents.token.clone());
         state.tasks = Some(Arc::new(tasks::TaskGateway::new(
             vec![format!("http://{addr}")],
-            agents.token.clone(),
+            token,
             state.cfg.task_session_idle,
         )));
     }
@@ -212,6 +227,7 @@ pub async fn run(
                 metrics: state.repo.metrics().clone(),
                 enabled: state.cfg.telemetry,
             })
+            .layer(state.gateway.layer(gateway::Protocol::Grpc))
             // Keepalive pings keep idle streams alive through load balancers, and keep
             // a live peer's connection busier than the idle timeout.
             .http2_keepalive_interval(Some(limits.ping_interval()))
@@ -233,7 +249,7 @@ pub async fn run(
     let http_token = token.clone();
     let http_server = tokio::spawn(conn::serve_http(
         listeners.http,
-        http::router(state.clone()),
+        http::router(state.clone()).layer(state.gateway.layer(gateway::Protocol::Http)),
         limits,
         http_token.cancelled_owned(),
     ));
@@ -334,6 +350,8 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!(timeout = ?state.cfg.drain_timeout, "drain timeout reached with requests in flight");
     }
+    // Records of the last requests reach the sink before the process exits.
+    state.gateway.flush_audit().await;
     Ok(())
 }
 
