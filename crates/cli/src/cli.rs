@@ -636,14 +636,30 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         )
         .await?,
     };
+    if args.gateway.auth == Switch::On && args.agents.agent_token.is_some() {
+        return Err(Failure::Usage(
+            "--agent-token is superseded by --auth on: agents present a JWT or API key with the agent scope".into(),
+        ));
+    }
+    // The server's shutdown token, made here so the gateway's reload tasks stop with it.
+    let shutdown = lattice_server::CancellationToken::new();
+    let gateway =
+        lattice_server::gateway::Gateway::start(&args.gateway.build()?, repo.metrics().clone(), shutdown.clone())
+            .await
+            .map_err(Failure::Usage)?;
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    // One machine-readable line: tests and scripts read the bound ports from it.
+    // One machine-readable line: tests and scripts read the bound ports from it. It
+    // also says, plainly, whether authentication is off (local use only).
     println!(
-        "lattice listening http={} grpc={} metrics={}",
+        "lattice listening http={} grpc={} metrics={} {}",
         addr(&listeners.http),
         addr(&listeners.grpc),
-        addr(&listeners.metrics)
+        addr(&listeners.metrics),
+        gateway.describe()
     );
+    if !gateway.auth_enabled() {
+        tracing::warn!("authentication is OFF (--auth off): every caller reaches every API; local use only");
+    }
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
     let agents = args
         .agents
@@ -675,23 +691,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     if let Some(agents) = agents {
         state = state.with_agents(agents);
     }
-    if args.gateway.auth == Switch::On && args.agents.agent_token.is_some() {
-        return Err(Failure::Usage(
-            "--agent-token is superseded by --auth on: agents present a JWT or API key with the agent scope".into(),
-        ));
-    }
-    let gateway = lattice_server::gateway::Gateway::start(
-        &args.gateway.build()?,
-        state.repo.metrics().clone(),
-        state.shutdown.clone(),
-    )
-    .await
-    .map_err(Failure::Usage)?;
-    // Said once, plainly, on stdout and in the log: authentication off is for local use.
-    println!("lattice gateway {}", gateway.describe());
-    if !gateway.auth_enabled() {
-        tracing::warn!("authentication is OFF (--auth off): every caller reaches every API; local use only");
-    }
+    state.shutdown = shutdown;
     state = state.with_gateway(gateway);
     if let Some((cfg, http)) = args.pod_cost.build()? {
         tokio::spawn(lattice_server::podcost::run(

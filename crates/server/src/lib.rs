@@ -37,7 +37,7 @@ use lattice_proto::{
     inference::grpc_inference_service_server::GrpcInferenceServiceServer,
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
 pub const SERVER_NAME: &str = "lattice";

@@ -321,7 +321,11 @@ mod tests {
         } else {
             tokio::time::advance(refusal.retry_after).await;
         }
-        assert!(l.admit("a", &limits).is_ok(), "waiting {:?} must be enough", refusal.retry_after);
+        assert!(
+            l.admit("a", &limits).is_ok(),
+            "waiting {:?} must be enough",
+            refusal.retry_after
+        );
     }
 
     #[tokio::test(start_paused = true)]

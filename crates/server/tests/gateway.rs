@@ -809,3 +809,116 @@ async fn every_request_has_exactly_one_audit_record() {
     );
     server.stop().await;
 }
+
+// === JetStream sink ===
+
+struct Nats {
+    child: std::process::Child,
+    port: u16,
+    store: std::path::PathBuf,
+}
+
+impl Nats {
+    fn start(port: u16, store: &Path) -> Nats {
+        let bin = "/usr/sbin/nats-server";
+        assert!(Path::new(bin).exists(), "nats-server is expected at {bin}");
+        let child = std::process::Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Nats {
+            child,
+            port,
+            store: store.to_path_buf(),
+        }
+    }
+
+    async fn wait_up(&self) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < until, "nats-server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The JetStream sink keeps every record across a NATS restart: records of requests
+/// answered while NATS was down are published once it is back, each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jetstream_sink_survives_a_nats_restart() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let store = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start(port, store.path());
+    nats.wait_up().await;
+    let url = format!("nats://127.0.0.1:{port}");
+    let stream = "LATTICE_AUDIT_TEST";
+    let repo = repo_copy(&["magika"]);
+    let server = start_with(
+        repo.path(),
+        GatewayConfig {
+            audit: Some(AuditConfig {
+                sink: SinkConfig::Nats {
+                    url: url.clone(),
+                    stream: stream.into(),
+                },
+                retention: lattice_server::audit::DEFAULT_RETENTION,
+                queue: 65_536,
+            }),
+            ..GatewayConfig::default()
+        },
+        false,
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let send = |i: usize| {
+        let r = http
+            .post(server.url("/v2/models/magika/infer"))
+            .header("x-tenant-id", "acme")
+            .header("x-request-id", format!("r-{i}"))
+            .json(&magika_body())
+            .send();
+        async move { assert_eq!(r.await.unwrap().status(), 200) }
+    };
+    for i in 0..20 {
+        send(i).await;
+    }
+    server.state.gateway.flush_audit().await;
+    // NATS goes away; requests are still answered (the audit never holds them).
+    nats.stop();
+    for i in 20..40 {
+        send(i).await;
+    }
+    let _nats = Nats::start(port, &nats.store);
+    _nats.wait_up().await;
+    tokio::time::timeout(Duration::from_secs(60), server.state.gateway.flush_audit())
+        .await
+        .expect("records published after NATS came back");
+    let records = lattice_server::audit::nats::read_all(&url, stream).await.unwrap();
+    let mut ids: Vec<String> = records
+        .iter()
+        .filter_map(|r| r.headers.get("x-request-id").cloned())
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = (0..40).map(|i| format!("r-{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "every record exactly once");
+    assert!(records.iter().all(|r| r.tenant_id == "acme" && r.status == 200));
+    server.stop().await;
+}
