@@ -362,6 +362,80 @@ pub struct ServeArgs {
     pub agents: AgentPlaneArgs,
     #[command(flatten)]
     pub pod_cost: PodCostArgs,
+    #[command(flatten)]
+    pub scaling: ScalingArgs,
+}
+
+/// The predictive scaling policy the KEDA external scaler serves (the one
+/// `lattice simulate --policy lattice` runs).
+#[derive(Args, Debug, Clone)]
+pub struct ScalingArgs {
+    /// Where replicas share their per-second arrivals and queue depth, so every
+    /// replica's scaler answers for the whole fleet: redis://HOST:PORT. Unset, the
+    /// fleet is this replica alone.
+    #[arg(long, env = "LATTICE_SCALING_STORE")]
+    pub scaling_store: Option<String>,
+    /// Key prefix in the scaling store.
+    #[arg(long, env = "LATTICE_SCALING_PREFIX", default_value = "lattice")]
+    pub scaling_prefix: String,
+    /// Requests per second one replica completes; measured (instances over the mean
+    /// compute time per item) when unset.
+    #[arg(long, env = "LATTICE_SCALING_POD_CAPACITY")]
+    pub scaling_pod_capacity: Option<f64>,
+    /// Utilisation a replica is sized for.
+    #[arg(long, env = "LATTICE_SCALING_TARGET_UTILIZATION", default_value_t = 0.7)]
+    pub scaling_target_utilization: f64,
+    /// Seconds from a scale-up decision to a replica that serves (start + warm-up):
+    /// how far ahead the policy forecasts.
+    #[arg(long, env = "LATTICE_SCALING_LEAD_TIME_SECS", default_value_t = 60)]
+    pub scaling_lead_time_secs: u64,
+    #[arg(long, env = "LATTICE_SCALING_MIN_REPLICAS", default_value_t = 1)]
+    pub scaling_min_replicas: u32,
+    #[arg(long, env = "LATTICE_SCALING_MAX_REPLICAS", default_value_t = 50)]
+    pub scaling_max_replicas: u32,
+    /// TOML file with the policy's constants: `[predictive]` (fast_tau_s, slow_tau_s,
+    /// max_projected_growth, drain_horizon_s, deep_surplus, deep_window_s,
+    /// shallow_window_s) and `[guard]` (low_load, window_s, hold_s). Defaults as
+    /// documented in crates/scaling.
+    #[arg(long, env = "LATTICE_SCALING_CONFIG")]
+    pub scaling_config: Option<PathBuf>,
+}
+
+impl ScalingArgs {
+    pub fn policy(&self) -> Result<lattice_scaling::PolicyConfig, Failure> {
+        let Some(path) = &self.scaling_config else {
+            return Ok(lattice_scaling::PolicyConfig::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("--scaling-config {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Failure::Usage(format!("--scaling-config {}: {e}", path.display())))
+    }
+
+    pub fn build(
+        &self,
+        policy: lattice_scaling::PredictiveConfig,
+        replica: String,
+    ) -> Result<lattice_server::scaling::ScalingConfig, Failure> {
+        if self.scaling_min_replicas > self.scaling_max_replicas {
+            return Err(Failure::Usage(
+                "--scaling-min-replicas is above --scaling-max-replicas".into(),
+            ));
+        }
+        if !(self.scaling_target_utilization > 0.0 && self.scaling_target_utilization <= 1.0) {
+            return Err(Failure::Usage("--scaling-target-utilization must be in (0, 1]".into()));
+        }
+        Ok(lattice_server::scaling::ScalingConfig {
+            policy,
+            pod_capacity: self.scaling_pod_capacity.filter(|c| c.is_finite() && *c > 0.0),
+            target_utilization: self.scaling_target_utilization,
+            lead_time_s: self.scaling_lead_time_secs,
+            min_replicas: self.scaling_min_replicas,
+            max_replicas: self.scaling_max_replicas,
+            store: self.scaling_store.clone(),
+            prefix: self.scaling_prefix.clone(),
+            replica,
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -661,6 +735,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         tracing::warn!("authentication is OFF (--auth off): every caller reaches every API; local use only");
     }
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
+    let policy = args.scaling.policy()?;
+    repo.metrics().set_guard_config(policy.guard);
+    let replica = args.pod_cost.pod_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let scaling = args.scaling.build(policy.predictive, replica)?;
     let agents = args
         .agents
         .build(Some(repo.clone()), repo.metrics().clone(), &args.pod_cost.kube_api)
@@ -677,6 +758,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
                 http2_max_concurrent_streams: args.http2_max_concurrent_streams,
             },
             task_session_idle: Duration::from_secs(args.task_session_idle_secs),
+            scaling,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             telemetry: args.telemetry == Switch::On,
             warmup: lattice_server::Warmup {

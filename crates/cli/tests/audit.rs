@@ -38,8 +38,27 @@ async fn kill_9_loses_only_records_not_yet_written() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
         .current_dir(root())
         .env_remove("RUST_LOG")
-        .args(["serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"])
-        .args(["--auth", "off", "--rate-limits", "off", "--agents", "off", "--log", "warn"])
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .args([
+            "--auth",
+            "off",
+            "--rate-limits",
+            "off",
+            "--agents",
+            "off",
+            "--log",
+            "warn",
+        ])
         .arg("--model-repository")
         .arg(repo.path())
         .arg("--audit")
@@ -112,11 +131,17 @@ async fn kill_9_loses_only_records_not_yet_written() {
     // more before the kill must be there.
     for i in &lost {
         let before_kill = killed.duration_since(answered_at[*i]);
-        assert!(before_kill < Duration::from_secs(1), "r-{i}, answered {before_kill:?} before the kill, was lost");
+        assert!(
+            before_kill < Duration::from_secs(1),
+            "r-{i}, answered {before_kill:?} before the kill, was lost"
+        );
     }
     println!("kill -9 after {n} requests: {} records lost", lost.len());
     // Filters: tenant, status, time.
-    assert_eq!(list(&["--tenant", "acme"]).len(), found.iter().filter(|i| *i % 2 == 0).count());
+    assert_eq!(
+        list(&["--tenant", "acme"]).len(),
+        found.iter().filter(|i| *i % 2 == 0).count()
+    );
     assert_eq!(list(&["--status", "429"]).len(), 0);
     assert_eq!(list(&["--since", "2000-01-01", "--until", "2000-01-02"]).len(), 0);
     assert_eq!(list(&["--since", "2000-01-01", "--status", "200"]).len(), records.len());

@@ -955,9 +955,19 @@ fn check_agrees_with_binary(r: &Render, names: &BTreeSet<String>) {
         );
         for key in trigger["metadata"].as_object().unwrap().keys() {
             assert!(
-                ["scalerAddress", "model", "targetPerReplica", "activationThreshold"].contains(&key.as_str()),
+                [
+                    "scalerAddress",
+                    "policy",
+                    "model",
+                    "targetPerReplica",
+                    "activationThreshold"
+                ]
+                .contains(&key.as_str()),
                 "unknown scaler metadata {key}"
             );
+        }
+        if let Some(policy) = trigger["metadata"]["policy"].as_str() {
+            assert!(["predictive", "demand"].contains(&policy), "scaler policy {policy}");
         }
     }
     if let Some(prom) = r.get("ScaledObject", "lattice-prometheus") {

@@ -288,6 +288,16 @@ impl ModelRepository {
         (demand, capacity)
     }
 
+    /// Engine instances over all served versions.
+    pub fn instance_count(&self) -> usize {
+        self.inner
+            .models
+            .read()
+            .values()
+            .map(|m| m.config.instance_group.count * m.versions.len())
+            .sum()
+    }
+
     /// Requests being computed, over all served versions.
     pub fn in_flight(&self) -> usize {
         let models = self.inner.models.read();

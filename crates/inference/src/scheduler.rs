@@ -570,3 +570,226 @@ fn slice_outputs(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler on a mock engine: no ONNX Runtime, so these run anywhere and
+    //! can make the engine block, fail or panic on cue.
+
+    use std::sync::mpsc as std_mpsc;
+
+    use super::*;
+    use crate::{backend::BackendError, tensor::DataType};
+
+    /// Identity on input `x` (INT64 [n, 1]); blocks on a gate when asked, fails on
+    /// -2 and panics on -1; reports every batch size it ran.
+    struct Mock {
+        batches: std_mpsc::Sender<Vec<i64>>,
+        gate: Option<std_mpsc::Receiver<()>>,
+    }
+
+    impl Backend for Mock {
+        fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, BackendError> {
+            let x = inputs[0].1.clone();
+            let values = x.to_i64_vec().expect("INT64");
+            if let Some(gate) = &self.gate {
+                let _ = gate.recv();
+            }
+            let _ = self.batches.send(values.clone());
+            if values.contains(&-1) {
+                panic!("the engine fell over");
+            }
+            if values.contains(&-2) {
+                return Err(BackendError::Input("-2 is not a valid value".into()));
+            }
+            Ok(outputs.iter().map(|_| x.clone()).collect())
+        }
+
+        fn inputs(&self) -> Vec<(String, Option<DataType>)> {
+            vec![("x".into(), Some(DataType::I64))]
+        }
+
+        fn outputs(&self) -> Vec<(String, Option<DataType>)> {
+            vec![("y".into(), Some(DataType::I64))]
+        }
+    }
+
+    struct Harness {
+        scheduler: Scheduler,
+        batches: std_mpsc::Receiver<Vec<i64>>,
+        gate: Option<std_mpsc::Sender<()>>,
+    }
+
+    fn harness(queue_size: usize, delay_us: u64, gated: bool) -> Harness {
+        let config: ModelConfig = toml::from_str(&format!(
+            r#"
+            name = "mock"
+            max_batch_size = 8
+            [[input]]
+            name = "x"
+            data_type = "INT64"
+            dims = [1]
+            [[output]]
+            name = "y"
+            data_type = "INT64"
+            dims = [1]
+            [dynamic_batching]
+            max_queue_delay_microseconds = {delay_us}
+            max_queue_size = {queue_size}
+            "#
+        ))
+        .expect("config");
+        let metrics = Arc::new(Metrics::new());
+        let recorder = metrics.recorder(&lattice_observability::ModelLabels {
+            model_name: "mock".into(),
+            model_version: "1".into(),
+        });
+        let runtime = Arc::new(ModelRuntime {
+            engine_outputs: vec!["y".into()],
+            config,
+            text: None,
+            stats: Stats::default(),
+            metrics,
+            recorder,
+        });
+        let (tx, batches) = std_mpsc::channel();
+        let (gate_tx, gate_rx) = std_mpsc::channel();
+        let mock = Mock {
+            batches: tx,
+            gate: gated.then_some(gate_rx),
+        };
+        Harness {
+            scheduler: Scheduler::start(runtime, vec![Box::new(mock)]),
+            batches,
+            gate: gated.then_some(gate_tx),
+        }
+    }
+
+    fn request(value: i64, priority: u8, deadline: Option<Instant>) -> InferRequest {
+        InferRequest {
+            id: value.to_string(),
+            inputs: vec![("x".into(), Tensor::from_i64(vec![1, 1], &[value]))],
+            outputs: vec!["y".into()],
+            priority,
+            deadline,
+        }
+    }
+
+    type Reply = oneshot::Receiver<Result<InferResponse, InferError>>;
+
+    fn answer(rx: Reply) -> Result<i64, InferError> {
+        let r = rx.blocking_recv().expect("answered")?;
+        Ok(r.outputs[0].1.to_i64_vec().expect("INT64")[0])
+    }
+
+    /// Submits `first`, waits until the engine holds it at the gate, then submits
+    /// the rest: they are all queued when the gate opens.
+    fn queue_behind_a_blocked_engine(h: &mut Harness, first: InferRequest, rest: Vec<InferRequest>) -> Vec<Reply> {
+        let mut replies = vec![h.scheduler.submit(first).expect("queued")];
+        while h.scheduler.in_flight() == 0 {
+            std::thread::yield_now();
+        }
+        replies.extend(rest.into_iter().map(|r| h.scheduler.submit(r).expect("queued")));
+        replies
+    }
+
+    fn open_gate(h: &Harness, times: usize) {
+        for _ in 0..times {
+            h.gate.as_ref().expect("gated").send(()).expect("engine waiting");
+        }
+    }
+
+    #[test]
+    fn waiting_requests_share_a_batch_in_priority_order() {
+        let mut h = harness(16, 0, true);
+        let replies = queue_behind_a_blocked_engine(
+            &mut h,
+            request(1, 2, None),
+            vec![request(10, 0, None), request(20, 5, None), request(21, 5, None)],
+        );
+        open_gate(&h, 3);
+        for (rx, want) in replies.into_iter().zip([1, 10, 20, 21]) {
+            assert_eq!(answer(rx), Ok(want));
+        }
+        let order: Vec<Vec<i64>> = h.batches.try_iter().collect();
+        // What waited shares the next batch, realtime first, then background.
+        assert_eq!(order, vec![vec![1], vec![20, 21, 10]]);
+        settles_to_zero(&h.scheduler);
+    }
+
+    /// The in-flight count drops just after the answers are sent.
+    fn settles_to_zero(s: &Scheduler) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while s.in_flight() != 0 {
+            assert!(Instant::now() < until, "in-flight stuck at {}", s.in_flight());
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let mut h = harness(2, 0, true);
+        let replies = queue_behind_a_blocked_engine(
+            &mut h,
+            request(1, 2, None),
+            vec![request(2, 2, None), request(3, 2, None)],
+        );
+        let refused = h.scheduler.submit(request(4, 2, None)).expect_err("full");
+        assert!(
+            matches!(refused, InferError::Overloaded { limit: 2, .. }),
+            "{refused:?}"
+        );
+        open_gate(&h, 3);
+        for rx in replies {
+            answer(rx).expect("the queued ones are served");
+        }
+    }
+
+    #[test]
+    fn expired_and_abandoned_requests_are_skipped_before_compute() {
+        let mut h = harness(16, 0, true);
+        let past = Instant::now();
+        let mut replies = queue_behind_a_blocked_engine(
+            &mut h,
+            request(1, 2, None),
+            vec![request(2, 2, Some(past)), request(3, 2, None), request(4, 2, None)],
+        );
+        // The client of request 3 goes away.
+        drop(replies.remove(2));
+        open_gate(&h, 2);
+        let mut replies = replies.into_iter();
+        assert_eq!(answer(replies.next().unwrap()), Ok(1));
+        assert_eq!(answer(replies.next().unwrap()), Err(InferError::DeadlineExceeded));
+        assert_eq!(answer(replies.next().unwrap()), Ok(4));
+        let ran: Vec<i64> = h.batches.try_iter().flatten().collect();
+        assert_eq!(ran, vec![1, 4], "neither the expired nor the abandoned request ran");
+    }
+
+    #[test]
+    fn an_engine_panic_fails_its_batch_and_the_instance_keeps_serving() {
+        let h = harness(16, 0, false);
+        let rx = h.scheduler.submit(request(-1, 2, None)).expect("queued");
+        assert!(matches!(answer(rx), Err(InferError::Backend(_))));
+        let rx = h.scheduler.submit(request(7, 2, None)).expect("queued");
+        assert_eq!(answer(rx), Ok(7));
+        // The in-flight count survives the unwind.
+        settles_to_zero(&h.scheduler);
+    }
+
+    #[test]
+    fn a_bad_input_fails_only_its_own_request_in_a_merged_batch() {
+        let mut h = harness(16, 0, true);
+        let replies = queue_behind_a_blocked_engine(
+            &mut h,
+            request(1, 2, None),
+            vec![request(5, 2, None), request(-2, 2, None), request(6, 2, None)],
+        );
+        // The merged batch fails, then each member runs alone.
+        open_gate(&h, 5);
+        let got: Vec<_> = replies.into_iter().map(answer).collect();
+        assert_eq!(got[0], Ok(1));
+        assert_eq!(got[1], Ok(5));
+        assert!(matches!(got[2], Err(InferError::InvalidInput(_))), "{:?}", got[2]);
+        assert_eq!(got[3], Ok(6));
+    }
+}

@@ -8,7 +8,6 @@ pub mod gpu;
 pub mod metrics;
 pub mod process;
 pub mod quality;
-pub mod scaling;
 pub mod telemetry;
 
 pub use metrics::{ErrorType, Metrics, ModelLabels, ModelRecorder};

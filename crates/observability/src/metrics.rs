@@ -424,7 +424,7 @@ struct Sources {
     pending: Vec<(ModelLabels, u64, GaugeSource)>,
     load: Option<LoadSource>,
     agents: Option<AgentSource>,
-    guard: crate::scaling::ScaleInGuard,
+    guard: lattice_scaling::ScaleInGuard,
     queue_times: Recent,
     service_times: Recent,
 }
@@ -928,6 +928,16 @@ impl Metrics {
 
     /// One sample of the replica's saturation for the scale-in guard (the server
     /// takes one per second while ready).
+    /// Replaces the scale-in guard's constants (and its history).
+    pub fn set_guard_config(&self, config: lattice_scaling::GuardConfig) {
+        self.sources.lock().guard = lattice_scaling::ScaleInGuard::new(config);
+    }
+
+    /// Mean compute time per item over the recent window, in seconds.
+    pub fn service_time_mean(&self) -> Option<f64> {
+        self.sources.lock().service_times.mean()
+    }
+
     pub fn observe_saturation(&self, saturation: f64) {
         self.sources.lock().guard.observe(Instant::now(), saturation);
     }

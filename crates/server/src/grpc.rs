@@ -386,6 +386,7 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.state.scaling.arrival();
         let deadline = grpc_timeout(r.metadata());
         let ctx = r.extensions().get::<crate::gateway::RequestContext>().cloned();
         let mut req = r.into_inner();
@@ -424,6 +425,7 @@ impl GrpcInferenceService for InferenceService {
                     let id = req.id.clone();
                     let model = req.model_name.clone();
                     let version = req.model_version.clone();
+                    svc.state.scaling.arrival();
                     let admitted = svc.state.admit(tenant_name.as_deref());
                     let answer = match admitted {
                         Ok(()) => svc.infer_one(req, None).await,

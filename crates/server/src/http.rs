@@ -205,6 +205,7 @@ async fn infer_for(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    s.scaling.arrival();
     if !s.is_ready() {
         return Err(ApiError::NotReady);
     }

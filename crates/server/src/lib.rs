@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod observe;
 pub mod podcost;
 pub mod scaler;
+pub mod scaling;
 pub mod tasks;
 pub mod watch;
 
@@ -62,6 +63,8 @@ pub struct ServerConfig {
     pub connections: conn::Limits,
     /// How long a REST task session with nothing waiting is kept.
     pub task_session_idle: Duration,
+    /// The predictive scaling policy the KEDA external scaler serves.
+    pub scaling: scaling::ScalingConfig,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub drain_timeout: Duration,
     /// Request spans and edge metrics on (the default) or off, for overhead benchmarks.
@@ -103,6 +106,8 @@ pub struct AppState {
     /// `POST /v1/agents/tasks`, when the agent plane is on (set by [`run`], which
     /// knows the gRPC address).
     pub tasks: Option<Arc<tasks::TaskGateway>>,
+    /// Arrivals counted at the edge and the scaling policy's decision.
+    pub scaling: scaling::SharedSignals,
 }
 
 fn repo_metrics(repo: &ModelRepository) -> Arc<lattice_observability::Metrics> {
@@ -116,6 +121,7 @@ impl AppState {
             repo,
             agents: None,
             tasks: None,
+            scaling: Arc::default(),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
@@ -274,6 +280,14 @@ pub async fn run(
             }
         })
     }));
+    // The predictive policy behind the KEDA external scaler.
+    let policy_state = state.clone();
+    let policy_cfg = state.cfg.scaling.clone();
+    tokio::spawn(async move {
+        if let Err(e) = scaling::run(policy_state, policy_cfg).await {
+            tracing::error!(error = %e, "scaling policy stopped");
+        }
+    });
     // One saturation sample per second feeds the scale-in guard.
     let sampler = state.clone();
     tokio::spawn(async move {

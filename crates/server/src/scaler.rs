@@ -1,6 +1,13 @@
 //! KEDA external scaler on the gRPC port (`externalscaler.ExternalScaler`).
 //!
-//! The metric is this replica's demand: inference requests queued or computing, for
+//! With `policy: predictive` (the default) the metric is the fleet size the
+//! predictive policy chose ([`crate::scaling`], the code `lattice simulate` runs)
+//! against a target of 1, so KEDA's AverageValue arithmetic asks for exactly that
+//! many replicas ([`lattice_scaling::keda`]). Set the ScaledObject's
+//! `advanced.horizontalPodAutoscalerConfig.behavior` scale-down stabilization to 0:
+//! the policy applies its own scale-down windows.
+//!
+//! With `policy: demand` the metric is this replica's demand: inference requests queued or computing, for
 //! the model named in the trigger metadata (`model`) or for all models. The target
 //! per replica is the metadata's `targetPerReplica`, else the replica's own capacity
 //! (instances x largest dynamic batch), so KEDA's AverageValue arithmetic asks for
@@ -29,7 +36,14 @@ pub struct Scaler {
     pub state: AppState,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    Predictive,
+    Demand,
+}
+
 struct Trigger {
+    policy: Policy,
     model: Option<String>,
     target: Option<f64>,
     activation: f64,
@@ -51,7 +65,17 @@ fn trigger(r: &ScaledObjectRef) -> Result<Trigger, Status> {
     if target == Some(0.0) {
         return Err(Status::invalid_argument("metadata targetPerReplica must be positive"));
     }
+    let policy = match md.get("policy").map(String::as_str) {
+        None | Some("predictive") => Policy::Predictive,
+        Some("demand") => Policy::Demand,
+        Some(other) => {
+            return Err(Status::invalid_argument(format!(
+                "metadata policy={other:?}: expected \"predictive\" or \"demand\""
+            )))
+        }
+    };
     Ok(Trigger {
+        policy,
         model: md.get("model").filter(|m| !m.is_empty()).cloned(),
         target,
         activation: num("activationThreshold")?.unwrap_or(0.0),
@@ -59,6 +83,24 @@ fn trigger(r: &ScaledObjectRef) -> Result<Trigger, Status> {
 }
 
 impl Scaler {
+    /// (metric, target per replica) for a trigger: the policy's fleet size against
+    /// 1, or the replica's demand against its capacity.
+    fn metric(&self, t: &Trigger) -> Result<(f64, f64), Status> {
+        let (demand, target) = self.measure(t)?;
+        Ok(match t.policy {
+            Policy::Demand => (demand, target),
+            Policy::Predictive => {
+                let s = &self.state.scaling;
+                // Before the first decision, the fleet as it is.
+                let replicas = match s.desired() {
+                    0 => s.fleet().max(1),
+                    n => n,
+                };
+                (lattice_scaling::keda::metric_for(replicas, 1.0), 1.0)
+            }
+        })
+    }
+
     /// (demand, target per replica) for a trigger.
     fn measure(&self, t: &Trigger) -> Result<(f64, f64), Status> {
         if let Some(m) = &t.model {
@@ -115,7 +157,7 @@ impl ExternalScaler for Scaler {
 
     async fn get_metric_spec(&self, r: Request<ScaledObjectRef>) -> Result<Response<GetMetricSpecResponse>, Status> {
         let t = trigger(r.get_ref())?;
-        let (_, target) = self.measure(&t)?;
+        let (_, target) = self.metric(&t)?;
         Ok(Response::new(GetMetricSpecResponse {
             metric_specs: vec![MetricSpec {
                 metric_name: METRIC_NAME.into(),
@@ -134,12 +176,12 @@ impl ExternalScaler for Scaler {
                 r.metric_name
             )));
         }
-        let (demand, _) = self.measure(&t)?;
+        let (value, _) = self.metric(&t)?;
         Ok(Response::new(GetMetricsResponse {
             metric_values: vec![MetricValue {
                 metric_name: METRIC_NAME.into(),
-                metric_value: demand.round() as i64,
-                metric_value_float: demand,
+                metric_value: value.round() as i64,
+                metric_value_float: value,
             }],
         }))
     }

@@ -37,7 +37,7 @@ async fn external_scaler_follows_a_real_load() {
     let mut scaler = ExternalScalerClient::connect(format!("http://{}", server.grpc))
         .await
         .unwrap();
-    let trigger = scaled_object(&[("model", "magika")]);
+    let trigger = scaled_object(&[("model", "magika"), ("policy", "demand")]);
 
     let spec = scaler.get_metric_spec(trigger.clone()).await.unwrap().into_inner();
     assert_eq!(spec.metric_specs[0].metric_name, "lattice_inference_demand");
@@ -46,7 +46,7 @@ async fn external_scaler_follows_a_real_load() {
         "default target: the replica's capacity"
     );
     let custom = scaler
-        .get_metric_spec(scaled_object(&[("targetPerReplica", "4")]))
+        .get_metric_spec(scaled_object(&[("targetPerReplica", "4"), ("policy", "demand")]))
         .await
         .unwrap()
         .into_inner();
@@ -146,4 +146,136 @@ async fn external_scaler_follows_a_real_load() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     drop(pushes);
     server.stop().await;
+}
+
+/// The server's policy and the simulator's are one function: the same seconds (the
+/// shipped spike trace) give the same fleet sizes, and KEDA's arithmetic turns the
+/// scaler's metric back into exactly those sizes.
+#[test]
+fn the_server_runs_the_simulated_policy() {
+    use lattice_scaling::{keda, Fleet, PredictiveConfig, Second};
+    let trace = std::fs::read_to_string(support::workspace_root().join("crates/sim/traces/spike.csv")).unwrap();
+    let fleet = Fleet {
+        pod_capacity: 40.0,
+        target_utilization: 0.7,
+        lead_time_s: 60,
+        min: 1,
+        max: 50,
+    };
+    let seconds: Vec<Second> = trace
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(',')?.1.trim().parse::<f64>().ok())
+        .enumerate()
+        // A queue that builds while the arrivals outrun a small fleet.
+        .map(|(i, arrivals)| Second {
+            arrivals,
+            queue: ((i % 7) as f64) * (arrivals / 50.0),
+        })
+        .collect();
+    assert!(seconds.len() > 1000);
+    let simulated = lattice_sim::policy::lattice::replay(PredictiveConfig::default(), fleet, &seconds, 1);
+    let mut runner = lattice_server::scaling::PolicyRunner::new(PredictiveConfig::default(), fleet);
+    let mut current = 1;
+    let served: Vec<u32> = seconds
+        .iter()
+        .map(|&s| {
+            current = runner.tick(s, current);
+            keda::replicas_for(keda::metric_for(current, 1.0), 1.0)
+        })
+        .collect();
+    assert_eq!(served, simulated);
+    let (lo, hi) = (served.iter().min().unwrap(), served.iter().max().unwrap());
+    assert!(hi > lo, "the spike moves the fleet: {lo}..{hi}");
+}
+
+/// Two replicas share their per-second signals through Redis: load sent to one
+/// moves the other's decision too, and both see a fleet of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_sees_the_whole_fleet_through_redis() {
+    let prefix = format!("lattice-scaling-test-{}", uuid::Uuid::new_v4());
+    let scaling = |replica: &str| lattice_server::scaling::ScalingConfig {
+        // A small pod, so a light load needs several.
+        pod_capacity: Some(2.0),
+        target_utilization: 1.0,
+        store: Some("redis://127.0.0.1:6379".into()),
+        prefix: prefix.clone(),
+        replica: replica.into(),
+        ..Default::default()
+    };
+    let repo = repo_copy(&["magika"]);
+    let a = start(
+        repo.path(),
+        Options {
+            scaling: scaling("a"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let b = start(
+        repo.path(),
+        Options {
+            scaling: scaling("b"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, mut client) = (stop.clone(), a.grpc_client().await);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                let req = lattice_proto::inference::ModelInferRequest {
+                    model_name: "magika".into(),
+                    inputs: vec![lattice_proto::inference::model_infer_request::InferInputTensor {
+                        name: "bytes".into(),
+                        datatype: "INT32".into(),
+                        shape: vec![1, 2048],
+                        ..Default::default()
+                    }],
+                    raw_input_contents: vec![vec![0u8; 8192]],
+                    ..Default::default()
+                };
+                client.model_infer(req).await.expect("infer");
+                n += 1;
+            }
+        })
+    };
+    let mut scaler = ExternalScalerClient::connect(format!("http://{}", b.grpc))
+        .await
+        .unwrap();
+    let trigger = scaled_object(&[("model", "magika")]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let metric = loop {
+        let v = scaler
+            .get_metrics(GetMetricsRequest {
+                scaled_object_ref: Some(trigger.clone()),
+                metric_name: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .metric_values[0]
+            .metric_value_float;
+        if b.state.scaling.fleet() == 2 && v >= 3.0 {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica b never saw a's load: fleet {}, metric {v}",
+            b.state.scaling.fleet()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let spec = scaler.get_metric_spec(trigger).await.unwrap().into_inner();
+    assert_eq!(
+        spec.metric_specs[0].target_size_float, 1.0,
+        "the metric is the fleet size"
+    );
+    assert!(metric >= 3.0);
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    a.stop().await;
+    b.stop().await;
 }

@@ -105,6 +105,7 @@ pub struct Options {
     /// task gateway) on an embedded store.
     pub agents: bool,
     pub agent_token: Option<String>,
+    pub scaling: lattice_server::scaling::ScalingConfig,
 }
 
 impl Default for Options {
@@ -115,6 +116,7 @@ impl Default for Options {
             gateway: Default::default(),
             agents: false,
             agent_token: None,
+            scaling: lattice_server::scaling::ScalingConfig::default(),
         }
     }
 }
@@ -151,6 +153,7 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             max_response_bytes: 64 * 1024 * 1024,
             connections: lattice_server::conn::Limits::default(),
             task_session_idle: Duration::from_secs(60),
+            scaling: opts.scaling.clone(),
             drain_timeout: Duration::from_secs(10),
             telemetry: true,
             warmup: lattice_server::Warmup::default(),

@@ -1,209 +1,28 @@
-//! Lattice's predictive policy: size the fleet from the queue model for the load
-//! expected when new pods would be ready, not for the load seen a minute ago.
-//!
-//! Every second, from the gateway's own counters (arrivals including rejected
-//! ones, queue depth; one second late):
-//!
-//! 1. Arrival rate: a fast and a slow EWMA (5 s, 30 s). Their gap measures the
-//!    trend, `(fast − slow) / (τ_slow − τ_fast)`, which is exact for a linear ramp.
-//!    A level shift — two consecutive seconds more than four Poisson standard
-//!    deviations from the fast EWMA, on the same side — resets both EWMAs to the
-//!    new level: a step is not a ramp, and waiting for the averages to catch up
-//!    would both delay the reaction and fake a steep trend.
-//! 2. Forecast: the rate now (fast EWMA plus its lag) plus the upward trend over
-//!    the lead time (pod start + warm-up), but never further ahead than the trend
-//!    has lasted: a ramp that has risen for a minute is extrapolated a minute, the
-//!    first seconds of a step are not. Trends worth less than 10 % of the rate
-//!    over the lead time are noise; projected growth is capped at doubling.
-//! 3. Replicas: `ceil(λ̂ / (μ·ρ) + queue / (μ·drain))`, with μ = concurrency /
-//!    service time per pod and ρ the target utilisation; the second term drains
-//!    the backlog within `drain_horizon_s`.
-//! 4. Scale up at once. Scale down only when the need has stayed below the
-//!    current size: after 60 s if it stayed at least 30 % below ("deep"), else
-//!    after 120 s ("shallow"); then to the largest need of that window.
+//! Lattice's predictive policy in the simulator: the shipped policy
+//! ([`lattice_scaling::Predictive`], the code the server's KEDA external scaler
+//! runs) fed from the simulated gateway's per-second counters. Nothing of the
+//! policy lives here; this module only adapts the simulator's view to it.
 
-use std::collections::VecDeque;
+use lattice_scaling::{Fleet, Predictive, Second};
 
 use crate::metrics::ClusterView;
 use crate::policy::Autoscaler;
 
-/// Trend noise below this fraction of the rate is ignored.
-const TREND_DEADBAND: f64 = 0.1;
-
-/// Distance from the fast EWMA, in Poisson standard deviations, that marks a
-/// second as off the current level. Pure Poisson noise exceeds it about once in
-/// 30 000 seconds, and a shift needs two such seconds in a row.
-const SHIFT_SIGMAS: f64 = 4.0;
-
-#[derive(Clone, Debug)]
-pub struct LatticeConfig {
-    /// Time constant of the fast rate EWMA. Default 5 s.
-    pub fast_tau_s: f64,
-    /// Time constant of the slow rate EWMA. Default 30 s.
-    pub slow_tau_s: f64,
-    /// Projected growth over the lead time, as a multiple of the current rate.
-    /// Default 1 (at most doubling): a step looks like a steep trend for a few
-    /// seconds, and a fleet sized for the extrapolation would be wasted.
-    pub max_projected_growth: f64,
-    /// Time to drain the queue backlog. Default 10 s: requests queued behind a
-    /// backlog miss the SLO until it is gone, so it should go quickly.
-    pub drain_horizon_s: f64,
-    /// A need at least this fraction below the current size is a "deep" surplus.
-    /// Default 0.3.
-    pub deep_surplus: f64,
-    /// How long a deep surplus must last before scaling down. Default 60 s.
-    pub deep_window_s: u64,
-    /// How long any surplus must last before scaling down. Default 120 s.
-    pub shallow_window_s: u64,
-}
+/// The policy's constants, as the server takes them.
+pub type LatticeConfig = lattice_scaling::PredictiveConfig;
 
 pub(crate) struct LatticePolicy {
-    config: LatticeConfig,
-    /// Requests per second one pod completes.
-    pod_capacity: f64,
-    target_utilization: f64,
-    lead_time_s: f64,
-    min: u32,
-    max: u32,
-    /// Next gateway second to read.
+    policy: Predictive,
+    /// Next gateway second to feed.
     next_second: usize,
-    fast: f64,
-    slow: f64,
-    queue: f64,
-    /// Consecutive seconds with a significant upward trend.
-    rising_for: f64,
-    /// The previous second's arrivals and its side of the level (−1, 0, +1).
-    previous: (f64, i8),
-    /// (time, replicas needed), newest last, for the scale-down windows.
-    needs: VecDeque<(u64, u32)>,
-    deep_since: Option<u64>,
-    shallow_since: Option<u64>,
 }
-
-// === LatticeConfig ===
-
-impl Default for LatticeConfig {
-    fn default() -> Self {
-        LatticeConfig {
-            fast_tau_s: 5.0,
-            slow_tau_s: 30.0,
-            max_projected_growth: 1.0,
-            drain_horizon_s: 10.0,
-            deep_surplus: 0.3,
-            deep_window_s: 60,
-            shallow_window_s: 120,
-        }
-    }
-}
-
-// === LatticePolicy ===
 
 impl LatticePolicy {
-    pub(crate) fn new(
-        config: LatticeConfig,
-        pod_capacity: f64,
-        target_utilization: f64,
-        lead_time_s: u64,
-        min: u32,
-        max: u32,
-    ) -> Self {
+    pub(crate) fn new(config: LatticeConfig, fleet: Fleet) -> Self {
         LatticePolicy {
-            config,
-            pod_capacity,
-            target_utilization,
-            lead_time_s: lead_time_s as f64,
-            min,
-            max,
+            policy: Predictive::new(config, fleet),
             next_second: 0,
-            fast: 0.0,
-            slow: 0.0,
-            queue: 0.0,
-            rising_for: 0.0,
-            previous: (0.0, 0),
-            needs: VecDeque::new(),
-            deep_since: None,
-            shallow_since: None,
         }
-    }
-
-    /// Feeds one second of gateway counters into the rate estimates.
-    fn observe(&mut self, arrivals: f64, queue: f64) {
-        let alpha = |tau: f64| 1.0 - (-1.0 / tau).exp();
-        let sigma = self.fast.max(1.0).sqrt();
-        let side = if arrivals > self.fast + SHIFT_SIGMAS * sigma {
-            1
-        } else if arrivals < self.fast - SHIFT_SIGMAS * sigma {
-            -1
-        } else {
-            0
-        };
-        if self.next_second == 0 {
-            self.fast = arrivals;
-            self.slow = arrivals;
-        } else if side != 0 && side == self.previous.1 {
-            self.fast = (arrivals + self.previous.0) / 2.0;
-            self.slow = self.fast;
-        } else {
-            self.fast += alpha(self.config.fast_tau_s) * (arrivals - self.fast);
-            self.slow += alpha(self.config.slow_tau_s) * (arrivals - self.slow);
-        }
-        self.previous = (arrivals, side);
-        self.queue = queue;
-        self.next_second += 1;
-        let (rate, trend) = self.rate_and_trend();
-        let significant = trend * self.lead_time_s >= TREND_DEADBAND * rate && trend > 0.0;
-        self.rising_for = if significant { self.rising_for + 1.0 } else { 0.0 };
-    }
-
-    /// The arrival rate now (the fast EWMA corrected for its lag) and its trend
-    /// in requests per second per second.
-    fn rate_and_trend(&self) -> (f64, f64) {
-        let c = &self.config;
-        let trend = (self.fast - self.slow) / (c.slow_tau_s - c.fast_tau_s);
-        ((self.fast + c.fast_tau_s * trend).max(0.0), trend)
-    }
-
-    /// Arrival rate expected one lead time from now.
-    fn forecast(&self) -> f64 {
-        let (rate, trend) = self.rate_and_trend();
-        let horizon = self.lead_time_s.min(self.rising_for);
-        rate + (trend.max(0.0) * horizon).min(self.config.max_projected_growth * rate)
-    }
-
-    /// Replicas for the forecast at the target utilisation plus the backlog drain.
-    fn need(&self) -> u32 {
-        let serve = self.forecast() / (self.pod_capacity * self.target_utilization);
-        let drain = self.queue / (self.pod_capacity * self.config.drain_horizon_s);
-        ((serve + drain).ceil() as u32).clamp(self.min, self.max)
-    }
-
-    /// The scale-down guard: `Some(size)` once a surplus has lasted long enough.
-    fn scale_down_to(&mut self, now: u64, need: u32, current: u32) -> Option<u32> {
-        let deep = f64::from(need) <= (1.0 - self.config.deep_surplus) * f64::from(current);
-        if deep {
-            self.deep_since.get_or_insert(now);
-        } else {
-            self.deep_since = None;
-        }
-        let shallow_since = *self.shallow_since.get_or_insert(now);
-        let window = if self
-            .deep_since
-            .is_some_and(|since| now >= since + self.config.deep_window_s)
-        {
-            self.config.deep_window_s
-        } else if now >= shallow_since + self.config.shallow_window_s {
-            self.config.shallow_window_s
-        } else {
-            return None;
-        };
-        let peak = self
-            .needs
-            .iter()
-            .filter(|&&(at, _)| at + window > now)
-            .map(|&(_, n)| n)
-            .max()
-            .unwrap_or(need);
-        (peak < current).then_some(peak)
     }
 }
 
@@ -214,30 +33,45 @@ impl Autoscaler for LatticePolicy {
             return None;
         }
         for s in &seconds[self.next_second.min(seconds.len())..] {
-            self.observe(f64::from(s.offered), f64::from(s.queue_end));
+            self.policy.observe(Second {
+                arrivals: f64::from(s.offered),
+                queue: f64::from(s.queue_end),
+            });
         }
-        let need = self.need();
-        self.needs.push_back((view.now, need));
-        while self
-            .needs
-            .front()
-            .is_some_and(|&(at, _)| at + self.config.shallow_window_s <= view.now)
-        {
-            self.needs.pop_front();
-        }
-        let current = view.desired;
-        if need >= current {
-            // No surplus: the surplus clocks start over.
-            self.deep_since = None;
-            self.shallow_since = None;
-            return (need > current).then_some(need);
-        }
-        let decision = self.scale_down_to(view.now, need, current);
-        if decision.is_some() {
-            // The shallow window's peak has been applied. A deep surplus keeps
-            // its clock: the next tick checks it against the new size.
-            self.shallow_since = None;
-        }
-        decision
+        self.next_second = seconds.len();
+        self.policy.decide(view.now, view.desired)
     }
+}
+
+/// Replays per-second gateway counters through the simulator's Lattice policy the
+/// way a simulation drives it (at tick `t` the counters up to second `t - 1` are
+/// visible, and each decision becomes the next tick's fleet size); returns the fleet
+/// size after each tick. The server's scaler must give the same answers for the same
+/// seconds (`crates/server/tests/scaler.rs`).
+pub fn replay(config: LatticeConfig, fleet: Fleet, seconds: &[Second], initial: u32) -> Vec<u32> {
+    let mut metrics = crate::metrics::MetricsPipeline::new(&crate::config::MetricsConfig {
+        gateway_delay_s: 1,
+        ..crate::config::MetricsConfig::default()
+    });
+    let mut policy = LatticePolicy::new(config, fleet);
+    let mut desired = initial;
+    let mut out = Vec::with_capacity(seconds.len());
+    for (t, s) in seconds.iter().enumerate() {
+        metrics.record_second(crate::metrics::SecondSignals {
+            offered: s.arrivals.round() as u32,
+            queue_end: s.queue.round() as u32,
+            concurrency: 0.0,
+        });
+        let view = ClusterView {
+            now: t as u64 + 1,
+            desired,
+            pods: &[],
+            metrics: &metrics,
+        };
+        if let Some(n) = policy.tick(&view) {
+            desired = n;
+        }
+        out.push(desired);
+    }
+    out
 }

@@ -112,11 +112,13 @@ pub(crate) fn build(kind: PolicyKind, config: &SimConfig, initial: u32) -> Box<d
         )),
         PolicyKind::Lattice => Box::new(lattice::LatticePolicy::new(
             config.lattice.clone(),
-            config.pod_capacity(),
-            config.target_utilization,
-            config.lead_time_s(),
-            config.min_replicas,
-            config.max_replicas,
+            lattice_scaling::Fleet {
+                pod_capacity: config.pod_capacity(),
+                target_utilization: config.target_utilization,
+                lead_time_s: config.lead_time_s(),
+                min: config.min_replicas,
+                max: config.max_replicas,
+            },
         )),
     }
 }
