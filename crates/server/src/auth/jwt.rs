@@ -190,3 +190,47 @@ fn pem_blocks(text: &str) -> impl Iterator<Item = String> + '_ {
         Some(block)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use jsonwebtoken::{EncodingKey, Header};
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+
+    use super::*;
+
+    fn token(alg: Algorithm, key: &EncodingKey, exp_in: i64) -> String {
+        let exp = jsonwebtoken::get_current_timestamp() as i64 + exp_in;
+        let claims = serde_json::json!({"tenant_id": "acme", "sub": "u", "scopes": ["infer", "bogus"], "exp": exp});
+        jsonwebtoken::encode(&Header::new(alg), &claims, key).unwrap()
+    }
+
+    /// A PEM file with an EC and an RSA public key: each verifies its own
+    /// algorithm's tokens, and nothing else.
+    #[test]
+    fn pem_files_hold_several_keys_each_bound_to_its_algorithm() {
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let rsa = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 1024).unwrap();
+        let pem = format!(
+            "{}\n{}",
+            ec.public_key_pem(),
+            rsa.to_public_key().to_public_key_pem(LineEnding::LF).unwrap()
+        );
+        let keys = KeySet::parse(pem.as_bytes()).unwrap();
+        let es = EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
+        let rs = EncodingKey::from_rsa_pem(rsa.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        let claims = keys.verify(&token(Algorithm::ES256, &es, 60), None).unwrap();
+        assert_eq!(claims.tenant_id.as_deref(), Some("acme"));
+        assert_eq!(claims.scopes(), vec![Scope::Infer], "unknown scopes are ignored");
+        assert!(keys.verify(&token(Algorithm::RS256, &rs, 60), None).is_ok());
+        assert_eq!(
+            keys.verify(&token(Algorithm::RS256, &rs, -600), None).unwrap_err(),
+            AuthError::Expired
+        );
+        // HS256 is refused: a PEM file holds no HMAC secret.
+        let hs = token(Algorithm::HS256, &EncodingKey::from_secret(b"s"), 60);
+        assert!(matches!(keys.verify(&hs, None), Err(AuthError::Invalid(_))));
+        // Not PEM, not JWKS.
+        assert!(KeySet::parse(b"hello").is_err());
+        assert!(KeySet::parse(br#"{"keys": []}"#).is_err());
+    }
+}
