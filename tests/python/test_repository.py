@@ -71,12 +71,16 @@ def test_unload_then_load(http_client, grpc_client, proto):
 
 
 def test_load_unknown_model(http_client, grpc_client):
+    # A load of a model the repository does not have is a failed load (Triton's
+    # "failed to load '<m>', ..."), with the error table's code for a failed load.
     with pytest.raises(InferenceServerException) as exc:
         http_client.load_model("no_such_model")
-    assert exc.value.status() == "404"
+    assert exc.value.status() == "400"
+    assert exc.value.message().startswith("failed to load 'no_such_model'"), exc.value.message()
     with pytest.raises(InferenceServerException) as exc:
         grpc_client.load_model("no_such_model")
-    assert exc.value.status() == "StatusCode.NOT_FOUND"
+    assert exc.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert exc.value.message().startswith("failed to load 'no_such_model'"), exc.value.message()
 
 
 def test_unload_under_traffic(server, grpc_client):

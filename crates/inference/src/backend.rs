@@ -179,19 +179,7 @@ pub mod onnx {
         };
         let b = match &t.data {
             TensorData::Raw(b) => b.clone(),
-            TensorData::Strings(items) => {
-                let strings = items
-                    .iter()
-                    .map(|s| {
-                        std::str::from_utf8(s)
-                            .map(str::to_owned)
-                            .map_err(|_| BackendError::Input(format!("input '{name}': BYTES element is not UTF-8")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                return OrtTensor::from_string_array((shape, strings.as_slice()))
-                    .map(|v| v.into_dyn())
-                    .map_err(err);
-            }
+            TensorData::Strings(items) => return strings::to_ort(shape, items).map_err(err),
         };
         let v = match t.dtype {
             DataType::F32 => OrtTensor::from_array((shape, typed!(b, f32, 4))).map(|v| v.into_dyn()),
@@ -252,23 +240,127 @@ pub mod onnx {
                 )
             }
             DataType::Bytes => {
-                let (shape, strings) = v.try_extract_strings().map_err(err)?;
-                return Ok(Tensor::strings(
-                    shape.to_vec(),
-                    strings.into_iter().map(Bytes::from).collect(),
-                ));
+                let shape = match v.dtype() {
+                    ValueType::Tensor { shape, .. } => shape.to_vec(),
+                    _ => return Err(format!("output '{name}' is not a tensor")),
+                };
+                let items = strings::from_ort(v, &shape).map_err(err)?;
+                return Ok(Tensor::strings(shape, items));
             }
         };
         Ok(Tensor::raw(dtype, shape, bytes))
     }
 
+    /// Whether an input holds BYTES elements that are not plain text (not UTF-8, or
+    /// with a NUL byte): a model that fails on them failed on the caller's value.
+    fn unusual_strings(inputs: &[(String, Tensor)]) -> Option<String> {
+        inputs.iter().find_map(|(name, t)| match &t.data {
+            TensorData::Strings(items) if items.iter().any(|i| i.contains(&0) || std::str::from_utf8(i).is_err()) => {
+                Some(name.clone())
+            }
+            _ => None,
+        })
+    }
+
+    /// BYTES tensors through ONNX Runtime's length-carrying string API, so any bytes
+    /// (NUL, not UTF-8) reach the model and come back exactly; the `ort` helpers go
+    /// through C strings and UTF-8.
+    #[allow(unsafe_code)]
+    mod strings {
+        use std::ptr;
+
+        use bytes::Bytes;
+        use ort::{
+            memory::Allocator,
+            value::{DynTensor, DynValue, TensorElementType},
+            AsPointer,
+        };
+
+        pub fn to_ort(shape: Vec<i64>, items: &[Bytes]) -> ort::Result<DynValue> {
+            let n = crate::tensor::element_count(&shape)
+                .ok_or_else(|| ort::Error::new(format!("invalid shape {shape:?}")))?;
+            if n != items.len() {
+                return Err(ort::Error::new(format!(
+                    "shape {shape:?} needs {n} BYTES elements, got {}",
+                    items.len()
+                )));
+            }
+            let mut value = DynTensor::new(&Allocator::default(), TensorElementType::String, shape)?;
+            for (index, item) in items.iter().enumerate() {
+                let mut buf: *mut std::ffi::c_char = ptr::null_mut();
+                // SAFETY: `value` is a live string tensor of `n` elements and
+                // `index < n`; ONNX Runtime sizes element `index` to exactly
+                // `item.len()` bytes owned by the tensor and returns it in `buf`, into
+                // which exactly that many bytes are copied. No pointer outlives the
+                // call; the status is released by `result_from_status`.
+                unsafe {
+                    let status =
+                        (ort::api().GetResizedStringTensorElementBuffer)(value.ptr_mut(), index, item.len(), &mut buf);
+                    ort::Error::result_from_status(status)?;
+                    if !item.is_empty() {
+                        if buf.is_null() {
+                            return Err(ort::Error::new("ONNX Runtime gave no buffer for a string element"));
+                        }
+                        ptr::copy_nonoverlapping(item.as_ptr(), buf.cast::<u8>(), item.len());
+                    }
+                }
+            }
+            Ok(value.into_dyn())
+        }
+
+        pub fn from_ort(value: &DynValue, shape: &[i64]) -> ort::Result<Vec<Bytes>> {
+            let n = crate::tensor::element_count(shape)
+                .ok_or_else(|| ort::Error::new(format!("invalid output shape {shape:?}")))?;
+            let mut total = 0usize;
+            // SAFETY: `value` is a live string tensor (its type was checked by the
+            // caller); ONNX Runtime writes one usize.
+            unsafe {
+                ort::Error::result_from_status((ort::api().GetStringTensorDataLength)(value.ptr(), &mut total))?;
+            }
+            let mut content = vec![0u8; total];
+            let mut offsets = vec![0usize; n];
+            if n > 0 {
+                // SAFETY: `content` has `total` bytes and `offsets` `n` entries, the
+                // sizes ONNX Runtime was told; it writes no more than that.
+                unsafe {
+                    ort::Error::result_from_status((ort::api().GetStringTensorContent)(
+                        value.ptr(),
+                        content.as_mut_ptr().cast(),
+                        total,
+                        offsets.as_mut_ptr(),
+                        n,
+                    ))?;
+                }
+            }
+            let content = Bytes::from(content);
+            let mut items = Vec::with_capacity(n);
+            for i in 0..n {
+                let start = offsets[i];
+                let end = offsets.get(i + 1).copied().unwrap_or(total);
+                if start > end || end > total {
+                    return Err(ort::Error::new("ONNX Runtime gave inconsistent string offsets"));
+                }
+                items.push(content.slice(start..end));
+            }
+            Ok(items)
+        }
+    }
+
     impl Backend for OnnxBackend {
         fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, BackendError> {
+            let unusual = unusual_strings(&inputs);
             let values = inputs
                 .into_iter()
                 .map(|(name, t)| to_ort(&name, t).map(|v| (name, v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let result = self.session.run(values).map_err(|e| classify(&e))?;
+            let result = self.session.run(values).map_err(|e| match (classify(&e), unusual) {
+                // String operators fail in their own ways (not always INVALID_ARGUMENT)
+                // on bytes they cannot read; that is a value the model cannot take.
+                (BackendError::Engine(m), Some(input)) => BackendError::Input(format!(
+                    "the model cannot take input '{input}' (BYTES that are not UTF-8 text or hold a NUL byte): {m}"
+                )),
+                (other, _) => other,
+            })?;
             outputs
                 .iter()
                 .map(|name| {

@@ -3,12 +3,18 @@
 
 use std::time::Duration;
 
+use crate::repository::echo;
+
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum InferError {
-    #[error("model '{0}' is not found")]
+    // Texts that clients and their tests match on are Triton's, word for word.
+    #[error("Request for unknown model: '{}' is not found", echo(.0))]
     ModelNotFound(String),
-    #[error("model '{name}' version {version} is not found")]
+    #[error("Request for unknown model: '{}' version {version} is not found", echo(name))]
     VersionNotFound { name: String, version: String },
+    /// A version that is not an integer above 0.
+    #[error("{}", version_text(.0))]
+    InvalidVersion(String),
     #[error("model '{0}' is not ready")]
     ModelNotReady(String),
     /// Wrong input name, datatype, shape, element count or a missing input.
@@ -27,11 +33,38 @@ pub enum InferError {
     DeadlineExceeded,
     #[error("request cancelled by the client")]
     Cancelled,
-    #[error("failed to load model '{name}': {reason}")]
+    #[error("failed to load '{}', {reason}", echo(name))]
     LoadFailed { name: String, reason: String },
     /// The engine failed on input that passed validation.
     #[error("inference failed: {0}")]
     Backend(String),
+}
+
+/// Triton's two texts: one for a string that is no integer, one for an integer <= 0.
+fn version_text(v: &str) -> String {
+    if v.trim().parse::<i64>().is_ok() {
+        format!(
+            "invalid model version specified '{}' , version should be an integral value > 0",
+            echo(v)
+        )
+    } else {
+        format!(
+            "failed to get model version from specified version string '{}' (details: stol), version should be an integral value > 0",
+            echo(v)
+        )
+    }
+}
+
+/// Parses a requested version: empty is none (the default version), otherwise an
+/// integer above 0.
+pub fn parse_requested_version(v: &str) -> Result<Option<i64>, InferError> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    match v.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(InferError::InvalidVersion(v.to_string())),
+    }
 }
 
 impl InferError {
@@ -43,7 +76,9 @@ impl InferError {
             | InferError::VersionNotFound { .. }
             | InferError::ModelNotReady(_)
             | InferError::LoadFailed { .. } => ErrorType::Unavailable,
-            InferError::InvalidInput(_) | InferError::BatchTooLarge { .. } => ErrorType::InputSchemaViolation,
+            InferError::InvalidInput(_) | InferError::InvalidVersion(_) | InferError::BatchTooLarge { .. } => {
+                ErrorType::InputSchemaViolation
+            }
             InferError::Overloaded { .. } => ErrorType::Overloaded,
             InferError::DeadlineExceeded => ErrorType::ModelTimeout,
             InferError::Cancelled => ErrorType::Cancelled,

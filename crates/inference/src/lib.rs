@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod config_override;
 pub mod error;
 pub mod pipeline;
 pub mod quality;

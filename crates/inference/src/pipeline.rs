@@ -12,12 +12,17 @@ use crate::{
     tensor::{DataType, Tensor, TensorData},
 };
 
-/// Bytes of text read per token the model keeps. WordPiece turns a word of up to 100
-/// characters into one token and a longer one into `[UNK]`, so `max_length` tokens
-/// never need more than about `max_length x 101` bytes of ASCII; 128 leaves room for
-/// multi-byte characters. Text past that is never tokenized: a model that keeps 128
-/// tokens has no use for a megabyte of characters, and reading them would stall it.
+/// Bytes of text read per token the model keeps, at most. WordPiece turns a word of up
+/// to 100 characters into one token and a longer one into `[UNK]`, so `max_length`
+/// tokens never need more than about `max_length x 101` bytes of ASCII; 128 leaves
+/// room for multi-byte characters. Text past that is never tokenized: a model that
+/// keeps 128 tokens has no use for a megabyte of characters, and reading them would
+/// stall it.
 pub const TEXT_BYTES_PER_TOKEN: usize = 128;
+
+/// Prefixes tried before the longest one, in bytes per kept token: ordinary text
+/// needs about 5, so the first try almost always has enough tokens.
+const PREFIX_STEPS: [usize; 2] = [8, 32];
 
 pub struct TextPipeline {
     cfg: TextPipelineConfig,
@@ -137,13 +142,10 @@ impl TextPipeline {
     /// longest item. Only the first [`max_text_bytes`](Self::max_text_bytes) of each
     /// item are read.
     pub fn encode(&self, texts: &[Bytes]) -> Result<Vec<(String, Tensor)>, String> {
-        let cap = self.max_text_bytes();
         let strs = texts
             .iter()
             .enumerate()
-            .map(|(i, t)| {
-                utf8_prefix(t, cap).ok_or_else(|| format!("input '{}' item {i} is not valid UTF-8", self.cfg.input))
-            })
+            .map(|(i, t)| self.kept_text(t, i))
             .collect::<Result<Vec<&str>, _>>()?;
         let encodings = self
             .tokenizer
@@ -168,6 +170,35 @@ impl TextPipeline {
             out.push((tt.clone(), Tensor::from_i64(shape, &types)));
         }
         Ok(out)
+    }
+}
+
+impl TextPipeline {
+    /// The part of an item the tokenizer reads: the shortest prefix, cut at a
+    /// whitespace so no word is split, that already gives more tokens than the model
+    /// keeps (so its first `max_length` tokens are the whole text's), else the text up
+    /// to [`max_text_bytes`](Self::max_text_bytes).
+    fn kept_text<'a>(&self, text: &'a [u8], item: usize) -> Result<&'a str, String> {
+        let invalid = || format!("input '{}' item {item} is not valid UTF-8", self.cfg.input);
+        for per_token in PREFIX_STEPS {
+            let cap = self.cfg.max_length.saturating_mul(per_token);
+            if text.len() <= cap {
+                break;
+            }
+            let head = utf8_prefix(text, cap).ok_or_else(invalid)?;
+            let Some(cut) = head.rfind(char::is_whitespace) else {
+                continue;
+            };
+            let head = &head[..cut];
+            let enough = self
+                .tokenizer
+                .encode(head, true)
+                .is_ok_and(|e| !e.get_overflowing().is_empty());
+            if enough {
+                return Ok(head);
+            }
+        }
+        utf8_prefix(text, self.max_text_bytes()).ok_or_else(invalid)
     }
 }
 
@@ -265,6 +296,29 @@ mod tests {
         // A broken character at the very end of the whole text is not a cut.
         assert_eq!(utf8_prefix(b"ab\xc3", 10), None);
         assert_eq!(utf8_prefix(b"", 10), Some(""));
+    }
+
+    #[test]
+    fn a_long_text_is_read_only_as_far_as_its_kept_tokens() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/minilm");
+        let cfg = crate::config::load(&dir).expect("minilm config (scripts/setup.sh lays out the model)");
+        let p = TextPipeline::load(&dir, cfg.text.as_ref().expect("text model")).expect("tokenizer");
+        let text = "The quick brown fox jumps over the lazy dog, twice. ".repeat(10_000);
+        let kept = p.kept_text(text.as_bytes(), 0).expect("utf-8");
+        assert!(kept.len() <= 128 * 8, "read {} bytes", kept.len());
+        let whole = p.tokenizer.encode(text.as_str(), true).expect("tokenize");
+        let ids = |t: &Tensor| t.to_i64_vec().expect("ids");
+        let encoded = p.encode(&[Bytes::from(text.clone())]).expect("encode");
+        let want: Vec<i64> = whole.get_ids().iter().map(|&x| x as i64).collect();
+        assert_eq!(ids(&encoded[0].1), want, "the model sees the same tokens");
+        // Text without whitespace to cut at is read up to the hard bound.
+        let solid = "x".repeat(1 << 20);
+        assert_eq!(
+            p.kept_text(solid.as_bytes(), 0).expect("utf-8").len(),
+            p.max_text_bytes()
+        );
+        // A short text is read whole.
+        assert_eq!(p.kept_text(b"short text", 0).expect("utf-8"), "short text");
     }
 
     #[test]

@@ -138,15 +138,37 @@ impl ModelRepository {
 
     /// Loads or reloads a model; on failure the previously served versions stay.
     pub async fn load(&self, name: &str) -> Result<(), InferError> {
+        self.load_with(name, None).await
+    }
+
+    /// [`load`](Self::load) with a load request's `config` parameter (Triton's JSON
+    /// field names) applied over the model's `config.toml`; a later load without
+    /// one goes back to the file. A malformed override is the caller's mistake
+    /// (`InvalidInput`) and changes nothing.
+    pub async fn load_with(&self, name: &str, config_override: Option<&str>) -> Result<(), InferError> {
         let _admin = self.inner.admin.lock().await;
         if !is_safe_name(name) || !self.inner.root.join(name).join("config.toml").is_file() {
-            return Err(InferError::ModelNotFound(name.to_string()));
+            return Err(InferError::LoadFailed {
+                name: name.to_string(),
+                reason: "failed to poll from model repository: it has no such model (no <name>/config.toml)".into(),
+            });
         }
         let dir = self.inner.root.join(name);
         let model_name = name.to_string();
         let metrics = self.inner.metrics.clone();
         let started = Instant::now();
-        let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &model_name, metrics))
+        let cfg = match config_override {
+            None => None,
+            Some(text) => {
+                let mut base = config::load(&dir).map_err(|reason| InferError::LoadFailed {
+                    name: name.to_string(),
+                    reason,
+                })?;
+                base.name = name.to_string();
+                Some(crate::config_override::apply(&base, text).map_err(|e| InferError::InvalidInput(e.to_string()))?)
+            }
+        };
+        let loaded = tokio::task::spawn_blocking(move || load_model(&dir, &model_name, metrics, cfg))
             .await
             .map_err(|e| InferError::LoadFailed {
                 name: name.to_string(),
@@ -230,10 +252,9 @@ impl ModelRepository {
     /// A served version; an empty `version` means the highest served one.
     pub fn version(&self, name: &str, version: &str) -> Result<Arc<ModelVersion>, InferError> {
         let model = self.model(name)?;
-        let found = if version.is_empty() {
-            model.versions.values().next_back()
-        } else {
-            version.parse::<i64>().ok().and_then(|v| model.versions.get(&v))
+        let found = match crate::error::parse_requested_version(version)? {
+            None => model.versions.values().next_back(),
+            Some(v) => model.versions.get(&v),
         };
         found.cloned().ok_or_else(|| InferError::VersionNotFound {
             name: name.to_string(),
@@ -605,8 +626,11 @@ pub fn prepare(
 }
 
 /// Loads every selected version of a model, with all its instances, or nothing.
-fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>) -> Result<LoadedModel, String> {
-    let mut cfg = config::load(dir)?;
+fn load_model(dir: &Path, name: &str, metrics: Arc<Metrics>, cfg: Option<ModelConfig>) -> Result<LoadedModel, String> {
+    let mut cfg = match cfg {
+        Some(cfg) => cfg,
+        None => config::load(dir)?,
+    };
     cfg.name = name.to_string();
     let on_disk: Vec<i64> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?

@@ -154,7 +154,7 @@ impl ApiError {
             ApiError::Infer(e) => match e {
                 InferError::ModelNotFound(_) | InferError::VersionNotFound { .. } => ErrorKind::NotFound,
                 InferError::ModelNotReady(_) => ErrorKind::Unavailable,
-                InferError::InvalidInput(_) => ErrorKind::InvalidInput,
+                InferError::InvalidInput(_) | InferError::InvalidVersion(_) => ErrorKind::InvalidInput,
                 InferError::BatchTooLarge { .. } => ErrorKind::BatchTooLarge,
                 InferError::Overloaded { .. } => ErrorKind::Overloaded,
                 InferError::DeadlineExceeded => ErrorKind::DeadlineExceeded,

@@ -15,6 +15,8 @@ use lattice_proto::inference::{
 };
 use tonic::{metadata::MetadataMap, Request, Response, Status};
 
+use lattice_inference::repository::echo;
+
 use crate::{error::ApiError, json::schedule_params, AppState};
 
 /// Requests of one `ModelStreamInfer` stream computed concurrently; answers keep
@@ -107,10 +109,13 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
                 req.inputs.len()
             )));
         }
-        if req.inputs.iter().any(|i| i.contents.is_some()) {
-            return Err(malformed(
-                "inputs must not set contents when raw_input_contents is used",
-            ));
+        if let Some(i) = req.inputs.iter().find(|i| i.contents.is_some()) {
+            // Triton's text, which clients match on.
+            return Err(malformed(format!(
+                "contents field must not be specified when using raw_input_contents for '{}' for model '{}'",
+                echo(&i.name),
+                echo(&req.model_name)
+            )));
         }
     }
     let mut inputs = Vec::with_capacity(req.inputs.len());
@@ -472,6 +477,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = r.into_inner();
         let repo = &self.state.repo;
+        lattice_inference::error::parse_requested_version(&r.version).map_err(ApiError::from)?;
         let models = if r.name.is_empty() {
             repo.loaded()
         } else {
@@ -518,9 +524,11 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let r = r.into_inner();
+        let params = crate::load_params::from_grpc(r.parameters)?;
         self.state
             .repo
-            .load(&r.into_inner().model_name)
+            .load_with(&r.model_name, params.config.as_deref())
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))

@@ -10,7 +10,7 @@ use axum::{
 };
 use lattice_inference::{config::ModelConfig, stats::Snapshot};
 use serde_json::{json, Value};
-use tower_http::{compression::CompressionLayer, decompression::RequestDecompressionLayer};
+use tower_http::decompression::RequestDecompressionLayer;
 
 use crate::{
     error::ApiError,
@@ -55,7 +55,6 @@ pub fn router(state: AppState) -> Router {
         // Outside the layers that answer on their own (an unknown Content-Encoding,
         // a body over the limit, a method the route lacks): every error is JSON.
         .layer(axum::middleware::map_response(json_errors))
-        .layer(CompressionLayer::new())
         .with_state(state)
 }
 
@@ -234,7 +233,23 @@ async fn infer_for(
         });
     }
     let (body, json_len) = encode_response(&model, &resp, &decoded.binary);
+    // Only a successful inference answer is compressed, as its request asks
+    // (`crate::encoding`); every other answer goes out plain.
+    let coding = crate::encoding::negotiate(&headers);
+    let (body, coding) = match coding {
+        Some(enc) => match crate::encoding::compress(body.clone(), enc).await {
+            Some(z) => (z, Some(enc)),
+            None => (body, None),
+        },
+        None => (body, None),
+    };
     let mut r = body.into_response();
+    if let Some(enc) = coding {
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static(enc.as_str()));
+    }
+    r.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     let h = r.headers_mut();
     match json_len {
         Some(n) => {
@@ -410,8 +425,8 @@ fn check_admin_body(body: &Bytes) -> Result<(), ApiError> {
 }
 
 async fn load(State(s): State<AppState>, Path(model): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
-    check_admin_body(&body_bytes(&s, body)?)?;
-    s.repo.load(&model).await?;
+    let params = crate::load_params::from_json(&body_bytes(&s, body)?)?;
+    s.repo.load_with(&model, params.config.as_deref()).await?;
     Ok(StatusCode::OK)
 }
 

@@ -73,6 +73,11 @@ fn malformed(m: impl Into<String>) -> ApiError {
     ApiError::Malformed(m.into())
 }
 
+/// Triton's text for an input with none, or more than one, of its data fields.
+pub fn content_fields(which: &str) -> String {
+    format!("Input must set only one of the following fields: 'data', 'binary_data_size' in 'parameters', 'shared_memory_region' in 'parameters'. But {which}")
+}
+
 /// `class_count` asks for the classification extension, which is not served: say so
 /// rather than silently returning the whole tensor.
 pub fn unsupported_classification(output: &str) -> ApiError {
@@ -145,13 +150,8 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
                 }
             }
             (None, Some(data)) => from_json(&inp.name, dtype, inp.shape, &data)?,
-            (Some(_), Some(_)) => {
-                return Err(malformed(format!(
-                    "input '{}' has both data and binary_data_size",
-                    inp.name
-                )))
-            }
-            (None, None) => return Err(malformed(format!("input '{}' has no data", inp.name))),
+            (Some(_), Some(_)) => return Err(malformed(content_fields("set 'data' 'binary_data_size'"))),
+            (None, None) => return Err(malformed(content_fields("no field is set"))),
         };
         inputs.push((inp.name, t));
     }
@@ -364,38 +364,10 @@ impl Serialize for JsonData<'_> {
             DataType::F64 => seq!(8, |c: &[u8]| f64::from_le_bytes(c.try_into().expect("8 bytes"))),
             DataType::F16 => seq!(2, |c: &[u8]| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
             DataType::Bf16 => seq!(2, |c: &[u8]| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-            DataType::Bytes => {
-                let TensorData::Strings(items) = &t.data else {
-                    return s.serialize_seq(Some(0))?.end();
-                };
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for i in items {
-                    seq.serialize_element(&String::from_utf8_lossy(i))?;
-                }
-                seq.end()
-            }
+            // BYTES are written by `write_bytes_json`, as Triton writes them.
+            DataType::Bytes => s.serialize_seq(Some(0))?.end(),
         }
     }
-}
-
-#[derive(Serialize)]
-struct OutputOut<'a> {
-    name: &'a str,
-    datatype: &'static str,
-    shape: &'a [i64],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<JsonData<'a>>,
-}
-
-#[derive(Serialize)]
-struct ResponseOut<'a> {
-    model_name: &'a str,
-    model_version: String,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    id: &'a str,
-    outputs: Vec<OutputOut<'a>>,
 }
 
 /// Longest JSON text of one element of `dtype`, with its separator: what ryu and
@@ -440,43 +412,83 @@ pub fn response_size_bound(resp: &InferResponse, binary: &BinaryOutputs) -> usiz
     })
 }
 
+/// Writes BYTES elements as JSON strings the way Triton does (rapidjson without
+/// encoding validation): the bytes themselves, with `"`, `\\` and control bytes
+/// escaped. An element that is not UTF-8 stays as it is, so only clients that read
+/// bytes can use it; the binary extension carries such elements exactly.
+fn write_bytes_json(out: &mut Vec<u8>, items: &[Bytes]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        for &b in item.iter() {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                0x08 => out.extend_from_slice(b"\\b"),
+                0x09 => out.extend_from_slice(b"\\t"),
+                0x0a => out.extend_from_slice(b"\\n"),
+                0x0c => out.extend_from_slice(b"\\f"),
+                0x0d => out.extend_from_slice(b"\\r"),
+                c if c < 0x20 => {
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(c >> 4)]);
+                    out.push(HEX[usize::from(c & 0xf)]);
+                }
+                c => out.push(c),
+            }
+        }
+        out.push(b'"');
+    }
+    out.push(b']');
+}
+
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    serde_json::to_writer(out, v).expect("serialising plain data into memory cannot fail");
+}
+
 /// Encodes a response; returns the body and, with binary outputs, the JSON length for
 /// the `Inference-Header-Content-Length` header.
 pub fn encode_response(model: &str, resp: &InferResponse, binary: &BinaryOutputs) -> (Bytes, Option<usize>) {
     let mut tail: Vec<Bytes> = Vec::new();
-    let outputs = resp
-        .outputs
-        .iter()
-        .map(|(name, t)| {
-            if binary.wants_binary(name) {
-                let wire = t.to_wire_bytes();
-                let params = serde_json::json!({ "binary_data_size": wire.len() });
-                tail.push(wire);
-                OutputOut {
-                    name,
-                    datatype: t.dtype.as_str(),
-                    shape: &t.shape,
-                    parameters: Some(params),
-                    data: None,
-                }
-            } else {
-                OutputOut {
-                    name,
-                    datatype: t.dtype.as_str(),
-                    shape: &t.shape,
-                    parameters: None,
-                    data: Some(JsonData(t)),
-                }
+    let mut body = Vec::with_capacity(256);
+    body.extend_from_slice(b"{\"model_name\":");
+    write_json(&mut body, model);
+    body.extend_from_slice(b",\"model_version\":");
+    write_json(&mut body, &resp.version.to_string());
+    if !resp.id.is_empty() {
+        body.extend_from_slice(b",\"id\":");
+        write_json(&mut body, &resp.id);
+    }
+    body.extend_from_slice(b",\"outputs\":[");
+    for (i, (name, t)) in resp.outputs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"name\":");
+        write_json(&mut body, name);
+        body.extend_from_slice(b",\"datatype\":");
+        write_json(&mut body, t.dtype.as_str());
+        body.extend_from_slice(b",\"shape\":");
+        write_json(&mut body, &t.shape);
+        if binary.wants_binary(name) {
+            let wire = t.to_wire_bytes();
+            body.extend_from_slice(b",\"parameters\":");
+            write_json(&mut body, &serde_json::json!({ "binary_data_size": wire.len() }));
+            tail.push(wire);
+        } else {
+            body.extend_from_slice(b",\"data\":");
+            match &t.data {
+                TensorData::Strings(items) => write_bytes_json(&mut body, items),
+                TensorData::Raw(_) => write_json(&mut body, &JsonData(t)),
             }
-        })
-        .collect();
-    let out = ResponseOut {
-        model_name: model,
-        model_version: resp.version.to_string(),
-        id: &resp.id,
-        outputs,
-    };
-    let mut body = serde_json::to_vec(&out).expect("serialising plain data cannot fail");
+        }
+        body.push(b'}');
+    }
+    body.extend_from_slice(b"]}");
     if tail.is_empty() {
         return (Bytes::from(body), None);
     }
@@ -516,6 +528,47 @@ mod tests {
             let e = decode_request(Bytes::from(body), None).err().unwrap();
             assert!(matches!(e, ApiError::Malformed(_)), "{body}: {e:?}");
         }
+    }
+
+    #[test]
+    fn bytes_outputs_are_written_as_triton_writes_them() {
+        let resp = InferResponse {
+            id: "r1".into(),
+            version: 1,
+            confidence: None,
+            outputs: vec![(
+                "s".into(),
+                Tensor::strings(
+                    vec![3],
+                    vec![
+                        Bytes::from_static(b"a\"\\"),
+                        Bytes::from_static(b"\0\n\x1f"),
+                        Bytes::from_static(b"\xff\xfe"),
+                    ],
+                ),
+            )],
+            timing: Default::default(),
+        };
+        let none = BinaryOutputs {
+            default: false,
+            per_output: vec![],
+        };
+        let (body, len) = encode_response("m", &resp, &none);
+        assert_eq!(len, None);
+        let mut want = br#"{"model_name":"m","model_version":"1","id":"r1","outputs":[{"name":"s","datatype":"BYTES","shape":[3],"data":["a\"\\","\u0000\n\u001F",""#.to_vec();
+        want.extend_from_slice(b"\xff\xfe\"]}]}");
+        assert_eq!(&body[..], &want[..]);
+        // Text elements, control bytes included, are JSON anyone can read.
+        let text = InferResponse {
+            outputs: vec![(
+                "s".into(),
+                Tensor::strings(vec![2], vec![Bytes::from_static(b"a\0b"), Bytes::from("é\"")]),
+            )],
+            ..resp
+        };
+        let (body, _) = encode_response("m", &text, &none);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["outputs"][0]["data"], serde_json::json!(["a\u{0}b", "é\""]));
     }
 
     #[test]

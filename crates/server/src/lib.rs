@@ -8,13 +8,16 @@ pub mod audit;
 pub mod auth;
 pub mod canary;
 pub mod conn;
+pub mod encoding;
 pub mod error;
 pub mod gateway;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod jetstream;
 pub mod json;
 pub mod limit;
+pub mod load_params;
 pub mod metrics;
 pub mod observe;
 pub mod podcost;
@@ -160,8 +163,6 @@ pub struct Listeners {
     pub metrics: TcpListener,
 }
 
-const GRPC_SERVICE: &str = "inference.GRPCInferenceService";
-
 /// Serves until `shutdown` resolves, then drains.
 ///
 /// Start-up order: listeners serve liveness at once; models load and warm up; only
@@ -175,18 +176,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let token = state.shutdown.clone();
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_not_serving::<GrpcInferenceServiceServer<grpc::InferenceService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lattice_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = health::Health::start(reporter, state.agents.is_some()).await;
     let infer = GrpcInferenceServiceServer::new(grpc::InferenceService { state: state.clone() })
         .max_decoding_message_size(state.cfg.max_body_bytes)
         // With the check before encoding, this only guards what that check misses.
@@ -238,7 +229,8 @@ pub async fn run(
             // a live peer's connection busier than the idle timeout.
             .http2_keepalive_interval(Some(limits.ping_interval()))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(health::reflection_v1(state.agents.is_some())?)
+            .add_service(health::reflection_v1alpha(state.agents.is_some())?)
             .add_service(infer)
             .add_service(
                 lattice_proto::externalscaler::external_scaler_server::ExternalScalerServer::new(scaler::Scaler {
@@ -322,12 +314,7 @@ pub async fn run(
     }
     if !token.is_cancelled() {
         state.set_ready(true);
-        health
-            .set_serving::<GrpcInferenceServiceServer<grpc::InferenceService>>()
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        health.set_ready(true).await;
         tracing::info!("ready");
     }
 
@@ -337,15 +324,7 @@ pub async fn run(
     }
     tracing::info!("shutdown signal: readiness off, draining");
     state.set_ready(false);
-    health
-        .set_not_serving::<GrpcInferenceServiceServer<grpc::InferenceService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(GRPC_SERVICE, tonic_health::ServingStatus::NotServing)
-        .await;
+    health.drain().await;
     if let Some(agents) = &state.agents {
         // Agents learn they must move before their streams end, with the session
         // id as resume token: they resume on another replica (or this one, restarted).

@@ -90,6 +90,11 @@ impl Interner {
         }
     }
 
+    /// The interned value, if `s` was interned before.
+    fn get(&self, s: &str) -> Option<&'static str> {
+        self.set.read().get(s).copied()
+    }
+
     fn intern(&self, s: &str) -> &'static str {
         if let Some(v) = self.set.read().get(s) {
             return v;
@@ -223,27 +228,25 @@ where
             return Box::pin(inner.call(req));
         }
         let metrics = self.metrics.clone();
-        // Paths are client-chosen: only the services served here become label values,
-        // so a scan of made-up methods cannot grow the metric families.
+        // Paths are client-chosen: only methods of the services served here become
+        // label values, and a new one only once it was answered (a made-up method
+        // of a served service is UNIMPLEMENTED), so a scan of made-up names cannot
+        // grow the metric families.
         let raw = req.uri().path();
-        let path: &'static str = if SERVICES
+        let served = SERVICES
             .iter()
-            .any(|s| raw.strip_prefix(s).is_some_and(|m| m.starts_with('/')))
-        {
-            GRPC_PATHS.intern(raw)
-        } else {
-            "unknown"
-        };
-        let method = Cow::Borrowed(path.rsplit('/').next().unwrap_or_default());
-        let path = Cow::Borrowed(path);
+            .any(|s| raw.strip_prefix(s).is_some_and(|m| m.starts_with('/')));
+        let known = if served { GRPC_PATHS.get(raw) } else { None };
+        let unseen = (served && known.is_none()).then(|| raw.to_string());
         // A span when spans go somewhere; otherwise only the caller's trace id.
         let (span, caller) = if telemetry::spans_enabled() {
+            let name = known.map_or_else(|| Cow::Owned(raw.to_string()), Cow::Borrowed);
             let span = tracing::info_span!(
                 "grpc.request",
-                otel.name = %path,
+                otel.name = %name,
                 otel.kind = "server",
                 rpc.system = "grpc",
-                rpc.method = %method,
+                rpc.method = %name.rsplit('/').next().unwrap_or_default(),
                 rpc.grpc.status_code = Empty,
                 trace_id = Empty,
                 span_id = Empty,
@@ -264,11 +267,18 @@ where
                 }
                 None => (telemetry::with_caller_trace(caller.clone(), call).await, caller),
             };
+            let status_code = grpc_code(&result);
+            let path: &'static str = match (known, unseen) {
+                (Some(p), _) => p,
+                (None, Some(raw)) if status_code != UNIMPLEMENTED => GRPC_PATHS.intern(&raw),
+                (None, Some(_)) => "other",
+                (None, None) => "unknown",
+            };
             let o = Observed {
                 protocol: "grpc",
-                method,
-                route: path,
-                status_code: grpc_code(&result),
+                method: Cow::Borrowed(path.rsplit('/').next().unwrap_or_default()),
+                route: Cow::Borrowed(path),
+                status_code,
                 started,
                 trace_id,
             };
@@ -277,6 +287,9 @@ where
         })
     }
 }
+
+/// gRPC's code for a method the server does not have.
+const UNIMPLEMENTED: u16 = 12;
 
 /// The call's gRPC status code. A failed call is answered trailers-only, so its status
 /// is a header; a successful one puts grpc-status 0 in the trailers.

@@ -241,6 +241,16 @@ async fn bad_input_gets_its_error_kind_on_both_protocols() {
             ErrorKind::NotFound,
         ),
         tensor_case(
+            "unparsable version",
+            "magika",
+            "abc",
+            "bytes",
+            "INT32",
+            vec![1, 2048],
+            2048,
+            ErrorKind::InvalidInput,
+        ),
+        tensor_case(
             "wrong input name",
             "magika",
             "",
@@ -474,7 +484,9 @@ async fn reflection_lists_the_services_and_health_follows_readiness() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let check = |svc: &str| tonic_health::pb::HealthCheckRequest { service: svc.into() };
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-    for svc in ["", "inference.GRPCInferenceService"] {
+    // Every service listed answers its own health check; nothing unserved is listed.
+    assert!(!names.iter().any(|n| n.starts_with("lattice.bench")), "{names:?}");
+    for svc in [""].into_iter().chain(names.iter().map(String::as_str)) {
         assert_eq!(
             health.check(check(svc)).await.unwrap().into_inner().status,
             serving,

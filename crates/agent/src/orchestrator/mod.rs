@@ -1,0 +1,297 @@
+//! The orchestrator: accepts agent streams (`AgentCoordination.NegotiateTask`),
+//! keeps each agent's session across reconnects, and routes tasks from requesters
+//! to workers by capability and priority.
+//!
+//! # Shape
+//! All routing state lives in one [`State`] behind a mutex; every change to it
+//! happens in a [`Step`] that collects the store ops and the frames it produced and
+//! is submitted to the group committer before the lock is released, so the order of
+//! durable writes is the order of state changes. Each stream has a reader (the
+//! `serve_stream` loop) and a writer task (`writer_task`); the writer sends a frame
+//! only once its ticket is durable and acknowledges the agent's frames only up to
+//! the highest seq whose effects are durable.
+//!
+//! # Guarantees
+//! * A frame the orchestrator acknowledged survives `kill -9`; one it did not is
+//!   resent by the agent after it reconnects.
+//! * A task finishes once: the first result wins, later ones (from a worker that
+//!   was presumed dead, or a resend) are acknowledged and ignored.
+//! * Work runs at least once; side effects run once because tool calls carry the
+//!   task id as idempotency key (see [`crate::tools`]).
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::Stream;
+use lattice_proto::agent::{
+    agent_coordination_server::AgentCoordination, agent_response, AgentMessage, AgentResponse, Drain,
+};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use lattice_observability::{metrics::AgentLoad, Metrics};
+
+use crate::{
+    memory::MemoryBroker,
+    records::{coll, TaskState},
+    store::Store,
+    tools::ToolGateway,
+    wire::{self},
+};
+
+mod adopt;
+mod routing;
+mod state;
+mod stream;
+mod sweeper;
+
+use routing::*;
+use state::*;
+use sweeper::sweep_task;
+
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// Names this replica in Welcome frames and logs.
+    pub id: String,
+    /// Both sides send a heartbeat this often; three missed ones end the stream.
+    pub heartbeat_interval: Duration,
+    /// A session without a stream this long is forgotten (its pending tasks cancelled).
+    pub session_idle_timeout: Duration,
+    /// Tasks of a worker that has been gone this long are assigned to another one.
+    pub reassign_after: Duration,
+    /// Attempts before a task is dead-lettered, unless the offer says otherwise.
+    pub max_attempts: u32,
+    /// Queued tasks across every lane; offers beyond get RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+    /// Tasks one requester may have outstanding; its stream is not read beyond that.
+    pub requester_window: u32,
+    /// How long a msg_id is remembered for dedupe, and the oldest sent_at accepted.
+    pub dedupe_window: Duration,
+    /// A queued task gains one priority level per `aging` it waits.
+    pub aging: Duration,
+    /// Consecutive failed tasks that open a worker's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps a worker out of rotation.
+    pub breaker_cooldown: Duration,
+    /// Load every persisted session at start (one orchestrator owns the store).
+    /// With a store shared by replicas, sessions are adopted when they resume.
+    pub adopt_all_on_start: bool,
+    /// When set, streams must carry `authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        OrchestratorConfig {
+            id: wire::new_id(),
+            heartbeat_interval: Duration::from_secs(5),
+            session_idle_timeout: Duration::from_secs(300),
+            reassign_after: Duration::from_secs(10),
+            max_attempts: 3,
+            max_queued: 100_000,
+            requester_window: 1024,
+            dedupe_window: Duration::from_secs(600),
+            aging: Duration::from_secs(2),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(10),
+            adopt_all_on_start: true,
+            auth_token: None,
+        }
+    }
+}
+
+/// Cheap-to-clone handle; also the tonic service.
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    cfg: OrchestratorConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    tools: ToolGateway,
+    memory: MemoryBroker,
+    state: Mutex<State>,
+    /// Cancelled on shutdown: streams get a Drain frame and end.
+    draining: CancellationToken,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<AgentResponse, Status>> + Send>>;
+
+impl Orchestrator {
+    pub async fn new(
+        cfg: OrchestratorConfig,
+        store: Store,
+        tools: ToolGateway,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Orchestrator> {
+        let orch = Orchestrator {
+            inner: Arc::new(Inner {
+                memory: MemoryBroker::new(store.clone()),
+                cfg,
+                store,
+                metrics: metrics.clone(),
+                tools,
+                state: Mutex::new(State::default()),
+                draining: CancellationToken::new(),
+            }),
+        };
+        if orch.inner.cfg.adopt_all_on_start {
+            let sessions = orch.inner.store.backend().scan(coll::SESSIONS).await?;
+            for (sid, _) in sessions {
+                orch.adopt(&sid).await?;
+            }
+            let mut st = orch.inner.state.lock();
+            let mut step = Step::default();
+            dispatch(&orch.inner, &mut st, &mut step);
+            orch.commit(&mut st, step);
+        }
+        tokio::spawn(sweep_task(Arc::downgrade(&orch.inner)));
+        let weak = Arc::downgrade(&orch.inner);
+        metrics.set_agent_source(Box::new(move || {
+            weak.upgrade()
+                .map(|inner| Orchestrator { inner }.load())
+                .unwrap_or_default()
+        }));
+        Ok(orch)
+    }
+
+    pub fn tools(&self) -> &ToolGateway {
+        &self.inner.tools
+    }
+
+    /// Sends `Drain` to every stream and ends them: agents reconnect elsewhere (or
+    /// here, after a restart) and resume.
+    pub async fn drain(&self, reason: &str, reconnect_after: Duration) {
+        // Stop first: no frame is processed and no answer recorded after this, so
+        // the replica the agents move to sees every write this one made...
+        self.inner.draining.cancel();
+        // A handler that passed its draining check before the cancel holds the state
+        // lock until its writes are submitted; taking the lock waits for it.
+        drop(self.inner.state.lock());
+        // ...once the writes already submitted are durable.
+        let barrier = self.inner.store.submit(Vec::new());
+        self.inner.store.durable(barrier).await;
+        let wakes: Vec<Arc<Notify>> = {
+            let mut st = self.inner.state.lock();
+            st.sessions
+                .values_mut()
+                .filter(|s| s.attached.is_some())
+                .map(|s| {
+                    s.control.push_back(wire::response(
+                        wire::envelope(""),
+                        agent_response::Body::Drain(Drain {
+                            reconnect_after_ms: u32::try_from(reconnect_after.as_millis()).unwrap_or(u32::MAX),
+                            reason: reason.to_string(),
+                            resume_token: s.meta.session_id.clone().into_bytes(),
+                        }),
+                    ));
+                    s.wake.clone()
+                })
+                .collect()
+        };
+        for w in wakes {
+            w.notify_one();
+        }
+    }
+
+    /// Snapshot of sessions by lifecycle state, for metrics and tests.
+    pub fn session_counts(&self) -> (usize, usize) {
+        let st = self.inner.state.lock();
+        let attached = st.sessions.values().filter(|s| s.attached.is_some()).count();
+        (attached, st.sessions.len() - attached)
+    }
+
+    /// Sessions and queue depths, for the metrics.
+    pub fn load(&self) -> AgentLoad {
+        let (established, detached) = self.session_counts();
+        AgentLoad {
+            established,
+            detached,
+            queued: self.queue_depths(),
+        }
+    }
+
+    /// A session's tasks outstanding and frames waiting for its acknowledgement.
+    pub fn session_backlog(&self, sid: &str) -> Option<(usize, usize)> {
+        let st = self.inner.state.lock();
+        st.sessions.get(sid).map(|s| (s.outstanding, s.outbox.len()))
+    }
+
+    /// Queued tasks per priority level (0..=5).
+    pub fn queue_depths(&self) -> [usize; 6] {
+        let st = self.inner.state.lock();
+        let mut d = [0; 6];
+        for t in st.tasks.values() {
+            if t.rec.state() == TaskState::Queued {
+                d[(t.rec.priority as usize).min(5)] += 1;
+            }
+        }
+        d
+    }
+
+    fn commit(&self, st: &mut State, step: Step) {
+        commit(&self.inner, st, step);
+    }
+}
+
+#[tonic::async_trait]
+impl AgentCoordination for Orchestrator {
+    type NegotiateTaskStream = ResponseStream;
+
+    async fn negotiate_task(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        if let Some(token) = &self.inner.cfg.auth_token {
+            let given = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given != Some(token.as_str()) {
+                return Err(Status::unauthenticated("missing or wrong bearer token"));
+            }
+        }
+        if self.inner.draining.is_cancelled() {
+            return Err(Status::unavailable(
+                "orchestrator is draining; reconnect to another replica",
+            ));
+        }
+        let tenant = request
+            .metadata()
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("default")
+            .to_string();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The lower-case name of a gRPC code, as metric label.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}

@@ -1,0 +1,559 @@
+//! One agent stream: the hello and attach, the reader loop that applies each frame,
+//! and the writer task that sends frames once durable, with acks and heartbeats.
+
+use std::{sync::Arc, time::Duration};
+
+use lattice_proto::agent::{
+    agent_message, agent_response, AgentMessage, AgentResponse, Heartbeat, Hello, ResumeResult, Welcome,
+};
+use tokio::{sync::mpsc, time::Instant};
+use tonic::{Status, Streaming};
+
+use lattice_observability::{
+    metrics::{FrameLabels, OutcomeLabels},
+    telemetry,
+};
+use tracing::Instrument;
+
+use crate::{
+    records::{SessionMeta, TaskState},
+    session::Verdict,
+    tools::CallContext,
+    wire::{self, now_us},
+};
+
+use super::{code_name, Inner, Orchestrator};
+
+use super::{routing::*, state::*};
+
+impl Orchestrator {
+    pub(super) async fn attach(&self, hello: Hello, agent_id: String, tenant: String) -> Result<(String, u64), Status> {
+        if hello.protocol_version != wire::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not supported (this orchestrator speaks {})",
+                hello.protocol_version,
+                wire::PROTOCOL_VERSION
+            )));
+        }
+        let resume = hello.resume.clone().filter(|r| !r.session_id.is_empty());
+        let mut result = ResumeResult::Fresh;
+        if let Some(r) = &resume {
+            let found = self
+                .adopt(&r.session_id)
+                .await
+                .map_err(|e| Status::unavailable(format!("agent store: {e}")))?;
+            result = if found {
+                ResumeResult::Resumed
+            } else {
+                ResumeResult::Gap
+            };
+        }
+        let outcome = match result {
+            ResumeResult::Fresh => "fresh",
+            ResumeResult::Resumed => "resumed",
+            ResumeResult::Gap => "gap",
+        };
+        self.inner
+            .metrics
+            .agent_resumes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        let mut st = self.inner.state.lock();
+        let mut step = Step::default();
+        let sid = match (&resume, result) {
+            (Some(r), ResumeResult::Resumed) => r.session_id.clone(),
+            _ => {
+                let meta = SessionMeta {
+                    session_id: wire::new_id(),
+                    agent_id: agent_id.clone(),
+                    tenant: tenant.clone(),
+                    ..SessionMeta::default()
+                };
+                let sid = meta.session_id.clone();
+                st.sessions
+                    .insert(sid.clone(), Session::new(meta, self.inner.cfg.dedupe_window));
+                sid
+            }
+        };
+        let heartbeat_ms = u32::try_from(self.inner.cfg.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
+        let window = self.inner.cfg.requester_window;
+        let orchestrator_id = self.inner.cfg.id.clone();
+        let s = st.sessions.get_mut(&sid).expect("inserted or adopted above");
+        s.meta.epoch += 1;
+        let epoch = s.meta.epoch;
+        s.attached = Some(epoch);
+        s.detached_since = None;
+        s.cursor = 0;
+        s.control.clear();
+        s.meta.agent_id = agent_id;
+        s.meta.tenant = tenant;
+        s.meta.capabilities = hello.capabilities.clone();
+        s.meta.max_in_flight = hello.max_in_flight.max(1);
+        s.meta.last_active_us = now_us();
+        let resumed_acks = resume
+            .as_ref()
+            .map(|r| s.outbox.ack(r.last_received_seq))
+            .unwrap_or_default();
+        self.inner.metrics.agent_resent.inc_by(s.outbox.len() as u64);
+        s.control.push_back(wire::response(
+            wire::envelope(""),
+            agent_response::Body::Welcome(Welcome {
+                session_id: sid.clone(),
+                epoch,
+                result: result as i32,
+                last_received_seq: s.completed_hwm(),
+                heartbeat_interval_ms: heartbeat_ms,
+                max_in_flight: window,
+                resume_token: sid.clone().into_bytes(),
+                orchestrator_id,
+            }),
+        ));
+        step.put_session(s);
+        step.wake.push(sid.clone());
+        // A worker that kept running tasks through an orchestrator restart keeps them.
+        if let Some(r) = &resume {
+            for id in &r.running_task_ids {
+                if let Some(t) = st.tasks.get_mut(id) {
+                    if t.rec.state() == TaskState::Assigned {
+                        let previous = std::mem::replace(&mut t.rec.worker, sid.clone());
+                        t.orphaned_since = None;
+                        if let Some(p) = st.sessions.get_mut(&previous) {
+                            p.in_flight.remove(id);
+                        }
+                        st.sessions.get_mut(&sid).expect("present").in_flight.insert(id.clone());
+                    }
+                }
+            }
+        }
+        // Tasks assigned to this worker before it went away are its again.
+        let mine: Vec<String> = st
+            .tasks
+            .values_mut()
+            .filter(|t| t.rec.worker == sid && t.rec.state() == TaskState::Assigned)
+            .map(|t| {
+                t.orphaned_since = None;
+                t.rec.task_id.clone()
+            })
+            .collect();
+        st.sessions.get_mut(&sid).expect("present").in_flight.extend(mine);
+        // What the agent says it received is acknowledged like any ack: a result
+        // it got just before the cut ends its task's life here too.
+        on_acked(&self.inner, &mut st, &sid, resumed_acks, &mut step);
+        dispatch(&self.inner, &mut st, &mut step);
+        self.commit(&mut st, step);
+        Ok((sid, epoch))
+    }
+
+    /// The stream's life after the Hello: read frames until the agent leaves, the
+    /// stream breaks, heartbeats stop, or the orchestrator drains.
+    pub(super) async fn serve_stream(
+        self,
+        mut inbound: Streaming<AgentMessage>,
+        tx: mpsc::Sender<Result<AgentResponse, Status>>,
+        tenant: String,
+    ) {
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
+        let hello = match first {
+            Err(_) => {
+                let _ = tx.send(Err(Status::deadline_exceeded("no hello within 10 s"))).await;
+                return;
+            }
+            Ok(Err(status)) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(msg))) => match msg.body {
+                Some(agent_message::Body::Hello(h)) => (h, msg.agent_id),
+                other => {
+                    let kind = other.as_ref().map_or("an empty frame", wire::request_kind);
+                    let _ = tx
+                        .send(Err(Status::failed_precondition(format!(
+                            "the first frame must be hello, got {kind}"
+                        ))))
+                        .await;
+                    return;
+                }
+            },
+        };
+        let (hello, agent_id) = hello;
+        let tenant = if hello.tenant.is_empty() {
+            tenant
+        } else {
+            hello.tenant.clone()
+        };
+        let (sid, epoch) = match self.attach(hello, agent_id, tenant).await {
+            Ok(v) => v,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        let writer = tokio::spawn(writer_task(self.inner.clone(), sid.clone(), epoch, tx.clone()));
+        let miss = self.inner.cfg.heartbeat_interval * 3;
+        let end: Option<Status> = loop {
+            let next = tokio::select! {
+                r = tokio::time::timeout(miss, inbound.message()) => r,
+                () = self.inner.draining.cancelled() => break None,
+            };
+            match next {
+                Err(_) => break Some(Status::unavailable("no frame within three heartbeat intervals")),
+                Ok(Err(status)) => break Some(status),
+                Ok(Ok(None)) => break None,
+                Ok(Ok(Some(msg))) => {
+                    if let Err(status) = self.handle(&sid, epoch, msg).await {
+                        break Some(status);
+                    }
+                }
+            }
+        };
+        if self.inner.draining.is_cancelled() {
+            // Let the writer flush the Drain frame before the stream ends.
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        } else if let Some(status) = end {
+            let _ = tx.send(Err(status)).await;
+        }
+        let mut st = self.inner.state.lock();
+        if let Some(s) = st.sessions.get_mut(&sid) {
+            if s.attached == Some(epoch) {
+                s.attached = None;
+                s.detached_since = Some(Instant::now());
+                s.wake.notify_one();
+            }
+        }
+    }
+
+    pub(super) async fn handle(&self, sid: &str, epoch: u64, msg: AgentMessage) -> Result<(), Status> {
+        use agent_message::Body;
+        let env = msg.env.unwrap_or_default();
+        let Some(body) = msg.body else {
+            return Err(Status::invalid_argument("frame without a body"));
+        };
+        self.inner
+            .metrics
+            .agent_frames
+            .get_or_create(&FrameLabels {
+                direction: "in",
+                kind: wire::request_kind(&body),
+            })
+            .inc();
+        let priority = u32::try_from(msg.priority).unwrap_or(0).min(5);
+        if self.inner.draining.is_cancelled() {
+            return Err(Status::unavailable("orchestrator is draining"));
+        }
+        if let Body::Result(r) = &body {
+            // The requester's session may not be loaded here yet (this replica took
+            // over from another): load it first.
+            let known = self.inner.state.lock().tasks.contains_key(&r.task_id);
+            if !known && !r.route.is_empty() {
+                let _ = self.adopt(&r.route).await;
+            }
+        }
+        let mut st = self.inner.state.lock();
+        if self.inner.draining.is_cancelled() {
+            return Err(Status::unavailable("orchestrator is draining"));
+        }
+        let mut step = Step::default();
+        let Some(s) = st.sessions.get_mut(sid) else {
+            return Err(Status::unavailable("session evicted"));
+        };
+        if s.attached != Some(epoch) {
+            return Err(Status::aborted("a newer stream of this session took over"));
+        }
+        s.meta.last_active_us = env.sent_at_us;
+        if env.ack_seq > 0 {
+            let acked = s.outbox.ack(env.ack_seq);
+            on_acked(&self.inner, &mut st, sid, acked, &mut step);
+        }
+        if !wire::is_reliable_request(&body) {
+            let s = st.sessions.get_mut(sid).expect("checked above");
+            match body {
+                Body::Heartbeat(hb) => {
+                    if hb.echo_sent_at_us > 0 {
+                        s.rtt_us = u64::try_from(now_us() - hb.echo_sent_at_us).unwrap_or(0);
+                        self.inner.metrics.agent_heartbeat_rtt.observe(s.rtt_us as f64 / 1e6);
+                    }
+                    s.last_echo_us = hb.sent_at_us;
+                }
+                Body::Credit(c) => {
+                    s.meta.max_in_flight = c.max_in_flight.max(1);
+                    step.put_session(s);
+                    dispatch(&self.inner, &mut st, &mut step);
+                }
+                Body::Goodbye(_) => {
+                    end_session(&self.inner, &mut st, sid, &mut step);
+                    self.commit(&mut st, step);
+                    return Err(Status::ok("goodbye"));
+                }
+                Body::Hello(_) => return Err(Status::failed_precondition("hello sent twice on one stream")),
+                Body::Error(e) => {
+                    tracing::warn!(session = sid, code = e.code, message = %e.message, "agent reported an error")
+                }
+                _ => {}
+            }
+            self.commit(&mut st, step);
+            return Ok(());
+        }
+        let s = st.sessions.get_mut(sid).expect("checked above");
+        // The window is a credit the client library honours (Welcome.max_in_flight).
+        // After a crash the count here can run up to one window ahead of the
+        // client's (acks whose deletes were not yet durable), so offers are refused
+        // in-band only past twice the window; a requester that ignores refusals and
+        // does not read its results has its stream ended past three windows (it
+        // resends after resuming), so its session's memory stays bounded.
+        if matches!(body, Body::Offer(_)) && s.outstanding >= 3 * self.inner.cfg.requester_window as usize {
+            self.inner
+                .metrics
+                .agent_credit_waits
+                .get_or_create(&OutcomeLabels {
+                    outcome: "stream_ended",
+                })
+                .inc();
+            return Err(Status::resource_exhausted(format!(
+                "{} tasks outstanding, three times the window: read your results",
+                s.outstanding
+            )));
+        }
+        match s.inbox.check(env.seq_no, &env.msg_id, env.sent_at_us) {
+            Verdict::New => {}
+            Verdict::Duplicate => {
+                self.inner
+                    .metrics
+                    .agent_dropped
+                    .get_or_create(&OutcomeLabels { outcome: "duplicate" })
+                    .inc();
+                // Re-acknowledge so the agent frees its outbox; nothing runs again.
+                // The high-water mark may have moved (a msg_id seen under another
+                // seq): persist it before the ack goes out.
+                step.put_session(s);
+                step.wake.push(sid.to_string());
+                let ticket = commit(&self.inner, &mut st, step);
+                if let Some(s) = st.sessions.get_mut(sid) {
+                    s.in_ticket = ticket;
+                }
+                return Ok(());
+            }
+            Verdict::Skewed => {
+                return Err(Status::invalid_argument(format!(
+                    "frame {} sent more than 30 s in the future: check the agent's clock",
+                    env.seq_no
+                )))
+            }
+            Verdict::Gap { expected } => {
+                return Err(Status::failed_precondition(format!(
+                    "frame seq {} arrived, {expected} expected: frames are missing",
+                    env.seq_no
+                )))
+            }
+        }
+        let seq = env.seq_no;
+        match body {
+            Body::Offer(offer) => {
+                on_offer(&self.inner, &mut st, sid, &env, priority, offer, &mut step);
+            }
+            Body::Result(result) => {
+                on_result(&self.inner, &mut st, sid, result, &mut step);
+            }
+            Body::Cancel(cancel) => {
+                let owned = st.tasks.get(&cancel.task_id).is_some_and(|t| t.rec.requester == sid);
+                if owned {
+                    cancel_task(&self.inner, &mut st, &cancel.task_id, &cancel.reason, &mut step);
+                }
+            }
+            Body::ToolCall(call) => {
+                s.incomplete.insert(seq);
+                let ctx = CallContext {
+                    tenant: s.meta.tenant.clone(),
+                    // Without a key the frame's msg_id is one: a resend after a crash
+                    // is answered from the cache instead of running again.
+                    idempotency_key: if env.idempotency_key.is_empty() {
+                        env.msg_id.clone()
+                    } else {
+                        env.idempotency_key.clone()
+                    },
+                    task_id: env.correlation_id.clone(),
+                    deadline_us: env.deadline_us,
+                };
+                let this = self.clone();
+                let sid = sid.to_string();
+                let span = tracing::info_span!(
+                    "tool.call",
+                    tool = %call.tool,
+                    task_id = %ctx.task_id,
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty
+                );
+                telemetry::adopt(&span, telemetry::context_from_traceparent(&env.traceparent));
+                tokio::spawn(
+                    async move {
+                        let result = this.inner.tools.call(&ctx, call).await;
+                        this.complete(&sid, seq, &ctx.task_id, agent_response::Body::ToolResult(result));
+                    }
+                    .instrument(span),
+                );
+            }
+            Body::MemoryOp(op) => {
+                s.incomplete.insert(seq);
+                let tenant = s.meta.tenant.clone();
+                let idem = if env.idempotency_key.is_empty() {
+                    env.msg_id.clone()
+                } else {
+                    env.idempotency_key.clone()
+                };
+                let this = self.clone();
+                let sid = sid.to_string();
+                let corr = env.correlation_id.clone();
+                tokio::spawn(async move {
+                    let kind = match op.op {
+                        Some(lattice_proto::agent::memory_op::Op::Get(_)) => "get",
+                        Some(lattice_proto::agent::memory_op::Op::Put(_)) => "put",
+                        Some(lattice_proto::agent::memory_op::Op::Sync(_)) => "sync",
+                        None => "none",
+                    };
+                    let result = this.inner.memory.handle(&tenant, op, &idem).await;
+                    let outcome = code_name(wire::code_of(&result.status));
+                    this.inner
+                        .metrics
+                        .memory_ops
+                        .get_or_create(&lattice_observability::metrics::MemoryLabels { op: kind, outcome })
+                        .inc();
+                    this.complete(&sid, seq, &corr, agent_response::Body::Memory(result));
+                });
+            }
+            Body::Progress(mut p) => {
+                let requester = st.tasks.get(&p.task_id).map(|t| t.rec.requester.clone());
+                // Advisory: dropped for a detached requester or a full control queue.
+                if let Some(r) = requester
+                    .and_then(|r| st.sessions.get_mut(&r))
+                    .filter(|r| r.attached.is_some() && r.control.len() < 64)
+                {
+                    p.route.clear();
+                    r.control.push_back(wire::response(
+                        wire::envelope(&p.task_id),
+                        agent_response::Body::Progress(p),
+                    ));
+                    r.wake.notify_one();
+                }
+            }
+            _ => {}
+        }
+        if let Some(s) = st.sessions.get(sid) {
+            step.put_session(s);
+            step.wake.push(sid.to_string());
+        }
+        let ticket = commit(&self.inner, &mut st, step);
+        if let Some(s) = st.sessions.get_mut(sid) {
+            s.in_ticket = ticket;
+        }
+        Ok(())
+    }
+
+    /// An asynchronous op (tool call, memory op) finished: its answer joins the
+    /// outbox and the acknowledged seq may advance past it.
+    pub(super) fn complete(&self, sid: &str, seq: u64, correlation_id: &str, body: agent_response::Body) {
+        if self.inner.draining.is_cancelled() {
+            // The agent resends the request to the replica it moves to; the tool
+            // cache or the memory op's idempotency key answers it there.
+            return;
+        }
+        let mut st = self.inner.state.lock();
+        if self.inner.draining.is_cancelled() {
+            return;
+        }
+        let mut step = Step::default();
+        let Some(s) = st.sessions.get_mut(sid) else {
+            return;
+        };
+        s.incomplete.remove(&seq);
+        push_frame(s, &mut step, wire::envelope(correlation_id), body);
+        step.put_session(s);
+        let ticket = commit(&self.inner, &mut st, step);
+        if let Some(s) = st.sessions.get_mut(sid) {
+            s.in_ticket = ticket;
+        }
+    }
+}
+
+/// Sends the session's frames once durable, its acks, and heartbeats.
+async fn writer_task(inner: Arc<Inner>, sid: String, epoch: u64, tx: mpsc::Sender<Result<AgentResponse, Status>>) {
+    let mut heartbeat = tokio::time::interval(inner.cfg.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acked_sent = 0u64;
+    let wake = match inner.state.lock().sessions.get(&sid) {
+        Some(s) => s.wake.clone(),
+        None => return,
+    };
+    loop {
+        let (control, frames, ack, ack_ticket) = {
+            let mut st = inner.state.lock();
+            let Some(s) = st.sessions.get_mut(&sid) else { return };
+            if s.attached != Some(epoch) {
+                return;
+            }
+            let control: Vec<AgentResponse> = s.control.drain(..).collect();
+            let cursor = s.cursor;
+            let frames: Vec<Pending> = s.outbox.after(cursor).take(512).map(|(_, p)| p.clone()).collect();
+            if let Some(last) = frames.last() {
+                s.cursor = last.frame.env.as_ref().map_or(cursor, |e| e.seq_no);
+            }
+            (control, frames, s.completed_hwm(), s.in_ticket)
+        };
+        if control.is_empty() && frames.is_empty() && ack <= acked_sent {
+            tokio::select! {
+                () = wake.notified() => continue,
+                _ = heartbeat.tick() => {
+                    let (echo, in_flight) = {
+                        let st = inner.state.lock();
+                        st.sessions.get(&sid).map_or((0, 0), |s| (s.last_echo_us, s.in_flight.len()))
+                    };
+                    let hb = Heartbeat { sent_at_us: now_us(), echo_sent_at_us: echo, in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX), ..Heartbeat::default() };
+                    if tx.send(Ok(wire::response(wire::envelope(""), agent_response::Body::Heartbeat(hb)))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                () = tx.closed() => return,
+            }
+        }
+        let wait_for = frames.iter().map(|p| p.ticket).max().unwrap_or(0).max(ack_ticket);
+        inner.store.durable(wait_for).await;
+        for mut c in control {
+            if let Some(env) = c.env.as_mut() {
+                env.ack_seq = ack;
+            }
+            if tx.send(Ok(c)).await.is_err() {
+                return;
+            }
+        }
+        let any_frames = !frames.is_empty();
+        for p in frames {
+            let mut f = p.frame;
+            if let Some(body) = &f.body {
+                inner
+                    .metrics
+                    .agent_frames
+                    .get_or_create(&FrameLabels {
+                        direction: "out",
+                        kind: wire::response_kind(body),
+                    })
+                    .inc();
+            }
+            if let Some(env) = f.env.as_mut() {
+                env.ack_seq = ack;
+                env.sent_at_us = now_us();
+            }
+            if tx.send(Ok(f)).await.is_err() {
+                return;
+            }
+        }
+        if !any_frames && ack > acked_sent {
+            let mut env = wire::envelope("");
+            env.ack_seq = ack;
+            let frame = wire::response(env, agent_response::Body::Ack(lattice_proto::agent::Ack {}));
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+        acked_sent = acked_sent.max(ack);
+    }
+}
