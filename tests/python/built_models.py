@@ -111,7 +111,9 @@ def built_repository(repo: Path) -> Path:
 def serving(repo: Path, log: Path, *extra_args):
     """A `lattice serve` on `repo`; yields (http, grpc) addresses once ready."""
     cmd = [LATTICE_BIN, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0",
-           "--metrics-port", "0", "--model-repository", str(repo), *extra_args]
+           "--metrics-port", "0", "--model-repository", str(repo),
+           # A local test server: no credentials, no tenant limits, no audit files.
+           "--auth", "off", "--rate-limits", "off", "--audit", "off", *extra_args]
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file)
     try:

@@ -80,6 +80,11 @@ def server(tmp_path_factory):
         "--model-repository", str(repo),
         # The agent plane's embedded store, private to this server.
         "--memory-store", str(tmp_path_factory.mktemp("state") / "agents.redb"),
+        # A local test server: authentication and tenant limits off (the suite's
+        # clients send no credentials and load-test one tenant); the audit log on,
+        # in a private directory.
+        "--auth", "off", "--rate-limits", "off",
+        "--audit", str(tmp_path_factory.mktemp("audit")),
     ]
     with open(log, "wb") as log_file:
         # cwd=ROOT: the server finds the ONNX Runtime library under ./.venv by itself.

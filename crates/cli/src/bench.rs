@@ -43,6 +43,10 @@ pub enum Target {
     /// `lattice serve` exporting every request's spans (sample ratio 1) to an OTLP
     /// receiver in the benchmark: what full tracing costs.
     LatticeHttpTraced,
+    /// `lattice serve` with the gateway on: API-key authentication, tenant limits
+    /// (buckets large enough not to refuse) and the audit log to files; compared
+    /// with `lattice-http` (gateway off) in the same run.
+    LatticeHttpGateway,
     #[value(name = "gunicorn-2w")]
     #[serde(rename = "gunicorn-2w")]
     Gunicorn2w,
@@ -58,6 +62,7 @@ impl Target {
             Target::LatticeGrpc => "lattice-grpc",
             Target::LatticeHttpNoTelemetry => "lattice-http-no-telemetry",
             Target::LatticeHttpTraced => "lattice-http-traced",
+            Target::LatticeHttpGateway => "lattice-http-gateway",
             Target::Gunicorn2w => "gunicorn-2w",
             Target::Uvicorn2w => "uvicorn-2w",
         }
@@ -180,6 +185,59 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     } else {
         None
     };
+    // The gateway's files live as long as the run.
+    let gateway_dir = tempfile::tempdir().context("a directory for the gateway's files")?;
+    let mut gated = if needs(|t| *t == Target::LatticeHttpGateway) {
+        let keys = gateway_dir.path().join("keys.toml");
+        let policy = gateway_dir.path().join("policy.toml");
+        let audit = gateway_dir.path().join("audit");
+        let hash: String = {
+            use sha2::Digest;
+            sha2::Sha256::digest(BENCH_API_KEY.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        std::fs::write(
+            &keys,
+            format!(
+                "[[key]]\nsha256 = \"{hash}\"\ntenant = \"{BENCH_TENANT}\"\nuser = \"bench\"\nscopes = [\"infer\"]\n"
+            ),
+        )
+        .context("writing the bench API key")?;
+        // Limits on, sized so the measured load is never refused: their cost, not their effect.
+        std::fs::write(
+            &policy,
+            format!("[tenants.{BENCH_TENANT}]\nfast = {{ burst = 1000000, per_second = 1000000 }}\nsteady = {{ burst = 1000000, per_second = 1000000 }}\nmax_concurrent = 100000\n"),
+        )
+        .context("writing the bench policy")?;
+        let (keys, policy, audit) = (
+            keys.display().to_string(),
+            policy.display().to_string(),
+            audit.display().to_string(),
+        );
+        Some(
+            LatticeProcess::start(
+                &args,
+                &ort,
+                &[
+                    "--auth",
+                    "on",
+                    "--api-keys",
+                    &keys,
+                    "--gateway-policy",
+                    &policy,
+                    "--rate-limits",
+                    "on",
+                    "--audit",
+                    &audit,
+                ],
+            )
+            .context("starting lattice serve")?,
+        )
+    } else {
+        None
+    };
     if let Some(l) = &lattice {
         println!(
             "lattice serve: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, RSS {:.1} MB",
@@ -203,11 +261,11 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             let startup_ms;
             let pid;
             let client = match target {
-                Target::LatticeHttpNoTelemetry | Target::LatticeHttpTraced => {
-                    let l = if target == Target::LatticeHttpTraced {
-                        traced.as_ref()
-                    } else {
-                        bare.as_ref()
+                Target::LatticeHttpNoTelemetry | Target::LatticeHttpTraced | Target::LatticeHttpGateway => {
+                    let l = match target {
+                        Target::LatticeHttpTraced => traced.as_ref(),
+                        Target::LatticeHttpGateway => gated.as_ref(),
+                        _ => bare.as_ref(),
                     }
                     .expect("started above");
                     startup_ms = l.ready_ms;
@@ -264,7 +322,10 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         print_summary(&raw, &points, &args.concurrency);
         report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
     }
-    for l in [lattice.take(), bare.take(), traced.take()].into_iter().flatten() {
+    for l in [lattice.take(), bare.take(), traced.take(), gated.take()]
+        .into_iter()
+        .flatten()
+    {
         l.stop()?;
     }
     std::fs::create_dir_all(&args.out_dir).context("creating the output directory")?;
@@ -341,6 +402,14 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
             if let Some((ratio, rounds)) = cost {
                 println!("|   | {what} (HTTP), server CPU per request off / on, median of {rounds} rounds | {ratio:.3} | | | | | |");
             }
+        }
+        // What the gateway costs: authentication, limits and audit on, over all off.
+        let (on, off) = (Target::LatticeHttpGateway, Target::LatticeHttp);
+        if let Some((ratio, rounds)) = median(rps(on).zip(rps(off)).map(|(on, off)| on / off).collect()) {
+            println!("|   | gateway on / off (HTTP), throughput, median of {rounds} rounds | {ratio:.3} | | | | | |");
+        }
+        if let Some((ratio, rounds)) = median(cpu(on).zip(cpu(off)).map(|(on, off)| off / on).collect()) {
+            println!("|   | gateway on / off (HTTP), server CPU per request off / on, median of {rounds} rounds | {ratio:.3} | | | | | |");
         }
     }
 }
@@ -533,6 +602,11 @@ fn raw_engine(repo: &Path, w: &Workload, warm: Duration, dur: Duration) -> anyho
 
 // === Load generation ===
 
+/// The credential and tenant every HTTP load client sends: what the gateway-on
+/// server checks, and headers a gateway-off server reads as the tenant.
+const BENCH_API_KEY: &str = "lattice-bench-key";
+const BENCH_TENANT: &str = "bench";
+
 #[derive(Clone)]
 enum LoadClient {
     Http {
@@ -593,6 +667,8 @@ impl LoadClient {
             LoadClient::Http { client, url, body } => match client
                 .post(url)
                 .header("content-type", "application/json")
+                .header("x-api-key", BENCH_API_KEY)
+                .header("x-tenant-id", BENCH_TENANT)
                 .body(body.clone())
                 .send()
                 .await
@@ -671,7 +747,7 @@ fn wrk_client(url: &str, body: &Bytes) -> Option<LoadClient> {
     std::fs::write(&body_path, body).ok()?;
     let script = dir.path().join("post.lua");
     let lua = format!(
-        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
+        "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"x-api-key\"] = \"{BENCH_API_KEY}\"\nwrk.headers[\"x-tenant-id\"] = \"{BENCH_TENANT}\"\nlocal f = io.open(\"{}\", \"rb\")\nwrk.body = f:read(\"*a\")\nf:close()\n",
         body_path.display()
     );
     std::fs::write(&script, lua).ok()?;
@@ -858,6 +934,12 @@ impl LatticeProcess {
             // The serving benchmark needs no agent plane, and two servers must not
             // contend for one embedded store file.
             .args(["--agents", "off"])
+            // The gateway is off unless `extra` turns it on (the overhead runs do).
+            .args(if extra.contains(&"--auth") {
+                &[][..]
+            } else {
+                &["--auth", "off", "--rate-limits", "off", "--audit", "off"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

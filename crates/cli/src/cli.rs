@@ -46,6 +46,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Replay a load trace through an autoscaling policy and report cost and SLO violations.
     Simulate(SimulateArgs),
+    /// List audit records (file sink or JetStream), filtered by tenant, time and status.
+    Audit(crate::gateway_args::AuditArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -153,7 +155,8 @@ pub struct AgentArgs {
     /// Tenant the agent acts for.
     #[arg(long, env = "LATTICE_TENANT", default_value = "default")]
     pub tenant: String,
-    /// Bearer token the orchestrator requires, if any.
+    /// Credential the server requires: a JWT or API key with the agent scope (or
+    /// the legacy --agent-token).
     #[arg(long, env = "LATTICE_AGENT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Log filter, in tracing's EnvFilter syntax. Text logs carry events only, so
@@ -342,15 +345,6 @@ pub struct ServeArgs {
     /// Request spans and metrics recording. "off" exists to measure their overhead.
     #[arg(long, env = "LATTICE_TELEMETRY", value_enum, default_value_t = Switch::On)]
     pub telemetry: Switch,
-    /// Inference requests per second each tenant (`x-tenant` header or gRPC
-    /// metadata) may make; beyond its burst a request gets 429 / RESOURCE_EXHAUSTED
-    /// with Retry-After. 0 turns limiting off.
-    #[arg(long, env = "LATTICE_RATE_LIMIT_RPS", default_value_t = 0)]
-    pub rate_limit_rps: u32,
-    /// Requests a tenant may send at once above its rate (the bucket size);
-    /// 0 means the same as the rate.
-    #[arg(long, env = "LATTICE_RATE_LIMIT_BURST", default_value_t = 0)]
-    pub rate_limit_burst: u32,
     /// This replica's position in the fleet (0-based), for sharded warm-up. Defaults
     /// to the StatefulSet ordinal at the end of the hostname, or a hash of it.
     #[arg(long, env = "LATTICE_REPLICA_INDEX")]
@@ -362,6 +356,8 @@ pub struct ServeArgs {
     /// started at once does not read the model store and compile all at once.
     #[arg(long, env = "LATTICE_WARMUP_STAGGER_MS", default_value_t = 0)]
     pub warmup_stagger_ms: u64,
+    #[command(flatten)]
+    pub gateway: crate::gateway_args::GatewayArgs,
     #[command(flatten)]
     pub agents: AgentPlaneArgs,
     #[command(flatten)]
@@ -720,16 +716,37 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let listeners = Listeners {
         http: bind(args.host, args.http_port, "HTTP").await?,
         grpc: bind(args.host, args.grpc_port, "gRPC").await?,
-        metrics: bind(args.host, args.metrics_port, "metrics").await?,
+        metrics: bind(
+            args.gateway.metrics_host.unwrap_or(args.host),
+            args.metrics_port,
+            "metrics",
+        )
+        .await?,
     };
+    if args.gateway.auth == Switch::On && args.agents.agent_token.is_some() {
+        return Err(Failure::Usage(
+            "--agent-token is superseded by --auth on: agents present a JWT or API key with the agent scope".into(),
+        ));
+    }
+    // The server's shutdown token, made here so the gateway's reload tasks stop with it.
+    let shutdown = lattice_server::CancellationToken::new();
+    let gateway =
+        lattice_server::gateway::Gateway::start(&args.gateway.build()?, repo.metrics().clone(), shutdown.clone())
+            .await
+            .map_err(Failure::Usage)?;
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    // One machine-readable line: tests and scripts read the bound ports from it.
+    // One machine-readable line: tests and scripts read the bound ports from it. It
+    // also says, plainly, whether authentication is off (local use only).
     println!(
-        "lattice listening http={} grpc={} metrics={}",
+        "lattice listening http={} grpc={} metrics={} {}",
         addr(&listeners.http),
         addr(&listeners.grpc),
-        addr(&listeners.metrics)
+        addr(&listeners.metrics),
+        gateway.describe()
     );
+    if !gateway.auth_enabled() {
+        tracing::warn!("authentication is OFF (--auth off): every caller reaches every API; local use only");
+    }
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
     for (flag, value) in [
         ("--header-read-timeout-secs", args.header_read_timeout_secs),
@@ -772,7 +789,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
             scaling,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             telemetry: args.telemetry == Switch::On,
-            rate_limit: (args.rate_limit_rps, args.rate_limit_burst),
             warmup: lattice_server::Warmup {
                 replica_index: args
                     .replica_index
@@ -785,6 +801,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     if let Some(agents) = agents {
         state = state.with_agents(agents);
     }
+    state.shutdown = shutdown;
+    state = state.with_gateway(gateway);
     if let Some((cfg, http)) = args.pod_cost.build()? {
         tokio::spawn(lattice_server::podcost::run(
             cfg,
@@ -821,6 +839,8 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
         capabilities: args.capability.clone(),
         max_in_flight: args.max_in_flight,
         auth_token: args.token.clone(),
+        // The gateway checks the tenant a stream names against its credential.
+        metadata: vec![("x-tenant-id".into(), args.tenant.clone())],
         ..lattice_agent::client::ClientConfig::default()
     };
     println!(

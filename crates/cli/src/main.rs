@@ -3,6 +3,7 @@
 mod bench;
 mod bench_agents;
 mod cli;
+mod gateway_args;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
             Command::Agent(args) => cli::agent(args).await,
             Command::Chat(args) => cli::chat(args).await,
             Command::Simulate(args) => cli::simulate(args),
+            Command::Audit(args) => gateway_args::audit(args).await,
         }
     });
     match result {

@@ -85,6 +85,13 @@ fn spawn_orchestrator(store: &str, empty_repo: &Path, extra: &[&str]) -> Orchest
             "0",
             "--metrics-port",
             "0",
+            // Local test server: no credentials, no tenant limits, no audit files.
+            "--auth",
+            "off",
+            "--rate-limits",
+            "off",
+            "--audit",
+            "off",
         ])
         .args(["--log", "warn", "--model-repository"])
         .arg(empty_repo)

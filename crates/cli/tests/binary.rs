@@ -95,6 +95,13 @@ fn spawn_server(extra: &[&str], stderr: Stdio) -> Server {
             "0",
             "--metrics-port",
             "0",
+            // Local test server: no credentials, no tenant limits, no audit files.
+            "--auth",
+            "off",
+            "--rate-limits",
+            "off",
+            "--audit",
+            "off",
         ])
         .args(extra)
         .stdout(Stdio::piped())

@@ -194,6 +194,35 @@ pub struct MemoryLabels {
     pub outcome: &'static str,
 }
 
+/// Gateway refusal labels: the tenant (a configured one, else `other`) and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub tenant: String,
+    pub reason: &'static str,
+}
+
+/// What became of audit records: written, dropped (queue full) or failed (sink error).
+#[derive(Clone, Debug)]
+pub struct AuditCounters(Family<OutcomeLabels, Counter>);
+
+impl AuditCounters {
+    pub fn written(&self, n: u64) {
+        self.0.get_or_create(&OutcomeLabels { outcome: "written" }).inc_by(n);
+    }
+
+    pub fn dropped(&self) {
+        self.0.get_or_create(&OutcomeLabels { outcome: "dropped" }).inc();
+    }
+
+    pub fn failed(&self, n: u64) {
+        self.0.get_or_create(&OutcomeLabels { outcome: "failed" }).inc_by(n);
+    }
+
+    pub fn get(&self, outcome: &'static str) -> u64 {
+        self.0.get_or_create(&OutcomeLabels { outcome }).get()
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ToolNameLabels {
     pub tool: String,
@@ -452,6 +481,8 @@ pub struct Metrics {
     pub memory_ops: Family<MemoryLabels, Counter>,
     pub tool_calls: Family<ToolLabels, Counter>,
     pub tool_duration: HistogramFamily<ToolNameLabels>,
+    pub gateway_refusals: Family<RefusalLabels, Counter>,
+    audit_records: Family<OutcomeLabels, Counter>,
     windows: Arc<Mutex<ModelWindows>>,
     sources: Arc<Mutex<Sources>>,
 }
@@ -695,6 +726,22 @@ impl Metrics {
             "Tool gateway call duration, cache hits included",
             tool_duration.clone(),
         );
+        let gateway_refusals = Family::<RefusalLabels, Counter>::default();
+        declare(
+            &mut r,
+            &mut declared,
+            "lattice_gateway_refusals",
+            "Requests the gateway refused, by tenant (configured ones, else other) and reason (no_credential, expired, invalid_token, unknown_key, no_tenant, tenant_mismatch, scope, rate_fast, rate_steady, concurrency)",
+            gateway_refusals.clone(),
+        );
+        let audit_records = Family::<OutcomeLabels, Counter>::default();
+        declare(
+            &mut r,
+            &mut declared,
+            "lattice_audit_records",
+            "Audit records by outcome: written, dropped (queue full; the request was not held) or failed (sink error)",
+            audit_records.clone(),
+        );
         let windows = Arc::new(Mutex::new(ModelWindows::default()));
         let sources = Arc::new(Mutex::new(Sources::default()));
         r.register_collector(Box::new(ScrapeCollector {
@@ -737,9 +784,16 @@ impl Metrics {
             memory_ops,
             tool_calls,
             tool_duration,
+            gateway_refusals,
+            audit_records,
             windows,
             sources,
         }
+    }
+
+    /// The audit log's outcome counters.
+    pub fn audit_counters(&self) -> AuditCounters {
+        AuditCounters(self.audit_records.clone())
     }
 
     /// The series names every registered family can produce, with the suffixes

@@ -292,13 +292,19 @@ pub async fn serve_http(
             () = &mut shutdown => break,
         };
         let activity = Activity::new();
+        // The peer address, for the audit log (as tonic gives it to gRPC requests).
+        let peer = stream.peer_addr().ok();
         let io = TokioIo::new(Conn::new(stream, permit, activity.clone(), limits.idle_timeout));
         let router = router.clone();
         let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let guard = RequestGuard::new(activity.clone());
             let router = router.clone();
+            let mut req = req.map(axum::body::Body::new);
+            if let Some(peer) = peer {
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            }
             async move {
-                let resp = router.oneshot(req.map(axum::body::Body::new)).await;
+                let resp = router.oneshot(req).await;
                 drop(guard);
                 resp
             }

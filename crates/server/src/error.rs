@@ -35,6 +35,14 @@ pub enum ApiError {
     },
     /// A missing or wrong credential.
     Unauthenticated(String),
+    /// A valid credential that does not cover the request: no or another tenant in
+    /// `X-Tenant-ID`, or a scope the operation needs is missing.
+    Forbidden(String),
+    /// The tenant has as many requests in flight as it may.
+    TenantBusy {
+        tenant: String,
+        limit: u32,
+    },
     /// The REST task gateway has a session for as many tenants as it keeps, and none
     /// is idle yet.
     TaskSessionsFull {
@@ -68,12 +76,13 @@ pub enum ErrorKind {
     Unavailable,
     LoadFailed,
     Unauthenticated,
+    PermissionDenied,
     ResponseTooLarge,
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::NotFound,
         ErrorKind::InvalidInput,
         ErrorKind::BatchTooLarge,
@@ -85,6 +94,7 @@ impl ErrorKind {
         ErrorKind::Unavailable,
         ErrorKind::LoadFailed,
         ErrorKind::Unauthenticated,
+        ErrorKind::PermissionDenied,
         ErrorKind::ResponseTooLarge,
         ErrorKind::Internal,
     ];
@@ -109,6 +119,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             ErrorKind::LoadFailed => (StatusCode::BAD_REQUEST, Code::FailedPrecondition),
             ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+            ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, Code::PermissionDenied),
             // The request is what must change (fewer outputs, a smaller batch), so a
             // 4xx. Checked before encoding; RESOURCE_EXHAUSTED is what gRPC itself
             // uses for a message larger than the receiver's maximum.
@@ -134,6 +145,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::LoadFailed => "load_failed",
             ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::ResponseTooLarge => "response_too_large",
             ErrorKind::Internal => "internal_error",
         }
@@ -151,7 +163,8 @@ impl ErrorKind {
             Code::ResourceExhausted => ErrorKind::Overloaded,
             Code::Unavailable | Code::Aborted => ErrorKind::Unavailable,
             Code::Cancelled => ErrorKind::Cancelled,
-            Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthenticated,
+            Code::Unauthenticated => ErrorKind::Unauthenticated,
+            Code::PermissionDenied => ErrorKind::PermissionDenied,
             Code::Ok | Code::Unknown | Code::Unimplemented | Code::Internal | Code::DataLoss => ErrorKind::Internal,
         }
     }
@@ -176,6 +189,8 @@ impl ApiError {
             ApiError::NotReady => ErrorKind::Unavailable,
             ApiError::RateLimited { .. } => ErrorKind::Overloaded,
             ApiError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            ApiError::Forbidden(_) => ErrorKind::PermissionDenied,
+            ApiError::TenantBusy { .. } => ErrorKind::Overloaded,
             ApiError::TaskSessionsFull { .. } => ErrorKind::Overloaded,
             ApiError::ResponseTooLarge { .. } => ErrorKind::ResponseTooLarge,
             ApiError::Task { code, .. } => ErrorKind::of_grpc(*code),
@@ -207,7 +222,10 @@ impl ApiError {
                 "tenant '{tenant}' is over its request rate; retry after {} ms",
                 retry_after.as_millis()
             ),
-            ApiError::Unauthenticated(m) | ApiError::Task { message: m, .. } => m.clone(),
+            ApiError::Unauthenticated(m) | ApiError::Forbidden(m) | ApiError::Task { message: m, .. } => m.clone(),
+            ApiError::TenantBusy { tenant, limit } => format!(
+                "tenant '{tenant}' already has {limit} requests in flight (its concurrency limit); retry when one finishes"
+            ),
             ApiError::TaskSessionsFull { limit, retry_after } => format!(
                 "{limit} tenants already have task sessions on this replica; retry after {} s",
                 retry_after.as_secs().max(1)
@@ -218,12 +236,18 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// When a retry can succeed: the HTTP `Retry-After` (rounded up to whole
+    /// seconds, so a client that waits that long is not refused again for the same
+    /// reason) and the gRPC `google.rpc.RetryInfo` (exact).
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::Infer(InferError::Overloaded { retry_after, .. })
             | ApiError::Infer(InferError::SequencesFull { retry_after, .. })
             | ApiError::RateLimited { retry_after, .. }
             | ApiError::TaskSessionsFull { retry_after, .. } => Some(*retry_after),
+            // Nothing says when a request of the tenant finishes; a second is the
+            // usual length of one.
+            ApiError::TenantBusy { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -243,7 +267,7 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, Json(serde_json::json!({ "error": self.message() }))).into_response();
         if let Some(after) = self.retry_after() {
-            let secs = after.as_secs().max(1).to_string();
+            let secs = retry_after_secs(after).to_string();
             resp.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_str(&secs).expect("digits are a valid header value"),
@@ -253,10 +277,28 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+pub fn retry_after_secs(after: Duration) -> u64 {
+    let secs = after.as_secs();
+    let secs = if after.subsec_nanos() > 0 {
+        secs.saturating_add(1)
+    } else {
+        secs
+    };
+    secs.max(1)
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
+        use tonic_types::{ErrorDetails, StatusExt};
         let (_, code) = e.kind().codes();
-        tonic::Status::new(code, e.message())
+        match e.retry_after() {
+            // `google.rpc.RetryInfo` in the status details, as gRPC clients read it.
+            Some(after) => {
+                tonic::Status::with_error_details(code, e.message(), ErrorDetails::with_retry_info(Some(after)))
+            }
+            None => tonic::Status::new(code, e.message()),
+        }
     }
 }
 
@@ -283,6 +325,18 @@ mod tests {
         let r = e.clone().into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
-        assert_eq!(tonic::Status::from(e).code(), Code::ResourceExhausted);
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        use tonic_types::StatusExt;
+        let info = status.get_details_retry_info().expect("RetryInfo in the details");
+        assert_eq!(info.retry_delay, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
     }
 }

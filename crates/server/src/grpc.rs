@@ -423,9 +423,17 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
         self.state.scaling.arrival();
-        self.state.admit(tenant(r.metadata()))?;
         let deadline = grpc_timeout(r.metadata());
-        let resp = self.infer_one(r.into_inner(), deadline).await?;
+        let ctx = r.extensions().get::<crate::gateway::RequestContext>().cloned();
+        let mut req = r.into_inner();
+        req.model_version = self
+            .state
+            .gateway
+            .route_version(&req.model_name, &req.model_version, ctx.as_ref());
+        let resp = self.infer_one(req, deadline).await?;
+        if let Some(c) = &ctx {
+            c.note_model(&resp.model_name, &resp.model_version);
+        }
         Ok(Response::new(resp))
     }
 

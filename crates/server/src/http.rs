@@ -175,28 +175,33 @@ pub fn body_bytes(s: &AppState, body: Body) -> Result<Bytes, ApiError> {
     })
 }
 
+type Ctx = Option<axum::Extension<crate::gateway::RequestContext>>;
+
 async fn infer(
     s: State<AppState>,
     Path(model): Path<String>,
+    ctx: Ctx,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer_for(s, model, String::new(), headers, body).await
+    infer_for(s, model, String::new(), ctx, headers, body).await
 }
 
 async fn infer_v(
     s: State<AppState>,
     Path((model, version)): Path<(String, String)>,
+    ctx: Ctx,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer_for(s, model, version, headers, body).await
+    infer_for(s, model, version, ctx, headers, body).await
 }
 
 async fn infer_for(
     State(s): State<AppState>,
     model: String,
     version: String,
+    ctx: Ctx,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -204,7 +209,8 @@ async fn infer_for(
     if !s.is_ready() {
         return Err(ApiError::NotReady);
     }
-    s.admit(headers.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok()))?;
+    let ctx = ctx.map(|c| c.0);
+    let version = s.gateway.route_version(&model, &version, ctx.as_ref());
     let body = body_bytes(&s, body)?;
     let header_len = headers
         .get(HEADER_LEN)
@@ -217,6 +223,9 @@ async fn infer_for(
         .transpose()?;
     let decoded = decode_request(body, header_len)?;
     let resp = s.repo.infer(&model, &version, decoded.parts).await?;
+    if let Some(c) = &ctx {
+        c.note_model(&model, &resp.version.to_string());
+    }
     let size = response_size_bound(&resp, &decoded.binary);
     if size > s.cfg.max_response_bytes {
         return Err(ApiError::ResponseTooLarge {

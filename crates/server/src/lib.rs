@@ -4,10 +4,14 @@
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind port 0
 //! and production passes SIGTERM.
 
+pub mod audit;
+pub mod auth;
+pub mod canary;
 pub mod conn;
 pub mod embeddings;
 pub mod encoding;
 pub mod error;
+pub mod gateway;
 pub mod grpc;
 pub mod health;
 pub mod http;
@@ -21,6 +25,7 @@ pub mod podcost;
 pub mod scaler;
 pub mod scaling;
 pub mod tasks;
+pub mod watch;
 
 use std::{
     future::{Future, IntoFuture},
@@ -37,7 +42,7 @@ use lattice_proto::{
     inference::grpc_inference_service_server::GrpcInferenceServiceServer,
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 
 pub const SERVER_NAME: &str = "lattice";
@@ -69,8 +74,6 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Request spans and edge metrics on (the default) or off, for overhead benchmarks.
     pub telemetry: bool,
-    /// Inference requests per second and burst per tenant; rate 0 = no limit.
-    pub rate_limit: (u32, u32),
     /// This replica's index and the fleet size, for sharded warm-up, and the delay
     /// per index before loading starts (staggering a fleet that starts together).
     pub warmup: Warmup,
@@ -102,8 +105,9 @@ pub struct AppState {
     ready: Arc<AtomicBool>,
     /// Cancelled when draining starts; streams end on it.
     pub shutdown: CancellationToken,
-    /// Per-tenant token buckets, when `rate_limit` is set.
-    pub limiter: Option<Arc<limit::Limiter>>,
+    /// Authentication, tenant limits, canary routing and the audit log, in front of
+    /// every service ([`gateway`]); all off unless set with [`AppState::with_gateway`].
+    pub gateway: Arc<gateway::Gateway>,
     /// `POST /v1/agents/tasks`, when the agent plane is on (set by [`run`], which
     /// knows the gRPC address).
     pub tasks: Option<Arc<tasks::TaskGateway>>,
@@ -111,14 +115,18 @@ pub struct AppState {
     pub scaling: scaling::SharedSignals,
 }
 
+fn repo_metrics(repo: &ModelRepository) -> Arc<lattice_observability::Metrics> {
+    repo.metrics().clone()
+}
+
 impl AppState {
     pub fn new(repo: ModelRepository, cfg: ServerConfig) -> AppState {
         AppState {
+            gateway: Arc::new(gateway::Gateway::off(repo_metrics(&repo))),
             repo,
             agents: None,
             tasks: None,
             scaling: Arc::default(),
-            limiter: limit::Limiter::new(cfg.rate_limit.0, cfg.rate_limit.1).map(Arc::new),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
@@ -130,16 +138,16 @@ impl AppState {
         self
     }
 
-    /// Takes a token from the tenant's bucket, if limiting is on.
+    pub fn with_gateway(mut self, gateway: gateway::Gateway) -> AppState {
+        self.gateway = Arc::new(gateway);
+        self
+    }
+
+    /// Takes a token from the tenant's buckets for one request of a stream (the
+    /// gateway admitted the stream itself), if limiting is on.
     pub fn admit(&self, tenant: Option<&str>) -> Result<(), error::ApiError> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
         let tenant = tenant.filter(|t| !t.is_empty()).unwrap_or("default");
-        limiter
-            .check(tenant)
-            .map_err(|retry_after| error::ApiError::RateLimited {
-                tenant: tenant.to_string(),
-                retry_after,
-            })
+        self.gateway.take_token(tenant)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -193,9 +201,16 @@ pub async fn run(
                 std::net::Ipv6Addr::LOCALHOST.into()
             });
         }
+        // With authentication on, the hop carries the server's internal key, which
+        // may act for the tenant the gateway verified on the REST request.
+        let token = state
+            .gateway
+            .internal_key()
+            .map(str::to_string)
+            .or_else(|| agents.token.clone());
         let gateway = Arc::new(tasks::TaskGateway::new(
             vec![format!("http://{addr}")],
-            agents.token.clone(),
+            token,
             state.cfg.task_session_idle,
         ));
         gateway.start_sweeper(state.shutdown.clone());
@@ -213,6 +228,7 @@ pub async fn run(
                 metrics: state.repo.metrics().clone(),
                 enabled: state.cfg.telemetry,
             })
+            .layer(state.gateway.layer(gateway::Protocol::Grpc))
             // Keepalive pings keep idle streams alive through load balancers, and keep
             // a live peer's connection busier than the idle timeout.
             .http2_keepalive_interval(Some(limits.ping_interval()))
@@ -235,7 +251,7 @@ pub async fn run(
     let http_token = token.clone();
     let http_server = tokio::spawn(conn::serve_http(
         listeners.http,
-        http::router(state.clone()),
+        http::router(state.clone()).layer(state.gateway.layer(gateway::Protocol::Http)),
         limits,
         http_token.cancelled_owned(),
     ));
@@ -331,6 +347,8 @@ pub async fn run(
     if drained.is_err() {
         tracing::warn!(timeout = ?state.cfg.drain_timeout, "drain timeout reached with requests in flight");
     }
+    // Records of the last requests reach the sink before the process exits.
+    state.gateway.flush_audit().await;
     Ok(())
 }
 

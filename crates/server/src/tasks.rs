@@ -129,6 +129,8 @@ impl TaskGateway {
             ),
             tenant: tenant.to_string(),
             auth_token: self.token.clone(),
+            // The gateway in front of the orchestrator checks the tenant.
+            metadata: vec![(crate::auth::TENANT_ID_HEADER.to_string(), tenant.to_string())],
             ..ClientConfig::default()
         });
         let waiting: Waiters = Arc::default();
@@ -262,7 +264,9 @@ pub async fn offer(
     if !s.is_ready() {
         return Err(ApiError::NotReady);
     }
-    if let Some(token) = &gateway.token {
+    // With authentication on, the gateway layer has checked the caller; the legacy
+    // `--agent-token` check applies only without it.
+    if let Some(token) = gateway.token.as_ref().filter(|_| !s.gateway.auth_enabled()) {
         let given = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -277,7 +281,6 @@ pub async fn offer(
         .filter(|t| !t.is_empty())
         .unwrap_or("default")
         .to_string();
-    s.admit(Some(&tenant))?;
     let body = crate::http::body_bytes(&s, body)?;
     let req: OfferBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("task request: {e}")))?;

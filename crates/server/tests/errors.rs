@@ -496,58 +496,6 @@ async fn reflection_lists_the_services_and_health_follows_readiness() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_buckets_limit_bursts_per_tenant_on_both_protocols() {
-    let repo = repo_copy(&["magika"]);
-    let server = start(
-        repo.path(),
-        Options {
-            rate_limit: (5, 3),
-            ..Options::default()
-        },
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let body = magika_json(json!([1, 2048]), zeros(2048), "INT32", "bytes");
-    let post = |tenant: &'static str| {
-        http.post(server.url("/v2/models/magika/infer"))
-            .header("x-tenant", tenant)
-            .json(&body)
-            .send()
-    };
-    // The burst of 3 passes, the 4th in the same instant does not.
-    let mut statuses = Vec::new();
-    for _ in 0..4 {
-        statuses.push(post("acme").await.unwrap());
-    }
-    assert!(statuses[..3].iter().all(|r| r.status() == 200));
-    let limited = statuses.pop().unwrap();
-    assert_eq!(limited.status(), 429);
-    let retry: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!(retry <= 1, "retry after {retry} s");
-    let msg: Value = limited.json().await.unwrap();
-    assert!(msg["error"].as_str().unwrap().contains("acme"), "{msg}");
-    // Another tenant is not affected.
-    assert_eq!(post("globex").await.unwrap().status(), 200);
-    // gRPC: same bucket for the same tenant, RESOURCE_EXHAUSTED.
-    let mut client = server.grpc_client().await;
-    let mut req = tonic::Request::new(grpc_req(
-        "magika",
-        "",
-        "bytes",
-        "INT32",
-        vec![1, 2048],
-        vec![raw_i32(2048)],
-    ));
-    req.metadata_mut().insert("x-tenant", "acme".parse().unwrap());
-    let err = client.model_infer(req).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    // Tokens come back at the rate.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    assert_eq!(post("acme").await.unwrap().status(), 200);
-    server.stop().await;
-}
-
 /// `POST /v1/agents/tasks`: a task offered over REST goes through the orchestrator's
 /// gRPC stream to a worker agent, and each way it can fail gets its status from the
 /// error table.

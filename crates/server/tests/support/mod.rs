@@ -99,8 +99,8 @@ impl TestServer {
 pub struct Options {
     pub max_body_bytes: usize,
     pub load_models: bool,
-    /// Per-tenant (rate, burst); rate 0 = no limit.
-    pub rate_limit: (u32, u32),
+    /// The gateway (authentication, limits, policy, audit); all off by default.
+    pub gateway: lattice_server::gateway::GatewayConfig,
     /// Runs the agent plane (orchestrator, tool gateway on the repository, REST
     /// task gateway) on an embedded store.
     pub agents: bool,
@@ -113,7 +113,7 @@ impl Default for Options {
         Options {
             max_body_bytes: 16 << 20,
             load_models: true,
-            rate_limit: (0, 0),
+            gateway: Default::default(),
             agents: false,
             agent_token: None,
             scaling: lattice_server::scaling::ScalingConfig::default(),
@@ -156,7 +156,6 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             scaling: opts.scaling.clone(),
             drain_timeout: Duration::from_secs(10),
             telemetry: true,
-            rate_limit: opts.rate_limit,
             warmup: lattice_server::Warmup::default(),
         },
     );
@@ -190,6 +189,11 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
         });
         store_dir = Some(dir);
     }
+    let gateway =
+        lattice_server::gateway::Gateway::start(&opts.gateway, state.repo.metrics().clone(), state.shutdown.clone())
+            .await
+            .expect("gateway");
+    state = state.with_gateway(gateway);
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(lattice_server::run(state.clone(), listeners, opts.load_models, async {
         let _ = rx.await;
