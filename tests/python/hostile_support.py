@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import signal
 import socket
 import struct
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import LATTICE_BIN, ROOT, _copy_repository, _log_tail
+from conftest import LATTICE_BIN, ROOT, _copy_repository, _log_tail, _read_listening_line
 
 STARTUP_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 30
@@ -180,19 +179,10 @@ def start_server(tmp: Path, flags, rss_cap_bytes=3 * GiB) -> ServerProc:
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file)
     try:
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
         try:
-            if not sel.select(timeout=STARTUP_TIMEOUT_S):
-                raise RuntimeError(f"no 'lattice listening' line within {STARTUP_TIMEOUT_S}s\n{_log_tail(log)}")
-            line = proc.stdout.readline().decode().strip()
-        finally:
-            sel.close()
-        if not line.startswith("lattice listening "):
-            proc.wait(timeout=10)
-            raise RuntimeError(
-                f"lattice serve did not start (exit {proc.returncode}) with flags {flags}\n{_log_tail(log)}"
-            )
+            line = _read_listening_line(proc, log)
+        except RuntimeError as e:
+            raise RuntimeError(f"lattice serve did not start with flags {flags}\n{e}") from None
         addrs = dict(part.split("=", 1) for part in line.split()[2:])
         srv = ServerProc(proc, log, addrs["http"], addrs["grpc"], addrs["metrics"], list(flags), rss_cap_bytes)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

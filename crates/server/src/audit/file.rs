@@ -55,18 +55,7 @@ impl FileSink {
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Msg>, counters: AuditCounters) {
         let mut batch = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            let mut flushes = Vec::new();
-            let mut msg = Some(first);
-            while let Some(m) = msg.take() {
-                match m {
-                    Msg::Record(r) => batch.push(*r),
-                    Msg::Flush(done) => flushes.push(done),
-                    Msg::Tick => {}
-                }
-                if batch.len() < BATCH {
-                    msg = rx.try_recv().ok();
-                }
-            }
+            let flushes = super::gather(first, &mut rx, &mut batch, BATCH);
             let n = batch.len() as u64;
             match self.write(&mut batch) {
                 Ok(()) => counters.written(n),

@@ -60,6 +60,29 @@ pub(crate) enum Msg {
     Tick,
 }
 
+/// Takes `first` and what is already queued behind it, up to `max` records, into
+/// `batch`; returns the flushes that wait for them. Both sinks write in such batches.
+pub(crate) fn gather(
+    first: Msg,
+    rx: &mut mpsc::Receiver<Msg>,
+    batch: &mut Vec<Record>,
+    max: usize,
+) -> Vec<oneshot::Sender<()>> {
+    let mut flushes = Vec::new();
+    let mut msg = Some(first);
+    while let Some(m) = msg.take() {
+        match m {
+            Msg::Record(r) => batch.push(*r),
+            Msg::Flush(done) => flushes.push(done),
+            Msg::Tick => {}
+        }
+        if batch.len() < max {
+            msg = rx.try_recv().ok();
+        }
+    }
+    flushes
+}
+
 /// Hands records to the sink. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {

@@ -46,18 +46,7 @@ impl NatsSink {
     pub(crate) async fn run(self, mut rx: mpsc::Receiver<Msg>, counters: AuditCounters) {
         let mut batch: Vec<Record> = Vec::new();
         while let Some(first) = rx.recv().await {
-            let mut flushes = Vec::new();
-            let mut msg = Some(first);
-            while let Some(m) = msg.take() {
-                match m {
-                    Msg::Record(r) => batch.push(*r),
-                    Msg::Flush(done) => flushes.push(done),
-                    Msg::Tick => {}
-                }
-                if batch.len() < BATCH {
-                    msg = rx.try_recv().ok();
-                }
-            }
+            let flushes = super::gather(first, &mut rx, &mut batch, BATCH);
             let mut pause = Duration::from_millis(50);
             while !batch.is_empty() {
                 let stored = self.publish(&batch).await;
