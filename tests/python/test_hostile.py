@@ -40,6 +40,7 @@ MAX_CONNECTIONS = 256
 MAX_STREAMS = 16
 HEADER_READ_TIMEOUT_S = 2
 IDLE_TIMEOUT_S = 2
+BODY_READ_TIMEOUT_S = 4
 MAX_BODY_BYTES = 16 * hs.MiB  # the server's default --max-body-bytes
 
 # The flags of the hardening work. A server that does not know one of them refuses to
@@ -49,6 +50,7 @@ HARDENING_FLAGS = [
     "--max-response-bytes", str(MAX_RESPONSE_BYTES),
     "--header-read-timeout-secs", str(HEADER_READ_TIMEOUT_S),
     "--idle-timeout-secs", str(IDLE_TIMEOUT_S),
+    "--body-read-timeout-secs", str(BODY_READ_TIMEOUT_S),
     "--max-connections", str(MAX_CONNECTIONS),
     "--http2-max-concurrent-streams", str(MAX_STREAMS),
     "--task-session-idle-secs", "1",
@@ -872,6 +874,40 @@ def test_grpc_client_mistakes(hostile, grpc_stub, case):
 
 
 # --- 9. slow and idle clients ---------------------------------------------------------------------
+
+def test_trickled_bodies_fail_at_the_body_deadline(hostile):
+    """A body sent one byte a second never stalls long enough for the stall timeout,
+    but the whole-body deadline ends it with a JSON error."""
+    s = hs.connect(hostile.http, timeout=1.0)
+    try:
+        s.sendall(b"POST /v2/repository/index HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        start = time.monotonic()
+        answer = b""
+        # Bounded: the deadline plus a generous margin for a busy machine.
+        while time.monotonic() - start < BODY_READ_TIMEOUT_S + 20:
+            try:
+                s.sendall(b" ")
+            except OSError:
+                break
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                break
+        elapsed = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"application/json" in answer.lower() or b"{" in answer, answer[:400]
+        assert elapsed >= BODY_READ_TIMEOUT_S - 0.5, f"cut after {elapsed:.1f} s, before the deadline"
+    finally:
+        s.close()
+
 
 def test_slow_header_senders_are_cut_off(hostile):
     head = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 64

@@ -306,6 +306,10 @@ pub struct ServeArgs {
     /// connection waiting for its next request is closed after this long too.
     #[arg(long, env = "LATTICE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
+    /// Seconds a REST request body may take to arrive in all; a slower one fails
+    /// (400), so a client trickling bytes cannot hold a connection.
+    #[arg(long, env = "LATTICE_BODY_READ_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_read_timeout_secs: u64,
     /// Seconds a connection (REST or gRPC) with no request in flight and no traffic
     /// is kept. gRPC keepalive pings come well within it, so live peers stay.
     #[arg(long, env = "LATTICE_IDLE_TIMEOUT_SECS", default_value_t = 120)]
@@ -750,6 +754,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
     tracing::info!(elapsed = ?started.elapsed(), "listeners bound");
     for (flag, value) in [
         ("--header-read-timeout-secs", args.header_read_timeout_secs),
+        ("--body-read-timeout-secs", args.body_read_timeout_secs),
         ("--idle-timeout-secs", args.idle_timeout_secs),
         ("--task-session-idle-secs", args.task_session_idle_secs),
         (
@@ -782,6 +787,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
             connections: lattice_server::conn::Limits {
                 max_connections: args.max_connections,
                 header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+                body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
                 idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                 http2_max_concurrent_streams: args.http2_max_concurrent_streams,
             },

@@ -6,7 +6,9 @@
 //! A connection on which nothing was read or written for `idle_timeout`, with no
 //! request in flight, is closed. HTTP/1 headers must arrive within
 //! `header_read_timeout` (hyper's timer, which also runs while a keep-alive
-//! connection waits for its next request). HTTP/2 advertises a stream limit.
+//! connection waits for its next request); a REST body may stall no longer than
+//! that between frames and take no longer than `body_read_timeout` in all. HTTP/2
+//! advertises a stream limit.
 
 use std::{
     convert::Infallible,
@@ -44,6 +46,8 @@ pub struct Limits {
     /// Time an HTTP/1 client has to send a request's headers, and the longest
     /// stall while a request body is read (either protocol).
     pub header_read_timeout: Duration,
+    /// Time a REST request body may take in all, however steadily it trickles.
+    pub body_read_timeout: Duration,
     /// A connection with no request in flight and no bytes either way for this long
     /// is closed.
     pub idle_timeout: Duration,
@@ -56,6 +60,7 @@ impl Default for Limits {
         Limits {
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(120),
             http2_max_concurrent_streams: 128,
         }
@@ -282,9 +287,14 @@ pub async fn serve_http(
     let graceful = GracefulShutdown::new();
     // A request body that stalls for the header-read timeout fails its request: the
     // request counts as in flight, which keeps the idle timer off its connection.
-    let router = router.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.header_read_timeout,
-    ));
+    // And one that trickles in slowly fails at the body deadline.
+    let router = router
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            limits.header_read_timeout,
+        ))
+        .layer(tower_http::timeout::RequestBodyDeadlineLayer::new(
+            limits.body_read_timeout,
+        ));
     tokio::pin!(shutdown);
     loop {
         let (stream, permit) = tokio::select! {
