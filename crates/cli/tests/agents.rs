@@ -4,11 +4,13 @@
 //! the proxy cuts connections at random; every task must complete exactly once,
 //! which the `counter` tool's durable per-task counters prove.
 
+mod support;
+
 use std::{
     collections::HashSet,
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -25,13 +27,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 struct Orchestrator {
     child: Child,
@@ -72,28 +67,10 @@ impl Drop for Agents {
 
 /// `lattice serve` with no models: the agent plane alone.
 fn spawn_orchestrator(store: &str, empty_repo: &Path, extra: &[&str]) -> Orchestrator {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            // Local test server: no credentials, no tenant limits, no audit files.
-            "--auth",
-            "off",
-            "--rate-limits",
-            "off",
-            "--audit",
-            "off",
-        ])
-        .args(["--log", "warn", "--model-repository"])
+    // Local test server: no credentials, no tenant limits, no audit files.
+    let mut child = support::serve()
+        .args(["--auth", "off", "--rate-limits", "off", "--audit", "off"])
+        .args(["--model-repository"])
         .arg(empty_repo)
         .args([
             "--memory-store",
@@ -123,7 +100,7 @@ fn spawn_orchestrator(store: &str, empty_repo: &Path, extra: &[&str]) -> Orchest
 
 fn spawn_agent(orchestrators: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lattice"))
-        .current_dir(root())
+        .current_dir(support::root())
         .env_remove("RUST_LOG")
         .args([
             "agent",

@@ -2,26 +2,20 @@
 //! says can be lost (records still queued, not yet written) is all that is lost, and
 //! `lattice audit` reads and filters what is on disk.
 
+mod support;
+
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
 /// A repository with magika only; the model file is hard-linked.
 fn magika_repo() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let src = root().join("models/magika");
+    let src = support::root().join("models/magika");
     let dst = dir.path().join("magika");
     std::fs::create_dir_all(dst.join("1")).unwrap();
     std::fs::copy(src.join("config.toml"), dst.join("config.toml")).unwrap();
@@ -35,30 +29,8 @@ fn magika_repo() -> tempfile::TempDir {
 async fn kill_9_loses_only_records_not_yet_written() {
     let repo = magika_repo();
     let audit = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lattice"))
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .args([
-            "--auth",
-            "off",
-            "--rate-limits",
-            "off",
-            "--agents",
-            "off",
-            "--log",
-            "warn",
-        ])
+    let mut child = support::serve()
+        .args(["--auth", "off", "--rate-limits", "off", "--agents", "off"])
         .arg("--model-repository")
         .arg(repo.path())
         .arg("--audit")

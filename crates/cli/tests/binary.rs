@@ -1,21 +1,15 @@
 //! The `lattice` binary as an operator runs it: start-up output, exit codes for bad
 //! configuration, and a graceful SIGTERM under load.
 
+mod support;
+
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::json;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 fn lattice() -> Command {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -23,7 +17,7 @@ fn lattice() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lattice"));
     // Each server gets its own agent store: redb files are single-writer.
     let store = std::env::temp_dir().join(format!("lattice-binary-test-{}-{n}.redb", std::process::id()));
-    c.current_dir(root())
+    c.current_dir(support::root())
         .env_remove("RUST_LOG")
         .env("LATTICE_MEMORY_STORE", store);
     c
