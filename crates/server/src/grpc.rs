@@ -446,6 +446,8 @@ impl GrpcInferenceService for InferenceService {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let tenant_name = tenant(r.metadata()).map(str::to_string);
+        // The stream's caller and tag route every request on it, as a unary call's do.
+        let ctx = r.extensions().get::<crate::gateway::RequestContext>().cloned();
         let incoming = r.into_inner();
         let out = incoming
             // A stream ends cleanly when the server starts draining.
@@ -453,11 +455,16 @@ impl GrpcInferenceService for InferenceService {
             .map(move |msg| {
                 let svc = InferenceService { state: state.clone() };
                 let tenant_name = tenant_name.clone();
+                let ctx = ctx.clone();
                 async move {
-                    let req = match msg {
+                    let mut req = match msg {
                         Ok(req) => req,
                         Err(status) => return Err(status),
                     };
+                    req.model_version =
+                        svc.state
+                            .gateway
+                            .route_version(&req.model_name, &req.model_version, ctx.as_ref());
                     let id = req.id.clone();
                     let model = req.model_name.clone();
                     let version = req.model_version.clone();

@@ -667,11 +667,15 @@ async fn canary_routes_by_tag_and_sticky_weight() {
         }
     };
     let mut on_2 = 0;
+    let mut a_user_on_1 = None;
     let n = 400;
     for i in 0..n {
         let user = format!("user-{i}");
         let v = version_of(user.clone(), None).await;
         on_2 += usize::from(v == "2");
+        if v == "1" {
+            a_user_on_1.get_or_insert_with(|| user.clone());
+        }
         // Sticky, and the tag wins.
         assert_eq!(version_of(user.clone(), None).await, v);
         assert_eq!(version_of(user, Some("beta")).await, "2");
@@ -684,6 +688,17 @@ async fn canary_routes_by_tag_and_sticky_weight() {
     let mut req = Request::new(grpc_infer("magika"));
     req.metadata_mut().insert("x-deployment-tag", "beta".parse().unwrap());
     assert_eq!(client.model_infer(req).await.unwrap().into_inner().model_version, "2");
+    // Every request of a stream takes its caller's route too: a user the split put
+    // on version 1 stays there (without routing, a stream would get the latest, 2).
+    let user = a_user_on_1.expect("85 % of 400 users are on version 1");
+    let mut req = Request::new(futures::stream::iter((0..3).map(|_| grpc_infer("magika"))));
+    req.metadata_mut().insert("x-user-id", user.parse().unwrap());
+    let mut answers = client.model_stream_infer(req).await.unwrap().into_inner();
+    for _ in 0..3 {
+        let a = answers.message().await.unwrap().expect("an answer per request");
+        assert_eq!(a.error_message, "");
+        assert_eq!(a.infer_response.unwrap().model_version, "1");
+    }
     // The per-version metrics show the split.
     let text = server.repo().metrics().encode();
     let count = |v: &str| -> f64 {
