@@ -193,7 +193,7 @@ impl ToolGateway {
         let outcome = if result.cached {
             "cached"
         } else {
-            crate::orchestrator::code_name(Code::from_i32(result.status.as_ref().map_or(0, |s| s.code)))
+            crate::wire::code_name(Code::from_i32(result.status.as_ref().map_or(0, |s| s.code)))
         };
         let m = &self.inner.metrics;
         m.tool_duration

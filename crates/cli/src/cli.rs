@@ -91,7 +91,7 @@ pub fn simulate(args: SimulateArgs) -> Result<(), Failure> {
         .iter()
         .map(|p| lattice_sim::parse_policy(p))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(Failure::Usage)?;
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     let cfg = lattice_sim::SimConfig {
         service_time_ms: args.service_time_ms,
         concurrency: args.concurrency,
@@ -102,7 +102,7 @@ pub fn simulate(args: SimulateArgs) -> Result<(), Failure> {
         max_replicas: args.max_replicas,
         ..lattice_sim::SimConfig::default()
     };
-    cfg.validate().map_err(Failure::Usage)?;
+    cfg.validate().map_err(|e| Failure::Usage(e.to_string()))?;
     std::fs::create_dir_all(&args.out).map_err(|e| Failure::Usage(format!("--out {}: {e}", args.out.display())))?;
     let mut reports = Vec::new();
     for policy in policies {
@@ -119,13 +119,13 @@ pub fn simulate(args: SimulateArgs) -> Result<(), Failure> {
         println!("{}", report.summary);
         report
             .write_csv(&args.out.join(format!("{policy}.csv")))
-            .and_then(|()| report.write_svg(&args.out.join(format!("{policy}.svg"))))
+            .and_then(|()| lattice_sim::plot::write_single(&report, &args.out.join(format!("{policy}.svg"))))
             .map_err(|e| Failure::Runtime(anyhow::anyhow!("writing to {}: {e}", args.out.display())))?;
         reports.push(report);
     }
     if reports.len() > 1 {
         let title = format!("{}", args.trace.display());
-        lattice_sim::report::write_comparison_svg(&title, &reports, &args.out.join("comparison.svg"))
+        lattice_sim::plot::write_comparison(&title, &reports, &args.out.join("comparison.svg"))
             .and_then(|()| lattice_sim::report::write_summary_csv(&reports, &args.out.join("summary.csv")))
             .map_err(|e| Failure::Runtime(anyhow::anyhow!("writing to {}: {e}", args.out.display())))?;
     }
@@ -237,7 +237,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
         sample_ratio: 1.0,
         route_sample_ratios: Vec::new(),
     })
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     let repo = ModelRepository::open(
         &RepositoryOptions {
             root: args.model_repository.clone(),
@@ -676,6 +676,12 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+impl From<lattice_agent::store::StoreError> for Failure {
+    fn from(e: lattice_agent::store::StoreError) -> Self {
+        Failure::Runtime(e.into())
+    }
+}
+
 pub fn resolve_ort(flag: Option<PathBuf>) -> Result<PathBuf, Failure> {
     flag.or_else(|| lattice_inference::backend::onnx::find_library(std::path::Path::new(".")))
         .ok_or_else(|| Failure::Usage("no ONNX Runtime library: run scripts/setup.sh or pass --ort-library".into()))
@@ -702,7 +708,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         sample_ratio: args.trace_sample_ratio,
         route_sample_ratios: args.trace_route_sample_ratios.clone(),
     })
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     let started = std::time::Instant::now();
     let ort_library = resolve_ort(args.ort_library.clone())?;
     let metrics = Arc::new(match args.telemetry {
@@ -831,7 +837,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
         sample_ratio: 1.0,
         route_sample_ratios: Vec::new(),
     })
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     if args.max_in_flight == 0 {
         return Err(Failure::Usage("--max-in-flight must be at least 1".into()));
     }

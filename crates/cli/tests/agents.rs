@@ -18,7 +18,7 @@ use std::{
 
 use lattice_agent::{
     client::{ClientConfig, LinkState},
-    store::{Backend, RedbBackend, RedisBackend},
+    store::{RedbBackend, RedisBackend, StoreBackend},
     tools::COUNTER_COLL,
     worker::Requester,
 };
@@ -243,7 +243,7 @@ async fn next_unique_ok(req: &mut Requester, done: &mut HashSet<String>) {
     assert!(done.insert(r.task_id.clone()), "{} completed twice", r.task_id);
 }
 
-async fn check_counters(backend: &dyn Backend, n: usize) {
+async fn check_counters(backend: &dyn StoreBackend, n: usize) {
     let counters = backend.scan(COUNTER_COLL).await.unwrap();
     let mut seen = 0;
     for (name, v) in counters {

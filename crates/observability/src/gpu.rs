@@ -20,15 +20,34 @@ struct GpuLabel {
 
 impl GpuCollector {
     /// The collector, or why there is none (no driver, no device).
-    pub fn probe() -> Result<GpuCollector, String> {
-        let nvml = Nvml::init().map_err(|e| format!("NVML unavailable: {e}"))?;
+    pub fn probe() -> Result<GpuCollector, NoGpu> {
+        let nvml = Nvml::init().map_err(NoGpu::Nvml)?;
         match nvml.device_count() {
-            Ok(0) => Err("NVML found no GPU".into()),
+            Ok(0) => Err(NoGpu::NoDevice),
             Ok(_) => Ok(GpuCollector { nvml }),
-            Err(e) => Err(format!("NVML device count: {e}")),
+            Err(e) => Err(NoGpu::Nvml(e)),
         }
     }
 }
+
+/// Why there are no GPU figures.
+#[derive(Debug)]
+pub enum NoGpu {
+    /// No driver, or NVML failed.
+    Nvml(nvml_wrapper::error::NvmlError),
+    NoDevice,
+}
+
+impl std::fmt::Display for NoGpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoGpu::Nvml(e) => write!(f, "NVML unavailable: {e}"),
+            NoGpu::NoDevice => f.write_str("NVML found no GPU"),
+        }
+    }
+}
+
+impl std::error::Error for NoGpu {}
 
 impl std::fmt::Debug for GpuCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,16 +81,16 @@ impl Collector for GpuCollector {
                 power.push((label, f64::from(p) / 1000.0));
             }
         }
-        crate::metrics::gauge_family_f64(
+        crate::encode::gauge_family_f64(
             &mut enc,
             "gpu_utilization_ratio",
             "Share of time a kernel ran on the GPU (NVML)",
             util,
         )?;
-        crate::metrics::gauge_family_f64(&mut enc, "gpu_memory_used_bytes", "GPU memory in use (NVML)", used)?;
-        crate::metrics::gauge_family_f64(&mut enc, "gpu_memory_total_bytes", "GPU memory installed (NVML)", total)?;
-        crate::metrics::gauge_family_f64(&mut enc, "gpu_temperature_celsius", "GPU die temperature (NVML)", temp)?;
-        crate::metrics::gauge_family_f64(&mut enc, "gpu_power_watts", "GPU power draw (NVML)", power)
+        crate::encode::gauge_family_f64(&mut enc, "gpu_memory_used_bytes", "GPU memory in use (NVML)", used)?;
+        crate::encode::gauge_family_f64(&mut enc, "gpu_memory_total_bytes", "GPU memory installed (NVML)", total)?;
+        crate::encode::gauge_family_f64(&mut enc, "gpu_temperature_celsius", "GPU die temperature (NVML)", temp)?;
+        crate::encode::gauge_family_f64(&mut enc, "gpu_power_watts", "GPU power draw (NVML)", power)
     }
 }
 

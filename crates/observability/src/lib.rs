@@ -4,6 +4,7 @@
 //!
 //! Architecture Invariant: every metric name is declared once, in [`metrics`].
 
+mod encode;
 pub mod gpu;
 pub mod metrics;
 pub mod process;

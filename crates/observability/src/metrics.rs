@@ -18,19 +18,19 @@ use std::borrow::Cow;
 use parking_lot::Mutex;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::MetricType,
     metrics::{
         counter::Counter,
         exemplar::HistogramWithExemplars,
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
     },
     registry::{Metric, Registry},
 };
 
-use crate::quality::DriftFeature;
+use crate::{encode::gauge_family, quality::DriftFeature};
 
 /// Content type of the OpenMetrics exposition (what Prometheus negotiates; it carries
 /// exemplars).
@@ -1107,32 +1107,6 @@ struct DriftLabels {
     model_name: String,
     model_version: String,
     feature: String,
-}
-
-pub(crate) fn gauge_family_f64<L: EncodeLabelSet>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: Vec<(L, f64)>,
-) -> Result<(), std::fmt::Error> {
-    gauge_family(enc, name, help, rows)
-}
-
-fn gauge_family<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: Vec<(L, V)>,
-) -> Result<(), std::fmt::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
-    for (labels, v) in rows {
-        let g = ConstGauge::new(v);
-        g.encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
 }
 
 /// Per-replica autoscaling signals, all gauges.

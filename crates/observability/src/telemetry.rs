@@ -105,8 +105,28 @@ impl ShouldSample for RouteSampler {
     }
 }
 
+/// Why logging or tracing could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TelemetryError {
+    Filter { filter: String, reason: String },
+    Exporter { endpoint: String, reason: String },
+    AlreadyInitialised(String),
+}
+
+impl std::fmt::Display for TelemetryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TelemetryError::Filter { filter, reason } => write!(f, "invalid log filter '{filter}': {reason}"),
+            TelemetryError::Exporter { endpoint, reason } => write!(f, "OTLP exporter for {endpoint}: {reason}"),
+            TelemetryError::AlreadyInitialised(e) => write!(f, "tracing already initialised: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TelemetryError {}
+
 /// Builds the tracer provider (and its exporter, when configured).
-pub fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
+pub fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider, TelemetryError> {
     // With nowhere to send spans, recording them is pure cost: spans stay
     // non-recording but still carry valid W3C ids for logs, exemplars and
     // propagation.
@@ -131,15 +151,21 @@ pub fn tracer_provider(cfg: &TelemetryConfig) -> Result<SdkTracerProvider, Strin
             .with_tonic()
             .with_endpoint(endpoint.clone())
             .build()
-            .map_err(|e| format!("OTLP exporter for {endpoint}: {e}"))?;
+            .map_err(|e| TelemetryError::Exporter {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?;
         builder = builder.with_batch_exporter(exporter);
     }
     Ok(builder.build())
 }
 
 /// Installs the global subscriber. Call once, at start-up, inside the runtime.
-pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
-    let filter = EnvFilter::try_new(&cfg.filter).map_err(|e| format!("invalid log filter '{}': {e}", cfg.filter))?;
+pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = EnvFilter::try_new(&cfg.filter).map_err(|e| TelemetryError::Filter {
+        filter: cfg.filter.clone(),
+        reason: e.to_string(),
+    })?;
     let provider = tracer_provider(cfg)?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     // The log filter applies to log output only: request spans are traced whatever
@@ -184,7 +210,7 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, String> {
         .with(otel)
         .with(fmt)
         .try_init()
-        .map_err(|e| format!("tracing already initialised: {e}"))?;
+        .map_err(|e| TelemetryError::AlreadyInitialised(e.to_string()))?;
     SPANS.store(exporting || cfg.json_logs, Ordering::Relaxed);
     SPAN_ID_FIELDS.store(cfg.json_logs, Ordering::Relaxed);
     Ok(TelemetryGuard { provider })

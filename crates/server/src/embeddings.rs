@@ -18,7 +18,7 @@ use bytes::Bytes;
 use lattice_inference::{repository::RequestParts, InferError};
 use serde_json::{json, Value};
 
-use crate::{error::ApiError, http::Body, AppState};
+use crate::{body::Body, error::ApiError, AppState};
 
 /// An error in OpenAI's shape; the status is its kind's, as everywhere else.
 pub struct OpenAiError(ApiError);
@@ -83,7 +83,7 @@ pub async fn embeddings(State(s): State<AppState>, headers: HeaderMap, body: Bod
         return Err(ApiError::NotReady.into());
     }
     s.admit(headers.get(crate::limit::TENANT_HEADER).and_then(|v| v.to_str().ok()))?;
-    let body = crate::http::body_bytes(&s, body)?;
+    let body = crate::body::body_bytes(&s, body)?;
     let req: Value =
         serde_json::from_slice(&body).map_err(|e| OpenAiError(ApiError::Malformed(format!("malformed JSON: {e}"))))?;
     let Value::Object(req) = req else {

@@ -2,7 +2,7 @@
 
 use axum::{
     body::Bytes,
-    extract::{rejection::BytesRejection, DefaultBodyLimit, Path, State},
+    extract::{DefaultBodyLimit, Path, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use tower_http::decompression::RequestDecompressionLayer;
 
 use crate::{
+    body::{body_bytes, Body},
     error::ApiError,
     json::{decode_request, encode_response, response_size_bound, HEADER_LEN},
     AppState,
@@ -40,7 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/models/{model}/unload", post(unload))
         .route("/v1/agents/tasks", post(crate::tasks::offer))
         .route("/v1/embeddings", post(crate::embeddings::embeddings))
-        .route("/metrics", get(crate::metrics::render))
+        .route("/metrics", get(crate::exposition::render))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -157,22 +158,6 @@ fn ready_status(ok: bool) -> StatusCode {
     } else {
         StatusCode::BAD_REQUEST
     }
-}
-
-pub type Body = Result<Bytes, BytesRejection>;
-
-/// The request body, or the error its rejection stands for (over the limit, or
-/// unreadable).
-pub fn body_bytes(s: &AppState, body: Body) -> Result<Bytes, ApiError> {
-    body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit: s.cfg.max_body_bytes,
-            }
-        } else {
-            ApiError::Malformed(r.body_text())
-        }
-    })
 }
 
 type Ctx = Option<axum::Extension<crate::gateway::RequestContext>>;

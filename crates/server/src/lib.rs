@@ -6,11 +6,13 @@
 
 pub mod audit;
 pub mod auth;
+pub mod body;
 pub mod canary;
 pub mod conn;
 pub mod embeddings;
 pub mod encoding;
 pub mod error;
+pub mod exposition;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
@@ -19,7 +21,6 @@ pub mod jetstream;
 pub mod json;
 pub mod limit;
 pub mod load_params;
-pub mod metrics;
 pub mod observe;
 pub mod podcost;
 pub mod scaler;
@@ -257,7 +258,7 @@ pub async fn run(
     ));
     let metrics_token = token.clone();
     let metrics_server = tokio::spawn(
-        axum::serve(listeners.metrics, metrics::router(state.clone()))
+        axum::serve(listeners.metrics, exposition::router(state.clone()))
             .with_graceful_shutdown(metrics_token.cancelled_owned())
             .into_future(),
     );

@@ -61,17 +61,17 @@ pub struct TaskGateway {
     /// A session with no task waiting for this long is closed, so tenants that come
     /// and go cannot fill the table for good.
     idle: Duration,
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    sessions: Mutex<HashMap<String, Arc<TenantRequester>>>,
 }
 
-struct Session {
+struct TenantRequester {
     client: AgentClient,
     waiting: Waiters,
     /// When a request last started or stopped waiting on the session.
     used: Arc<Mutex<Instant>>,
 }
 
-impl Session {
+impl TenantRequester {
     fn idle_for(&self, now: Instant) -> Option<Duration> {
         self.waiting
             .lock()
@@ -97,7 +97,7 @@ impl TaskGateway {
         self.sessions.lock().len()
     }
 
-    fn session(&self, tenant: &str) -> Result<Arc<Session>, ApiError> {
+    fn session(&self, tenant: &str) -> Result<Arc<TenantRequester>, ApiError> {
         let now = Instant::now();
         let mut sessions = self.sessions.lock();
         if let Some(s) = sessions.get(tenant) {
@@ -154,7 +154,7 @@ impl TaskGateway {
                 }
             }
         });
-        let session = Arc::new(Session { client, waiting, used });
+        let session = Arc::new(TenantRequester { client, waiting, used });
         sessions.insert(tenant.to_string(), session.clone());
         Ok(session)
     }
@@ -177,7 +177,7 @@ impl TaskGateway {
     }
 
     /// Closes the sessions that have waited on nothing for the idle period.
-    fn evict_idle(&self, sessions: &mut HashMap<String, Arc<Session>>, now: Instant) {
+    fn evict_idle(&self, sessions: &mut HashMap<String, Arc<TenantRequester>>, now: Instant) {
         sessions.retain(|_, s| {
             let keep = s.idle_for(now).is_none_or(|idle| idle < self.idle);
             if !keep {
@@ -228,7 +228,7 @@ fn priority(v: Option<&Value>) -> Result<i32, ApiError> {
 /// Cancels the task if the request ends before its result (timeout, or the caller
 /// went away and axum dropped the handler).
 struct CancelOnDrop {
-    armed: Option<(Arc<Session>, String)>,
+    armed: Option<(Arc<TenantRequester>, String)>,
 }
 
 impl Drop for CancelOnDrop {
@@ -281,7 +281,7 @@ pub async fn offer(
         .filter(|t| !t.is_empty())
         .unwrap_or("default")
         .to_string();
-    let body = crate::http::body_bytes(&s, body)?;
+    let body = crate::body::body_bytes(&s, body)?;
     let req: OfferBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("task request: {e}")))?;
     if req.capability.is_empty() || req.tool.is_empty() {

@@ -15,7 +15,10 @@
 use std::error::Error;
 use std::path::Path;
 
-use lattice_sim::report::{summary_csv, write_comparison_svg, write_summary_csv};
+use lattice_sim::{
+    plot,
+    report::{summary_csv, write_summary_csv},
+};
 use lattice_sim::{run, synth, PolicyKind, ProgressBar, SimConfig, Trace};
 
 fn main() -> Result<(), Box<dyn Error>> {
@@ -43,11 +46,11 @@ fn main() -> Result<(), Box<dyn Error>> {
             bar.finish();
         }
         let docs = root.join("docs");
-        write_comparison_svg(title, &reports, &docs.join(format!("{name}.svg")))?;
+        plot::write_comparison(title, &reports, &docs.join(format!("{name}.svg")))?;
         write_summary_csv(&reports, &docs.join(format!("{name}_summary.csv")))?;
         if name == "spike" {
             if let Some(lattice) = reports.iter().find(|r| r.summary.policy == PolicyKind::Lattice) {
-                lattice.write_svg(&docs.join("spike-lattice.svg"))?;
+                plot::write_single(lattice, &docs.join("spike-lattice.svg"))?;
             }
         }
         println!("{name}:\n{}", summary_csv(&reports));

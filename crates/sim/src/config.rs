@@ -2,11 +2,23 @@
 //! 100 ms per request, four requests at a time per pod (40 req/s per pod), a
 //! minute from "pod created" to "pod serving", and a 500 ms latency SLO.
 
-use crate::policy::hpa::HpaConfig;
 use crate::policy::keda::KedaConfig;
 use crate::policy::kpa::KpaConfig;
 use crate::policy::lattice::LatticeConfig;
 use crate::policy::ray::RayConfig;
+use crate::policy::{self, hpa::HpaConfig, Autoscaler, PolicyKind};
+
+/// The first value of a [`SimConfig`] a run cannot work with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidConfig(pub &'static str);
+
+impl std::fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for InvalidConfig {}
 
 /// Everything a run needs besides the trace and the policy.
 #[derive(Clone, Debug)]
@@ -114,7 +126,7 @@ impl SimConfig {
     }
 
     /// Checks the values a run cannot work with; returns the first problem.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let checks: [(bool, &str); 7] = [
             (self.service_time_ms > 0.0, "service_time_ms must be positive"),
             (self.concurrency > 0, "concurrency must be at least 1"),
@@ -134,10 +146,12 @@ impl SimConfig {
             ),
         ];
         if let Some((_, problem)) = checks.iter().find(|(ok, _)| !ok) {
-            return Err((*problem).to_string());
+            return Err(InvalidConfig(problem));
         }
         if self.token_buckets.iter().any(|b| b.rate_per_s < 0.0 || b.burst < 1.0) {
-            return Err("token buckets need a non-negative rate and a burst of at least 1".to_string());
+            return Err(InvalidConfig(
+                "token buckets need a non-negative rate and a burst of at least 1",
+            ));
         }
         Ok(())
     }
@@ -149,6 +163,51 @@ impl Default for MetricsConfig {
             scrape_interval_s: 15,
             adapter_delay_s: 5,
             gateway_delay_s: 1,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Builds the policy with the configuration's settings, for a fleet that starts
+    /// with `initial` ready pods.
+    pub(crate) fn autoscaler(&self, kind: PolicyKind, initial: u32) -> Box<dyn Autoscaler> {
+        let config = self;
+        let per_pod_target = config.target_utilization * f64::from(config.concurrency);
+        match kind {
+            PolicyKind::Hpa => Box::new(policy::hpa::HpaPolicy::new(
+                config.hpa.clone(),
+                config.min_replicas,
+                config.max_replicas,
+                per_pod_target,
+            )),
+            PolicyKind::Keda => Box::new(policy::keda::KedaPolicy::new(
+                config.keda.clone(),
+                config.hpa.clone(),
+                per_pod_target,
+                config.max_replicas,
+            )),
+            PolicyKind::Kpa => Box::new(policy::kpa::KpaPolicy::new(
+                config.kpa.clone(),
+                f64::from(config.concurrency),
+                config.target_utilization,
+                config.max_replicas,
+                initial,
+            )),
+            PolicyKind::Ray => Box::new(policy::ray::RayPolicy::new(
+                config.ray.clone(),
+                config.min_replicas,
+                config.max_replicas,
+            )),
+            PolicyKind::Lattice => Box::new(policy::lattice::LatticePolicy::new(
+                config.lattice.clone(),
+                lattice_scaling::Fleet {
+                    pod_capacity: config.pod_capacity(),
+                    target_utilization: config.target_utilization,
+                    lead_time_s: config.lead_time_s(),
+                    min: config.min_replicas,
+                    max: config.max_replicas,
+                },
+            )),
         }
     }
 }

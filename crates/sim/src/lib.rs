@@ -29,23 +29,23 @@
 
 mod cluster;
 mod config;
-mod metrics;
-mod plot;
+pub mod plot;
 pub mod policy;
 mod progress;
 pub mod report;
 mod rng;
+mod signals;
 pub mod synth;
 pub mod trace;
 
-pub use config::{MetricsConfig, SimConfig, TokenBucketConfig};
-pub use policy::{parse_policy, PolicyKind};
+pub use config::{InvalidConfig, MetricsConfig, SimConfig, TokenBucketConfig};
+pub use policy::{parse_policy, PolicyKind, UnknownPolicy};
 pub use progress::ProgressBar;
 pub use report::{Report, SecondRecord, Summary};
 pub use trace::{Trace, TraceError};
 
 use cluster::{Cluster, PodState};
-use metrics::{ClusterView, MetricsPipeline, Scrape, SecondSignals};
+use signals::{ClusterView, MetricsPipeline, Scrape, SecondSignals};
 
 /// Simulates `trace` under `policy`. `progress`, if given, is called after every
 /// simulated second with (seconds done, seconds total).
@@ -63,7 +63,7 @@ pub fn run(
     let initial = initial_replicas(trace, config);
     let mut cluster = Cluster::new(config, initial);
     let mut pipeline = MetricsPipeline::new(&config.metrics);
-    let mut autoscaler = policy::build(policy, config, initial);
+    let mut autoscaler = config.autoscaler(policy, initial);
     let total_seconds = trace.len() as u64;
     let mut series = Vec::with_capacity(trace.len());
     let mut latencies: Vec<f32> = Vec::with_capacity(trace.total() as usize);

@@ -33,7 +33,9 @@ struct Panel {
 }
 
 /// The chart of one run.
-pub(crate) fn single(report: &Report) -> String {
+/// Three stacked panels over time: replicas (ready, total, and what the arrivals
+/// need at the target utilisation), queue length, p99 latency against the SLO.
+pub fn single(report: &Report) -> String {
     let s = &report.series;
     let replicas = Panel {
         title: "replicas",
@@ -82,7 +84,9 @@ pub(crate) fn single(report: &Report) -> String {
 }
 
 /// Several runs of one trace.
-pub(crate) fn comparison(title: &str, reports: &[Report]) -> String {
+/// Several policies on one trace: arrivals, replicas per policy, p99 latency per
+/// policy against the SLO.
+pub fn comparison(title: &str, reports: &[Report]) -> String {
     let Some(first) = reports.first() else {
         return render(title, "no runs", &[], 0);
     };
@@ -415,6 +419,14 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+pub fn write_single(report: &Report, path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(path, single(report))
+}
+
+pub fn write_comparison(title: &str, reports: &[Report], path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::write(path, comparison(title, reports))
 }
 
 #[cfg(test)]

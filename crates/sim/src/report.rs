@@ -4,7 +4,6 @@ use std::fmt::{self, Write as _};
 use std::io;
 use std::path::Path;
 
-use crate::plot;
 use crate::policy::PolicyKind;
 
 /// One simulated second.
@@ -87,17 +86,6 @@ impl Report {
         std::fs::write(path, self.to_csv())
     }
 
-    /// Three stacked panels over time: replicas (ready, total, and what the
-    /// arrivals need at the target utilisation), queue length, p99 latency against
-    /// the SLO.
-    pub fn to_svg(&self) -> String {
-        plot::single(self)
-    }
-
-    pub fn write_svg(&self, path: &Path) -> io::Result<()> {
-        std::fs::write(path, self.to_svg())
-    }
-
     /// Replicas the arrivals of each second need at the target utilisation.
     pub fn needed_replicas(&self) -> impl Iterator<Item = f64> + '_ {
         self.series
@@ -131,16 +119,6 @@ impl fmt::Display for Summary {
             self.p50_ms, self.p99_ms
         )
     }
-}
-
-/// Several policies on one trace: arrivals, replicas per policy, p99 latency per
-/// policy against the SLO.
-pub fn comparison_svg(title: &str, reports: &[Report]) -> String {
-    plot::comparison(title, reports)
-}
-
-pub fn write_comparison_svg(title: &str, reports: &[Report], path: &Path) -> io::Result<()> {
-    std::fs::write(path, comparison_svg(title, reports))
 }
 
 /// One row per report: the summary figures as CSV.

@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use lattice_sim::report::{write_comparison_svg, write_summary_csv};
 use lattice_sim::{parse_policy, run, synth, PolicyKind, SimConfig, Trace, TraceError};
+use lattice_sim::{plot, report::write_summary_csv};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -102,9 +102,10 @@ fn policy_names_parse() {
         assert_eq!(parse_policy(p.name()), Ok(p));
     }
     assert_eq!(parse_policy(" KPA "), Ok(PolicyKind::Kpa));
+    assert_eq!(parse_policy("vpa"), Err(lattice_sim::UnknownPolicy("vpa".to_string())));
     assert_eq!(
-        parse_policy("vpa"),
-        Err("unknown policy `vpa`; expected one of hpa, keda, kpa, ray, lattice".to_string())
+        parse_policy("vpa").unwrap_err().to_string(),
+        "unknown policy `vpa`; expected one of hpa, keda, kpa, ray, lattice"
     );
 }
 
@@ -139,11 +140,11 @@ fn csv_and_svg_files_are_well_formed() {
     assert_eq!(violations, report.summary.slo_violations);
 
     let svg_path = dir.0.join("run.svg");
-    report.write_svg(&svg_path).unwrap_or_else(|e| panic!("{e}"));
+    plot::write_single(report, &svg_path).unwrap_or_else(|e| panic!("{e}"));
     check_svg(&std::fs::read_to_string(&svg_path).unwrap_or_default(), 3);
 
     let comparison = dir.0.join("compare.svg");
-    write_comparison_svg("hpa & lattice <test>", &reports, &comparison).unwrap_or_else(|e| panic!("{e}"));
+    plot::write_comparison("hpa & lattice <test>", &reports, &comparison).unwrap_or_else(|e| panic!("{e}"));
     let svg = std::fs::read_to_string(&comparison).unwrap_or_default();
     check_svg(&svg, 3);
     assert!(svg.contains("hpa &amp; lattice &lt;test&gt;"));

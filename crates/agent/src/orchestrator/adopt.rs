@@ -7,6 +7,7 @@ use prost::Message;
 use crate::{
     records::{coll, SessionMeta, TaskRecord},
     session::Outbox,
+    store::{StoreError, StoreResult},
 };
 
 use super::{now, Orchestrator};
@@ -16,7 +17,7 @@ use super::state::*;
 impl Orchestrator {
     /// Loads a persisted session (and the tasks it offered) into memory, unless it
     /// is there already. Returns whether the session exists.
-    pub(super) async fn adopt(&self, sid: &str) -> anyhow::Result<bool> {
+    pub(super) async fn adopt(&self, sid: &str) -> StoreResult<bool> {
         if self.inner.state.lock().sessions.contains_key(sid) {
             return Ok(true);
         }
@@ -40,7 +41,9 @@ impl Orchestrator {
         let mut session = Session::new(meta, self.inner.cfg.dedupe_window, now.at);
         session.outbox = Outbox::new(session.meta.out_seq + 1);
         for (key, frame) in frames {
-            let seq: u64 = key.parse()?;
+            let seq: u64 = key
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("outbox key {key} of session {sid}")))?;
             session.outbox.restore(
                 seq,
                 Pending {

@@ -47,9 +47,9 @@ use lattice_observability::{
 use crate::{
     memory::MemoryBroker,
     records::coll,
-    store::Store,
+    store::{Store, StoreError},
     tools::ToolGateway,
-    wire::{self},
+    wire::{self, code_name},
 };
 
 mod adopt;
@@ -173,7 +173,7 @@ impl Orchestrator {
         store: Store,
         tools: ToolGateway,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Orchestrator> {
+    ) -> Result<Orchestrator, StoreError> {
         let rules = Rules {
             max_attempts: cfg.max_attempts,
             max_queued: cfg.max_queued,
@@ -387,28 +387,5 @@ impl AgentCoordination for Orchestrator {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// The lower-case name of a gRPC code, as metric label.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
     }
 }

@@ -18,11 +18,10 @@ use tracing::Instrument;
 use crate::{
     session::Verdict,
     tools::CallContext,
-    wire::{self, now_us},
+    wire::{self, code_name, now_us},
 };
 
 use super::{
-    code_name,
     machine::{Attach, Event},
     now,
     state::*,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::{future::BoxFuture, FutureExt};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Backend, Mismatch, Op};
+use super::{Mismatch, Op, StoreBackend, StoreResult};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// Separates the collection from the key; sorts below every printable character.
@@ -18,7 +18,7 @@ pub struct RedbBackend {
 }
 
 impl RedbBackend {
-    pub fn open(path: &Path) -> anyhow::Result<RedbBackend> {
+    pub fn open(path: &Path) -> StoreResult<RedbBackend> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -34,7 +34,7 @@ fn full_key(coll: &str, key: &str) -> String {
     format!("{coll}{SEP}{key}")
 }
 
-fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> anyhow::Result<()> {
+fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> StoreResult<()> {
     for op in ops {
         match op {
             Op::Put { coll, key, val } => {
@@ -56,11 +56,11 @@ fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> anyhow::Re
     Ok(())
 }
 
-impl Backend for RedbBackend {
-    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, anyhow::Result<()>> {
+impl StoreBackend for RedbBackend {
+    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, StoreResult<()>> {
         let db = self.db.clone();
         async move {
-            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            tokio::task::spawn_blocking(move || -> StoreResult<()> {
                 let txn = db.begin_write()?;
                 {
                     let mut table = txn.open_table(KV)?;
@@ -74,11 +74,11 @@ impl Backend for RedbBackend {
         .boxed()
     }
 
-    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>> {
+    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, StoreResult<Vec<(String, Bytes)>>> {
         let db = self.db.clone();
         let coll = coll.to_string();
         async move {
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, Bytes)>> {
+            tokio::task::spawn_blocking(move || -> StoreResult<Vec<(String, Bytes)>> {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(KV)?;
                 let lo = format!("{coll}{SEP}");
@@ -96,11 +96,11 @@ impl Backend for RedbBackend {
         .boxed()
     }
 
-    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>> {
+    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Bytes>>> {
         let db = self.db.clone();
         let k = full_key(coll, key);
         async move {
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Bytes>> {
+            tokio::task::spawn_blocking(move || -> StoreResult<Option<Bytes>> {
                 let txn = db.begin_read()?;
                 let table = txn.open_table(KV)?;
                 Ok(table.get(k.as_str())?.map(|v| Bytes::copy_from_slice(v.value())))
@@ -115,11 +115,11 @@ impl Backend for RedbBackend {
         guard: (&'a str, &'a str),
         expected: Option<Bytes>,
         ops: Vec<Op>,
-    ) -> BoxFuture<'a, anyhow::Result<Result<(), Mismatch>>> {
+    ) -> BoxFuture<'a, StoreResult<Result<(), Mismatch>>> {
         let db = self.db.clone();
         let k = full_key(guard.0, guard.1);
         async move {
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Result<(), Mismatch>> {
+            tokio::task::spawn_blocking(move || -> StoreResult<Result<(), Mismatch>> {
                 // redb has one writer at a time: the read and the writes below are
                 // one atomic step.
                 let txn = db.begin_write()?;

@@ -1,5 +1,5 @@
 //! Durable state of the agent plane: sessions, outboxes, tasks, memory blocks, the
-//! tool idempotency cache. Two backends behind one [`Backend`] trait: an embedded
+//! tool idempotency cache. Two backends behind one [`StoreBackend`] trait: an embedded
 //! `redb` file (one process) and Redis (several orchestrator replicas).
 //!
 //! Writes go through a group committer ([`Store::submit`]): callers append ops and
@@ -47,12 +47,12 @@ pub enum Op {
 /// current value (`None` = absent).
 pub type Mismatch = Option<Bytes>;
 
-pub trait Backend: Send + Sync + 'static {
+pub trait StoreBackend: Send + Sync + 'static {
     /// Applies every op atomically.
-    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, anyhow::Result<()>>;
+    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, StoreResult<()>>;
     /// Every entry of a collection, in key order.
-    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>>;
-    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>>;
+    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, StoreResult<Vec<(String, Bytes)>>>;
+    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Bytes>>>;
     /// Atomically: if the guard entry equals `expected` (`None` = absent), apply the
     /// ops; else change nothing and return the guard's current value.
     fn compare_and_apply<'a>(
@@ -60,8 +60,55 @@ pub trait Backend: Send + Sync + 'static {
         guard: (&'a str, &'a str),
         expected: Option<Bytes>,
         ops: Vec<Op>,
-    ) -> BoxFuture<'a, anyhow::Result<Result<(), Mismatch>>>;
+    ) -> BoxFuture<'a, StoreResult<Result<(), Mismatch>>>;
 }
+
+/// Why a store operation failed. The group committer retries on any of them;
+/// callers report them as UNAVAILABLE.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redb: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis at {0}: no connection within 5 s")]
+    ConnectTimeout(String),
+    #[error("unexpected reply from the compare-and-apply script: {0}")]
+    ScriptReply(String),
+    #[error("a stored record does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("a stored counter or key is corrupt: {0}")]
+    Corrupt(String),
+    #[error("creating the store's directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the store's worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+// redb reports each stage with its own type; all are `redb::Error`.
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> StoreError {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// `--memory-store` names neither a path, `redb://` nor `redis://`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported store '{0}': use a file path, redb://PATH or redis://HOST:PORT")]
+pub struct UnsupportedStore(pub String);
 
 /// What `--memory-store` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,17 +118,15 @@ pub enum StoreUrl {
 }
 
 impl std::str::FromStr for StoreUrl {
-    type Err = String;
+    type Err = UnsupportedStore;
 
-    fn from_str(s: &str) -> Result<StoreUrl, String> {
+    fn from_str(s: &str) -> Result<StoreUrl, UnsupportedStore> {
         if s.starts_with("redis://") || s.starts_with("rediss://") {
             Ok(StoreUrl::Redis(s.to_string()))
         } else if let Some(path) = s.strip_prefix("redb://") {
             Ok(StoreUrl::Redb(path.into()))
         } else if s.contains("://") {
-            Err(format!(
-                "unsupported store '{s}': use a file path, redb://PATH or redis://HOST:PORT"
-            ))
+            Err(UnsupportedStore(s.to_string()))
         } else {
             Ok(StoreUrl::Redb(s.into()))
         }
@@ -91,7 +136,7 @@ impl std::str::FromStr for StoreUrl {
 /// Cheap-to-clone handle: the backend plus the group committer.
 #[derive(Clone)]
 pub struct Store {
-    backend: Arc<dyn Backend>,
+    backend: Arc<dyn StoreBackend>,
     shared: Arc<Shared>,
 }
 
@@ -105,15 +150,15 @@ struct Shared {
 impl Store {
     /// Opens the backend the URL names. `prefix` namespaces Redis keys, so tests and
     /// deployments can share one server.
-    pub async fn open(url: &StoreUrl, prefix: &str) -> anyhow::Result<Store> {
-        let backend: Arc<dyn Backend> = match url {
+    pub async fn open(url: &StoreUrl, prefix: &str) -> StoreResult<Store> {
+        let backend: Arc<dyn StoreBackend> = match url {
             StoreUrl::Redb(path) => Arc::new(RedbBackend::open(path)?),
             StoreUrl::Redis(url) => Arc::new(RedisBackend::connect(url, prefix).await?),
         };
         Ok(Store::new(backend))
     }
 
-    pub fn new(backend: Arc<dyn Backend>) -> Store {
+    pub fn new(backend: Arc<dyn StoreBackend>) -> Store {
         let shared = Arc::new(Shared {
             pending: Mutex::new((0, Vec::new())),
             wake: Notify::new(),
@@ -147,12 +192,12 @@ impl Store {
         *self.shared.durable.borrow()
     }
 
-    pub fn backend(&self) -> &dyn Backend {
+    pub fn backend(&self) -> &dyn StoreBackend {
         &*self.backend
     }
 }
 
-async fn commit_task(backend: Arc<dyn Backend>, shared: Arc<Shared>) {
+async fn commit_task(backend: Arc<dyn StoreBackend>, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let (ticket, ops) = {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::{future::BoxFuture, FutureExt};
 use redis::{aio::ConnectionManager, AsyncCommands};
 
-use super::{Backend, Mismatch, Op};
+use super::{Mismatch, Op, StoreBackend, StoreError, StoreResult};
 
 pub struct RedisBackend {
     conn: ConnectionManager,
@@ -41,12 +41,12 @@ return {1}
 ";
 
 impl RedisBackend {
-    pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<RedisBackend> {
+    pub async fn connect(url: &str, prefix: &str) -> StoreResult<RedisBackend> {
         let client = redis::Client::open(url)?;
         // ConnectionManager::new does not fail fast on a closed port.
         let conn = tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new(client))
             .await
-            .map_err(|_| anyhow::anyhow!("redis at {url}: no connection within 5 s"))??;
+            .map_err(|_| StoreError::ConnectTimeout(url.to_string()))??;
         Ok(RedisBackend {
             conn,
             prefix: prefix.to_string(),
@@ -56,7 +56,7 @@ impl RedisBackend {
 
     /// Deletes every key under this backend's prefix: a deployment's (or a
     /// test's) whole agent state.
-    pub async fn clear(&self) -> anyhow::Result<()> {
+    pub async fn clear(&self) -> StoreResult<()> {
         let mut conn = self.conn.clone();
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.prefix))
@@ -73,8 +73,8 @@ impl RedisBackend {
     }
 }
 
-impl Backend for RedisBackend {
-    fn apply(&self, ops: std::sync::Arc<Vec<Op>>) -> BoxFuture<'_, anyhow::Result<()>> {
+impl StoreBackend for RedisBackend {
+    fn apply(&self, ops: std::sync::Arc<Vec<Op>>) -> BoxFuture<'_, StoreResult<()>> {
         async move {
             if ops.is_empty() {
                 return Ok(());
@@ -101,7 +101,7 @@ impl Backend for RedisBackend {
         .boxed()
     }
 
-    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, anyhow::Result<Vec<(String, Bytes)>>> {
+    fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, StoreResult<Vec<(String, Bytes)>>> {
         async move {
             let mut conn = self.conn.clone();
             let all: Vec<(String, Vec<u8>)> = conn.hgetall(self.hash(coll)).await?;
@@ -112,7 +112,7 @@ impl Backend for RedisBackend {
         .boxed()
     }
 
-    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Bytes>>> {
+    fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Bytes>>> {
         async move {
             let mut conn = self.conn.clone();
             let v: Option<Vec<u8>> = conn.hget(self.hash(coll), key).await?;
@@ -126,7 +126,7 @@ impl Backend for RedisBackend {
         guard: (&'a str, &'a str),
         expected: Option<Bytes>,
         ops: Vec<Op>,
-    ) -> BoxFuture<'a, anyhow::Result<Result<(), Mismatch>>> {
+    ) -> BoxFuture<'a, StoreResult<Result<(), Mismatch>>> {
         async move {
             let mut inv = self.cas.key(self.hash(guard.0));
             inv.arg(guard.1)
@@ -150,10 +150,11 @@ impl Backend for RedisBackend {
             match reply.as_slice() {
                 [redis::Value::Int(1)] => Ok(Ok(())),
                 [redis::Value::Int(0)] => Ok(Err(None)),
-                [redis::Value::Int(0), v] => Ok(Err(Some(Bytes::from(redis::from_redis_value::<Vec<u8>>(v.clone())?)))),
-                other => Err(anyhow::anyhow!(
-                    "unexpected reply from the compare-and-apply script: {other:?}"
-                )),
+                [redis::Value::Int(0), v] => Ok(Err(Some(Bytes::from(
+                    redis::from_redis_value::<Vec<u8>>(v.clone())
+                        .map_err(|e| StoreError::ScriptReply(e.to_string()))?,
+                )))),
+                other => Err(StoreError::ScriptReply(format!("{other:?}"))),
             }
         }
         .boxed()

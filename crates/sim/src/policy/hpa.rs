@@ -13,8 +13,8 @@
 //! `ai_inference_pending_requests`), read through the Prometheus Adapter.
 
 use crate::cluster::PodState;
-use crate::metrics::ClusterView;
 use crate::policy::Autoscaler;
+use crate::signals::ClusterView;
 
 /// The HPA knobs. Defaults are the controller's and the API's defaults.
 #[derive(Clone, Debug)]

@@ -9,9 +9,9 @@
 //!   1 ↔ N on the same metric as an External AverageValue target, on its own 15 s
 //!   sync. While the target is at zero the HPA is disabled.
 
-use crate::metrics::{ClusterView, Scrape};
 use crate::policy::hpa::{external_average_value_replicas, to_milli, CalcError, HpaConfig, HpaController};
 use crate::policy::Autoscaler;
+use crate::signals::{ClusterView, Scrape};
 
 /// ScaledObject fields. Defaults are KEDA's.
 #[derive(Clone, Debug)]

@@ -11,8 +11,8 @@
 use std::collections::VecDeque;
 
 use crate::cluster::PodState;
-use crate::metrics::ClusterView;
 use crate::policy::Autoscaler;
+use crate::signals::ClusterView;
 
 /// `config-autoscaler` keys. Defaults are Knative's.
 #[derive(Clone, Debug)]

@@ -5,8 +5,8 @@
 
 use lattice_scaling::{Fleet, Predictive, Second};
 
-use crate::metrics::ClusterView;
 use crate::policy::Autoscaler;
+use crate::signals::ClusterView;
 
 /// The policy's constants, as the server takes them.
 pub type LatticeConfig = lattice_scaling::PredictiveConfig;
@@ -49,7 +49,7 @@ impl Autoscaler for LatticePolicy {
 /// size after each tick. The server's scaler must give the same answers for the same
 /// seconds (`crates/server/tests/scaler.rs`).
 pub fn replay(config: LatticeConfig, fleet: Fleet, seconds: &[Second], initial: u32) -> Vec<u32> {
-    let mut metrics = crate::metrics::MetricsPipeline::new(&crate::config::MetricsConfig {
+    let mut metrics = crate::signals::MetricsPipeline::new(&crate::config::MetricsConfig {
         gateway_delay_s: 1,
         ..crate::config::MetricsConfig::default()
     });
@@ -57,7 +57,7 @@ pub fn replay(config: LatticeConfig, fleet: Fleet, seconds: &[Second], initial: 
     let mut desired = initial;
     let mut out = Vec::with_capacity(seconds.len());
     for (t, s) in seconds.iter().enumerate() {
-        metrics.record_second(crate::metrics::SecondSignals {
+        metrics.record_second(crate::signals::SecondSignals {
             offered: s.arrivals.round() as u32,
             queue_end: s.queue.round() as u32,
             concurrency: 0.0,

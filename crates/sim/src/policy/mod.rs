@@ -12,8 +12,7 @@ pub mod ray;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::config::SimConfig;
-use crate::metrics::ClusterView;
+use crate::signals::ClusterView;
 
 /// The autoscaler to simulate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,8 +63,21 @@ impl fmt::Display for PolicyKind {
     }
 }
 
+/// A policy name `lattice simulate` does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownPolicy(pub String);
+
+impl fmt::Display for UnknownPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = PolicyKind::ALL.iter().map(|p| p.name()).collect();
+        write!(f, "unknown policy `{}`; expected one of {}", self.0, names.join(", "))
+    }
+}
+
+impl std::error::Error for UnknownPolicy {}
+
 impl FromStr for PolicyKind {
-    type Err = String;
+    type Err = UnknownPolicy;
 
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         parse_policy(name)
@@ -73,52 +85,10 @@ impl FromStr for PolicyKind {
 }
 
 /// Parses a policy name as the CLI takes it (case-insensitive).
-pub fn parse_policy(name: &str) -> Result<PolicyKind, String> {
+pub fn parse_policy(name: &str) -> Result<PolicyKind, UnknownPolicy> {
     let wanted = name.trim().to_ascii_lowercase();
-    PolicyKind::ALL.into_iter().find(|p| p.name() == wanted).ok_or_else(|| {
-        let names: Vec<&str> = PolicyKind::ALL.iter().map(|p| p.name()).collect();
-        format!("unknown policy `{name}`; expected one of {}", names.join(", "))
-    })
-}
-
-/// Builds the policy with the configuration's settings, for a fleet that starts
-/// with `initial` ready pods.
-pub(crate) fn build(kind: PolicyKind, config: &SimConfig, initial: u32) -> Box<dyn Autoscaler> {
-    let per_pod_target = config.target_utilization * f64::from(config.concurrency);
-    match kind {
-        PolicyKind::Hpa => Box::new(hpa::HpaPolicy::new(
-            config.hpa.clone(),
-            config.min_replicas,
-            config.max_replicas,
-            per_pod_target,
-        )),
-        PolicyKind::Keda => Box::new(keda::KedaPolicy::new(
-            config.keda.clone(),
-            config.hpa.clone(),
-            per_pod_target,
-            config.max_replicas,
-        )),
-        PolicyKind::Kpa => Box::new(kpa::KpaPolicy::new(
-            config.kpa.clone(),
-            f64::from(config.concurrency),
-            config.target_utilization,
-            config.max_replicas,
-            initial,
-        )),
-        PolicyKind::Ray => Box::new(ray::RayPolicy::new(
-            config.ray.clone(),
-            config.min_replicas,
-            config.max_replicas,
-        )),
-        PolicyKind::Lattice => Box::new(lattice::LatticePolicy::new(
-            config.lattice.clone(),
-            lattice_scaling::Fleet {
-                pod_capacity: config.pod_capacity(),
-                target_utilization: config.target_utilization,
-                lead_time_s: config.lead_time_s(),
-                min: config.min_replicas,
-                max: config.max_replicas,
-            },
-        )),
-    }
+    PolicyKind::ALL
+        .into_iter()
+        .find(|p| p.name() == wanted)
+        .ok_or_else(|| UnknownPolicy(name.to_string()))
 }

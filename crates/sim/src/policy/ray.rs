@@ -10,8 +10,8 @@
 //! `look_back_period_s`, as last pushed by the replicas and handles.
 
 use crate::cluster::PodState;
-use crate::metrics::ClusterView;
 use crate::policy::Autoscaler;
+use crate::signals::ClusterView;
 
 /// `CONTROL_LOOP_INTERVAL_S` in `ray/serve/_private/constants.py`.
 pub const CONTROL_LOOP_INTERVAL_S: f64 = 0.1;
