@@ -34,8 +34,7 @@ use rmcp::{
     model::{CallToolRequestParams, PaginatedRequestParams, RequestMetaObject},
     service::{Peer, RoleClient, RunningService, ServiceError, ServiceExt},
     transport::{
-        async_rw::AsyncRwTransport,
-        streamable_http_client::StreamableHttpClientTransportConfig,
+        async_rw::AsyncRwTransport, streamable_http_client::StreamableHttpClientTransportConfig,
         StreamableHttpClientTransport,
     },
 };
@@ -149,7 +148,10 @@ impl McpConfig {
     /// Parses the file; `url_allowed` is the operator's rule for URLs a tool may
     /// reach (the same as `http_fetch`'s: http(s) origins, never the credentialed
     /// Kubernetes API proxy), given the parsed URL, returning why not.
-    pub fn parse(bytes: &[u8], url_allowed: &dyn Fn(&reqwest::Url) -> Result<(), String>) -> Result<McpConfig, ConfigError> {
+    pub fn parse(
+        bytes: &[u8],
+        url_allowed: &dyn Fn(&reqwest::Url) -> Result<(), String>,
+    ) -> Result<McpConfig, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::Utf8)?;
         let file: ConfigFile = toml::from_str(text)?;
         if file.server.len() > MAX_SERVERS {
@@ -159,8 +161,13 @@ impl McpConfig {
         for s in &file.server {
             let ok_name = !s.name.is_empty()
                 && s.name.len() <= 64
-                && s.name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-                && s.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                && s.name
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && s.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
             if !ok_name {
                 return Err(ConfigError::BadName(s.name.clone()));
             }
@@ -190,13 +197,22 @@ impl McpConfig {
                 return Err(ConfigError::Field(s.name.clone(), "max_concurrent must be 1..=1024"));
             }
             if s.rate_per_sec.is_some_and(|r| !(r.is_finite() && r > 0.0 && r <= 1e6)) {
-                return Err(ConfigError::Field(s.name.clone(), "rate_per_sec must be a number in (0, 1000000]"));
+                return Err(ConfigError::Field(
+                    s.name.clone(),
+                    "rate_per_sec must be a number in (0, 1000000]",
+                ));
             }
             if s.burst.is_some_and(|b| b == 0 || b > 1_000_000) || (s.burst.is_some() && s.rate_per_sec.is_none()) {
-                return Err(ConfigError::Field(s.name.clone(), "burst must be 1..=1000000, with rate_per_sec"));
+                return Err(ConfigError::Field(
+                    s.name.clone(),
+                    "burst must be 1..=1000000, with rate_per_sec",
+                ));
             }
             if s.args.len() > 256 || s.env.len() > 256 || s.tenants.as_ref().is_some_and(|t| t.len() > 4096) {
-                return Err(ConfigError::Field(s.name.clone(), "at most 256 args, 256 env entries, 4096 tenants"));
+                return Err(ConfigError::Field(
+                    s.name.clone(),
+                    "at most 256 args, 256 env entries, 4096 tenants",
+                ));
             }
         }
         Ok(McpConfig { servers: file.server })
@@ -315,7 +331,9 @@ impl McpServer {
                 return false;
             }
         }
-        let b = buckets.entry(tenant.to_string()).or_insert(Bucket { tokens: burst, at: now });
+        let b = buckets
+            .entry(tenant.to_string())
+            .or_insert(Bucket { tokens: burst, at: now });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         b.at = now;
         if b.tokens >= 1.0 {
@@ -368,8 +386,8 @@ impl McpServer {
         if !traceparent.is_empty() {
             meta.set_traceparent(traceparent);
         }
-        let mut params = CallToolRequestParams::new(tool.name.clone())
-            .with_arguments(args.as_object().cloned().unwrap_or_default());
+        let mut params =
+            CallToolRequestParams::new(tool.name.clone()).with_arguments(args.as_object().cloned().unwrap_or_default());
         params.meta = Some(meta);
         match peer.call_tool(params).await {
             Ok(result) => {
@@ -553,7 +571,9 @@ impl McpHub {
             None if tools.is_none() || !up => Some(Resolved::Unavailable(format!(
                 "MCP server '{server}' is not connected; its tools are not known yet"
             ))),
-            None => Some(Resolved::NotFound(format!("MCP server '{server}' has no tool named '{tool}'"))),
+            None => Some(Resolved::NotFound(format!(
+                "MCP server '{server}' has no tool named '{tool}'"
+            ))),
         }
     }
 
@@ -642,7 +662,9 @@ async fn supervise(server: Arc<McpServer>) {
             }
             Ok(Err(e)) => {
                 tracing::warn!(server = %name, error = %e, "MCP server failed to start");
-                *server.conn.write() = Conn::Down { error: cap(&e, 1024).to_string() };
+                *server.conn.write() = Conn::Down {
+                    error: cap(&e, 1024).to_string(),
+                };
             }
             Err(_) => {
                 let e = format!("did not initialize within {CONNECT_TIMEOUT:?}");
@@ -666,7 +688,10 @@ async fn hold(server: &McpServer, live: Live) -> String {
     let ct = service.cancellation_token();
     let child_exit = async {
         match child.as_mut() {
-            Some(c) => c.wait().await.map_or_else(|e| e.to_string(), |s| format!("process exited: {s}")),
+            Some(c) => c
+                .wait()
+                .await
+                .map_or_else(|e| e.to_string(), |s| format!("process exited: {s}")),
             None => std::future::pending().await,
         }
     };
@@ -749,7 +774,9 @@ async fn list_tools(server: &str, peer: &Peer<RoleClient>) -> Result<BTreeMap<St
             let name = t.name.to_string();
             let valid_name = !name.is_empty()
                 && name.len() <= 128
-                && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
             if !valid_name {
                 tracing::warn!(server, tool = %cap(&name, 128), "MCP tool name is not [A-Za-z0-9_.-]{{1,128}}; skipped");
                 continue;
@@ -767,7 +794,11 @@ async fn list_tools(server: &str, peer: &Peer<RoleClient>) -> Result<BTreeMap<St
                     continue;
                 }
             };
-            let description = t.description.as_deref().map(|d| cap(d, 4096).to_string()).unwrap_or_default();
+            let description = t
+                .description
+                .as_deref()
+                .map(|d| cap(d, 4096).to_string())
+                .unwrap_or_default();
             out.insert(
                 name.clone(),
                 Arc::new(McpTool {

@@ -347,7 +347,13 @@ impl ToolGateway {
 
     /// Runs the tool; returns its result and the store ops that are its durable
     /// side effect (committed with the cache entry).
-    async fn execute(&self, ctx: &CallContext, call: &ToolCall, target: &Target, args: &Value) -> (ToolResult, Vec<Op>) {
+    async fn execute(
+        &self,
+        ctx: &CallContext,
+        call: &ToolCall,
+        target: &Target,
+        args: &Value,
+    ) -> (ToolResult, Vec<Op>) {
         let configured = match target {
             Target::Mcp(server, _) => server.timeout(),
             Target::Builtin(_) => None,

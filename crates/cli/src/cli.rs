@@ -605,7 +605,8 @@ impl AgentPlaneArgs {
                     })
                 })
             };
-            let bytes = std::fs::read(path).map_err(|e| Failure::Usage(format!("--mcp-config {}: {e}", path.display())))?;
+            let bytes =
+                std::fs::read(path).map_err(|e| Failure::Usage(format!("--mcp-config {}: {e}", path.display())))?;
             let cfg = parse(&bytes).map_err(|e| Failure::Usage(format!("--mcp-config {}: {e}", path.display())))?;
             tools.mcp().apply(cfg);
             tools.mcp().watch(path.clone(), parse);

@@ -20,7 +20,8 @@ pub fn other_services(agents: bool) -> Vec<&'static str> {
         "externalscaler.ExternalScaler",
     ];
     if agents {
-        names.extend(["lattice.agent.v1.AgentCoordination",
+        names.extend([
+            "lattice.agent.v1.AgentCoordination",
             "lattice.agent.v1.Chat",
             "lattice.agent.v1.ToolCatalog",
         ]);
