@@ -268,8 +268,16 @@ type Tools = Arc<BTreeMap<String, Arc<McpTool>>>;
 
 enum Conn {
     Starting,
-    Up { peer: Peer<RoleClient>, generation: u64 },
-    Down { error: String },
+    Up {
+        peer: Peer<RoleClient>,
+        generation: u64,
+        /// A call found this connection dead: reconnect now. One per connection,
+        /// so a late report cannot end the next one.
+        broken: Arc<Notify>,
+    },
+    Down {
+        error: String,
+    },
 }
 
 /// One configured server and its supervisor's view of it.
@@ -279,8 +287,6 @@ pub struct McpServer {
     /// The last tools listed; kept while the server is down.
     tools: RwLock<Option<Tools>>,
     generation: std::sync::atomic::AtomicU64,
-    /// A call found the connection dead: reconnect now.
-    broken: Notify,
     stop: CancellationToken,
     permits: Semaphore,
     buckets: Mutex<HashMap<String, Bucket>>,
@@ -356,7 +362,7 @@ impl McpServer {
     ) -> Result<Value, (Code, String)> {
         let name = &self.cfg.name;
         let (peer, generation) = match &*self.conn.read() {
-            Conn::Up { peer, generation } => (peer.clone(), *generation),
+            Conn::Up { peer, generation, .. } => (peer.clone(), *generation),
             Conn::Starting => return Err((Code::Unavailable, format!("MCP server '{name}' is starting"))),
             Conn::Down { error } => {
                 return Err((
@@ -444,11 +450,16 @@ impl McpServer {
 
     fn mark_broken(&self, generation: u64) {
         let mut conn = self.conn.write();
-        if matches!(&*conn, Conn::Up { generation: g, .. } if *g == generation) {
-            *conn = Conn::Down {
-                error: "connection lost".into(),
-            };
-            self.broken.notify_one();
+        if let Conn::Up {
+            generation: g, broken, ..
+        } = &*conn
+        {
+            if *g == generation {
+                broken.notify_one();
+                *conn = Conn::Down {
+                    error: "connection lost".into(),
+                };
+            }
         }
     }
 }
@@ -510,7 +521,6 @@ impl McpHub {
                 conn: RwLock::new(Conn::Starting),
                 tools: RwLock::new(None),
                 generation: std::sync::atomic::AtomicU64::new(0),
-                broken: Notify::new(),
                 stop: CancellationToken::new(),
                 permits: Semaphore::new(s.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT)),
                 buckets: Mutex::new(HashMap::new()),
@@ -645,12 +655,14 @@ async fn supervise(server: Arc<McpServer>) {
                 let generation = server.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 tracing::info!(server = %name, tools = tools.len(), generation, "MCP server connected");
                 *server.tools.write() = Some(Arc::new(tools));
+                let broken = Arc::new(Notify::new());
                 *server.conn.write() = Conn::Up {
                     peer: live.service.peer().clone(),
                     generation,
+                    broken: broken.clone(),
                 };
                 let since = Instant::now();
-                let why = hold(&server, live).await;
+                let why = hold(&server, live, &broken).await;
                 if server.stop.is_cancelled() {
                     return;
                 }
@@ -683,7 +695,7 @@ async fn supervise(server: Arc<McpServer>) {
 }
 
 /// Holds the connection until it ends; returns why.
-async fn hold(server: &McpServer, live: Live) -> String {
+async fn hold(server: &McpServer, live: Live, broken: &Notify) -> String {
     let Live { service, mut child } = live;
     let ct = service.cancellation_token();
     let child_exit = async {
@@ -701,7 +713,7 @@ async fn hold(server: &McpServer, live: Live) -> String {
             Err(e) => format!("connection task failed: {e}"),
         },
         w = child_exit => w,
-        () = server.broken.notified() => "a call found the connection closed".to_string(),
+        () = broken.notified() => "a call found the connection closed".to_string(),
         () = server.stop.cancelled() => "removed from the configuration".to_string(),
     };
     ct.cancel();
@@ -879,7 +891,6 @@ mod tests {
             conn: RwLock::new(Conn::Starting),
             tools: RwLock::new(None),
             generation: Default::default(),
-            broken: Notify::new(),
             stop: CancellationToken::new(),
             permits: Semaphore::new(1),
             buckets: Mutex::new(HashMap::new()),
