@@ -6,6 +6,10 @@ Tools:
   already in the ledger is not appended again (the effect happens once per key).
 - `wait(ms)`: sleeps; writes `started <key>` and, if the call is cancelled,
   `cancelled <key>` to the events file.
+- `blob(size)`: returns a text of `size` bytes.
+- `huge_schema(x)`: a tool whose declared schema is over 64 KiB.
+
+`--extra-tools N`: also declares N trivial tools (`t0`, `t1`, ...).
 
 `--die-flag PATH`: when PATH exists, `append` deletes it, writes its line, and the
 process exits before answering: a server that dies with a call in flight after its
@@ -40,6 +44,7 @@ def main() -> None:
     p.add_argument("--pid-file", default="")
     p.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--extra-tools", type=int, default=0)
     a = p.parse_args()
     if a.pid_file:
         with open(a.pid_file, "w") as f:
@@ -86,6 +91,17 @@ def main() -> None:
             event(f"cancelled {key}")
             raise
         return {"slept_ms": ms}
+
+    @server.tool(description="Returns size bytes of text")
+    def blob(size: Annotated[int, Field(ge=0, le=16_000_000)]) -> str:
+        return "x" * size
+
+    @server.tool(description="A tool whose schema is too large to accept")
+    def huge_schema(x: Annotated[str, Field(description="y" * 70_000)]) -> str:
+        return x
+
+    for i in range(a.extra_tools):
+        server.add_tool(lambda: "ok", name=f"t{i}", description="trivial")
 
     if a.transport == "stdio":
         server.run("stdio")

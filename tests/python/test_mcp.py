@@ -64,9 +64,12 @@ def plane(tmp_path_factory):
         "secret": (tmp / "secret.jsonl", tmp / "secret-events", tmp / "secret-die", tmp / "secret.pid"),
     }
 
-    def stdio(name, tenants=None):
+    files["many"] = (tmp / "many.jsonl", tmp / "many-events", tmp / "many-die", tmp / "many.pid")
+
+    def stdio(name, tenants=None, extra=()):
         ledger, events, die, pid = files[name]
-        args = [SERVER, "--ledger", str(ledger), "--events", str(events), "--die-flag", str(die), "--pid-file", str(pid)]
+        args = [SERVER, "--ledger", str(ledger), "--events", str(events), "--die-flag", str(die), "--pid-file", str(pid),
+                *extra]
         t = f"tenants = {json.dumps(tenants)}\n" if tenants else ""
         return f'[[server]]\nname = "{name}"\ncommand = "{PY}"\nargs = {json.dumps(args)}\n{t}'
 
@@ -75,6 +78,7 @@ def plane(tmp_path_factory):
         stdio("ledger")
         + f'\n[[server]]\nname = "webledger"\nurl = "http://127.0.0.1:{web.port}/mcp"\ntimeout_ms = 20000\n\n'
         + stdio("secret", ["other"])
+        + "\n" + stdio("many", ["other"], ["--extra-tools", "300"])
     )
     # Ten attempts: a task whose tool server died is retried until the server is back.
     srv = hs.start_server(tmp / "serve", ["--mcp-config", str(cfg), "--max-attempts", "10"])
@@ -137,6 +141,7 @@ def test_catalogue_lists_mcp_tools_with_schemas_per_tenant(plane):
     # `secret` is for tenant `other` only: not listed, and not callable, for `default`.
     assert not any(n.startswith("secret.") for n in tools)
     assert {s["name"] for s in cat["servers"]} == {"ledger", "webledger"}
+    assert {s["name"] for s in catalogue(plane.srv, "other")["servers"]} == {"ledger", "webledger", "secret", "many"}
     other = catalogue(plane.srv, "other")
     assert "secret.append" in {t["name"] for t in other["tools"]}
 
@@ -189,6 +194,31 @@ def test_schema_the_server_declares_refuses_bad_arguments(plane, args):
     assert r.status_code == 400, r.text
     assert "schema of 'ledger.append'" in r.text, r.text
     assert ledger_keys(plane.files["ledger"][0]) == before
+
+
+def test_what_a_server_sends_is_bounded(plane):
+    tools = {t["name"] for t in catalogue(plane.srv)["tools"]}
+    # A schema over 64 KiB is not taken; the server's other tools are.
+    assert "ledger.blob" in tools and "ledger.huge_schema" not in tools
+    r = offer(plane.srv, "ledger.huge_schema", {"x": "a"})
+    assert r.status_code == 404, r.text
+    # A result over 1 MiB is refused, not relayed.
+    r = offer(plane.srv, "ledger.blob", {"size": 2_000_000})
+    assert r.status_code == 400, r.text
+    assert "more than the 1048576 kept" in r.text, r.text
+    assert len(tool_output_text(offer(plane.srv, "ledger.blob", {"size": 100_000}))) == 100_000
+    # A server that declares more than 256 tools is refused as a whole, and says why.
+    def many_refused():
+        many = {s["name"]: s for s in catalogue(plane.srv, "other")["servers"]}["many"]
+        return many["state"] == "down" and "more than 256 tools" in many["error"]
+
+    hs.assert_eventually(many_refused, timeout=60, step=0.1, what="the 300-tool server refused")
+    assert not any(t["name"].startswith("many.") for t in catalogue(plane.srv, "other")["tools"])
+
+
+def tool_output_text(r):
+    assert r.status_code == 200, r.text[:300]
+    return r.json()["output"]["content"][0]["text"]
 
 
 def test_tenant_cannot_call_another_tenants_server(plane):
