@@ -66,16 +66,17 @@ def plane(tmp_path_factory):
 
     files["many"] = (tmp / "many.jsonl", tmp / "many-events", tmp / "many-die", tmp / "many.pid")
 
-    def stdio(name, tenants=None, extra=()):
+    def stdio(name, tenants=None, extra=(), timeout_ms=None):
         ledger, events, die, pid = files[name]
         args = [SERVER, "--ledger", str(ledger), "--events", str(events), "--die-flag", str(die), "--pid-file", str(pid),
                 *extra]
         t = f"tenants = {json.dumps(tenants)}\n" if tenants else ""
+        t += f"timeout_ms = {timeout_ms}\n" if timeout_ms else ""
         return f'[[server]]\nname = "{name}"\ncommand = "{PY}"\nargs = {json.dumps(args)}\n{t}'
 
     cfg = tmp / "mcp.toml"
     cfg.write_text(
-        stdio("ledger")
+        stdio("ledger", timeout_ms=3000)
         + f'\n[[server]]\nname = "webledger"\nurl = "http://127.0.0.1:{web.port}/mcp"\ntimeout_ms = 20000\n\n'
         + stdio("secret", ["other"])
         + "\n" + stdio("many", ["other"], ["--extra-tools", "300"])
@@ -240,6 +241,17 @@ def test_cancelled_task_cancels_the_mcp_call(plane):
         return f"started {task_id}" in lines and f"cancelled {task_id}" in lines
 
     hs.assert_eventually(cancelled, timeout=20, step=0.05, what="the MCP server saw the cancellation")
+
+
+def test_server_timeout_bounds_the_call_and_cancels_it(plane):
+    events = plane.files["ledger"][1]
+    task_id = f"slow-{uuid.uuid4()}"
+    # `ledger` is configured with timeout_ms = 3000; the task would allow 60 s.
+    r = offer(plane.srv, "ledger.wait", {"ms": 120000}, task_id, timeout_ms=60000)
+    assert r.status_code == 504, r.text
+    assert "did not finish within 3s" in r.text, r.text
+    hs.assert_eventually(lambda: f"cancelled {task_id}" in events.read_text().splitlines(), timeout=20, step=0.05,
+                         what="the MCP server saw the timeout's cancellation")
 
 
 def _unavailable_count(srv, tool):
