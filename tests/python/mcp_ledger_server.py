@@ -8,6 +8,7 @@ Tools:
   `cancelled <key>` to the events file.
 - `blob(size)`: returns a text of `size` bytes.
 - `huge_schema(x)`: a tool whose declared schema is over 64 KiB.
+- `grow()`: adds a tool `grown` and sends `notifications/tools/list_changed`.
 
 `--extra-tools N`: also declares N trivial tools (`t0`, `t1`, ...).
 
@@ -99,6 +100,12 @@ def main() -> None:
     @server.tool(description="A tool whose schema is too large to accept")
     def huge_schema(x: Annotated[str, Field(description="y" * 70_000)]) -> str:
         return x
+
+    @server.tool(description="Adds the tool `grown` and says the tool list changed")
+    async def grow(ctx: Context) -> str:
+        server.add_tool(lambda: "grown", name="grown", description="added at run time")
+        await ctx.session.send_tool_list_changed()
+        return "ok"
 
     for i in range(a.extra_tools):
         server.add_tool(lambda: "ok", name=f"t{i}", description="trivial")

@@ -217,6 +217,13 @@ def test_what_a_server_sends_is_bounded(plane):
     assert not any(t["name"].startswith("many.") for t in catalogue(plane.srv, "other")["tools"])
 
 
+def test_tool_list_changed_is_followed(plane):
+    assert tool_output_text(offer(plane.srv, "ledger.grow", {})) == "ok"
+    hs.assert_eventually(lambda: "ledger.grown" in {t["name"] for t in catalogue(plane.srv)["tools"]},
+                         timeout=20, step=0.05, what="the new tool listed")
+    assert tool_output_text(offer(plane.srv, "ledger.grown", {})) == "grown"
+
+
 def tool_output_text(r):
     assert r.status_code == 200, r.text[:300]
     return r.json()["output"]["content"][0]["text"]

@@ -3,8 +3,8 @@
 //! The operator lists Model Context Protocol servers in a TOML file
 //! (`--mcp-config`): a child process spoken to over stdio, or a Streamable HTTP
 //! URL, each open to every tenant or to listed ones. A supervisor per server
-//! connects with the official SDK (`rmcp`), lists its tools and keeps the
-//! connection; when the server dies (the child exits, a call finds the transport
+//! connects with the official SDK (`rmcp`), lists its tools (again when the server
+//! says they changed) and keeps the connection; when the server dies (the child exits, a call finds the transport
 //! closed) it reconnects with backoff (100 ms doubling to 5 s, full jitter). Its
 //! tools join the gateway's catalogue as `<server>.<tool>`; the gateway validates
 //! arguments against the schema the server declared, bounds the call in time,
@@ -32,7 +32,7 @@ use std::{
 use parking_lot::{Mutex, RwLock};
 use rmcp::{
     model::{CallToolRequestParams, PaginatedRequestParams, RequestMetaObject},
-    service::{Peer, RoleClient, RunningService, ServiceError, ServiceExt},
+    service::{MaybeSendFuture, NotificationContext, Peer, RoleClient, RunningService, ServiceError, ServiceExt},
     transport::{
         async_rw::AsyncRwTransport, streamable_http_client::StreamableHttpClientTransportConfig,
         StreamableHttpClientTransport,
@@ -636,10 +636,28 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// A live connection: the SDK's service, and the child it talks to (stdio).
+/// A live connection: the SDK's service, the child it talks to (stdio), and the
+/// signal that the server's tool list changed.
 struct Live {
-    service: RunningService<RoleClient, ()>,
+    service: RunningService<RoleClient, Client>,
     child: Option<tokio::process::Child>,
+    relist: Arc<Notify>,
+}
+
+/// The client side of a connection: told when the server's tool list changes.
+struct Client {
+    relist: Arc<Notify>,
+}
+
+impl rmcp::ClientHandler for Client {
+    fn on_tool_list_changed(
+        &self,
+        _: NotificationContext<RoleClient>,
+    ) -> impl std::future::Future<Output = ()> + MaybeSendFuture + '_ {
+        // Coalesced: a server that says it a thousand times is listed once.
+        self.relist.notify_one();
+        std::future::ready(())
+    }
 }
 
 async fn supervise(server: Arc<McpServer>) {
@@ -694,27 +712,57 @@ async fn supervise(server: Arc<McpServer>) {
     }
 }
 
-/// Holds the connection until it ends; returns why.
+/// Holds the connection until it ends, re-listing the tools when the server says
+/// they changed; returns why it ended.
 async fn hold(server: &McpServer, live: Live, broken: &Notify) -> String {
-    let Live { service, mut child } = live;
+    let Live {
+        service,
+        mut child,
+        relist,
+    } = live;
     let ct = service.cancellation_token();
-    let child_exit = async {
-        match child.as_mut() {
-            Some(c) => c
-                .wait()
-                .await
-                .map_or_else(|e| e.to_string(), |s| format!("process exited: {s}")),
-            None => std::future::pending().await,
+    let peer = service.peer().clone();
+    let waiting = service.waiting();
+    tokio::pin!(waiting);
+    let why = {
+        let child_exit = async {
+            match child.as_mut() {
+                Some(c) => c
+                    .wait()
+                    .await
+                    .map_or_else(|e| e.to_string(), |s| format!("process exited: {s}")),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(child_exit);
+        let mut listed = Instant::now();
+        loop {
+            tokio::select! {
+                r = &mut waiting => break match r {
+                    Ok(reason) => format!("connection closed ({reason:?})"),
+                    Err(e) => format!("connection task failed: {e}"),
+                },
+                w = &mut child_exit => break w,
+                () = broken.notified() => break "a call found the connection closed".to_string(),
+                () = server.stop.cancelled() => break "removed from the configuration".to_string(),
+                () = relist.notified() => {
+                    // At most one listing a second, however often the server asks.
+                    tokio::time::sleep_until((listed + Duration::from_secs(1)).into()).await;
+                    listed = Instant::now();
+                    let name = &server.cfg.name;
+                    match tokio::time::timeout(CONNECT_TIMEOUT, list_tools(name, &peer)).await {
+                        Ok(Ok(tools)) => {
+                            tracing::info!(server = %name, tools = tools.len(), "MCP server's tools re-listed");
+                            *server.tools.write() = Some(Arc::new(tools));
+                        }
+                        // The previous list stays: calls to tools that are gone get
+                        // the server's own answer.
+                        Ok(Err(e)) => tracing::warn!(server = %name, error = %e, "MCP tools re-listing refused"),
+                        Err(_) => tracing::warn!(server = %name, "MCP tools re-listing timed out"),
+                    }
+                }
+            }
         }
-    };
-    let why = tokio::select! {
-        r = service.waiting() => match r {
-            Ok(reason) => format!("connection closed ({reason:?})"),
-            Err(e) => format!("connection task failed: {e}"),
-        },
-        w = child_exit => w,
-        () = broken.notified() => "a call found the connection closed".to_string(),
-        () = server.stop.cancelled() => "removed from the configuration".to_string(),
     };
     ct.cancel();
     if let Some(mut c) = child {
@@ -726,6 +774,8 @@ async fn hold(server: &McpServer, live: Live, broken: &Notify) -> String {
 }
 
 async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTool>>), String> {
+    let relist = Arc::new(Notify::new());
+    let client = Client { relist: relist.clone() };
     let live = if let Some(url) = &cfg.url {
         // Redirects are not followed: the listed origin could send the client to
         // one that is not listed.
@@ -739,8 +789,12 @@ async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTo
             .max_json_response_size(MAX_MESSAGE_BYTES)
             .max_sse_event_size(MAX_MESSAGE_BYTES);
         let transport = StreamableHttpClientTransport::with_client(http, tcfg);
-        let service = ().serve(transport).await.map_err(|e| format!("initialize: {e}"))?;
-        Live { service, child: None }
+        let service = client.serve(transport).await.map_err(|e| format!("initialize: {e}"))?;
+        Live {
+            service,
+            child: None,
+            relist,
+        }
     } else {
         let program = cfg.command.as_deref().unwrap_or_default();
         let mut cmd = tokio::process::Command::new(program);
@@ -757,10 +811,11 @@ async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTo
             return Err("child has no stdio pipes".into());
         };
         let transport = AsyncRwTransport::new_client(stdout, stdin).with_max_line_length(MAX_MESSAGE_BYTES);
-        let service = ().serve(transport).await.map_err(|e| format!("initialize: {e}"))?;
+        let service = client.serve(transport).await.map_err(|e| format!("initialize: {e}"))?;
         Live {
             service,
             child: Some(child),
+            relist,
         }
     };
     let tools = list_tools(&cfg.name, live.service.peer()).await?;
