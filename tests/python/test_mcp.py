@@ -208,6 +208,11 @@ def test_what_a_server_sends_is_bounded(plane):
     assert r.status_code == 400, r.text
     assert "more than the 1048576 kept" in r.text, r.text
     assert len(tool_output_text(offer(plane.srv, "ledger.blob", {"size": 100_000}))) == 100_000
+    # A message over 4 MiB is not read: the stdio line is dropped and the call ends at
+    # the server's timeout (3 s); the connection stays and serves the next call.
+    r = offer(plane.srv, "ledger.blob", {"size": 5_000_000})
+    assert r.status_code == 504, r.text[:300]
+    assert len(tool_output_text(offer(plane.srv, "ledger.blob", {"size": 10}))) == 10
     # A server that declares more than 256 tools is refused as a whole, and says why.
     def many_refused():
         many = {s["name"]: s for s in catalogue(plane.srv, "other")["servers"]}["many"]
