@@ -4,9 +4,10 @@
 //! level. Realtime work never waits behind fresher background work, and background
 //! work waiting long enough overtakes everything, so it is never starved.
 
-use std::{collections::VecDeque, time::Duration};
-
-use tokio::time::Instant;
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 pub const LEVELS: usize = 6;
 

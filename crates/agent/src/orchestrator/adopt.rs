@@ -3,15 +3,13 @@
 
 use lattice_proto::agent::AgentResponse;
 use prost::Message;
-use tokio::time::Instant;
 
 use crate::{
-    lanes::Lanes,
-    records::{coll, SessionMeta, TaskRecord, TaskState},
+    records::{coll, SessionMeta, TaskRecord},
     session::Outbox,
 };
 
-use super::Orchestrator;
+use super::{now, Orchestrator};
 
 use super::state::*;
 
@@ -38,7 +36,8 @@ impl Orchestrator {
         if st.sessions.contains_key(sid) {
             return Ok(true);
         }
-        let mut session = Session::new(meta, self.inner.cfg.dedupe_window);
+        let now = now();
+        let mut session = Session::new(meta, self.inner.cfg.dedupe_window, now.at);
         session.outbox = Outbox::new(session.meta.out_seq + 1);
         for (key, frame) in frames {
             let seq: u64 = key.parse()?;
@@ -50,48 +49,28 @@ impl Orchestrator {
                 },
             );
         }
-        let now = Instant::now();
         for (_, rec) in tasks {
             let rec = TaskRecord::decode(rec)?;
             session.outstanding += 1;
             if st.tasks.contains_key(&rec.task_id) {
                 continue;
             }
-            let mut task = Task {
-                rec,
-                orphaned_since: None,
-            };
-            match TaskState::try_from(task.rec.state) {
-                Ok(TaskState::Queued) => {
-                    st.lanes
-                        .entry(task.rec.capability.clone())
-                        .or_insert_with(|| Lanes::new(self.inner.cfg.aging))
-                        .push(task.rec.priority, task.rec.task_id.clone(), now);
-                    st.queued += 1;
-                }
-                Ok(TaskState::Assigned) => match st.sessions.get_mut(&task.rec.worker) {
-                    Some(w) if w.attached.is_some() => {
-                        w.in_flight.insert(task.rec.task_id.clone());
+            let mut task = Task::from_record(rec, Some(now.at));
+            match &mut task.phase {
+                Phase::Queued => st.enqueue(&task.capability, task.priority, task.id.clone(), now.at),
+                Phase::Assigned { worker, orphaned_since } => {
+                    if let Some(w) = st.sessions.get_mut(worker.as_str()).filter(|w| w.attached.is_some()) {
+                        w.in_flight.insert(task.id.clone());
+                        *orphaned_since = None;
                     }
-                    _ => task.orphaned_since = Some(now),
-                },
-                _ => {}
+                }
+                Phase::Done { .. } => {}
             }
-            st.tasks.insert(task.rec.task_id.clone(), task);
+            st.tasks.insert(task.id.clone(), task);
         }
+        st.sessions.insert(sid.to_string(), session);
         // Tasks other sessions hold that this worker still runs.
-        let sid_owned = sid.to_string();
-        let mine: Vec<String> = st
-            .tasks
-            .values_mut()
-            .filter(|t| t.rec.worker == sid_owned && t.rec.state() == TaskState::Assigned)
-            .map(|t| {
-                t.orphaned_since = None;
-                t.rec.task_id.clone()
-            })
-            .collect();
-        session.in_flight.extend(mine);
-        st.sessions.insert(sid_owned, session);
+        st.reclaim(sid);
         Ok(true)
     }
 }

@@ -3,10 +3,12 @@
 //! to workers by capability and priority.
 //!
 //! # Shape
-//! All routing state lives in one [`State`] behind a mutex; every change to it
-//! happens in a [`Step`] that collects the store ops and the frames it produced and
-//! is submitted to the group committer before the lock is released, so the order of
-//! durable writes is the order of state changes. Each stream has a reader (the
+//! All routing state lives in one [`State`] behind a mutex, and changes only by
+//! `State::apply(event, now)`, the pure state machine in [`machine`]. Each change
+//! returns a [`Step`] (the store ops and the frames it produced) that is submitted
+//! to the group committer before the lock is released, so the order of durable
+//! writes is the order of state changes; its effects (metrics, logs, tool
+//! cancellations) are carried out here. Each stream has a reader (the
 //! `serve_stream` loop) and a writer task (`writer_task`); the writer sends a frame
 //! only once its ticket is durable and acknowledges the agent's frames only up to
 //! the highest seq whose effects are durable.
@@ -19,7 +21,13 @@
 //! * Work runs at least once; side effects run once because tool calls carry the
 //!   task id as idempotency key (see [`crate::tools`]).
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    ops::{Deref, DerefMut},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::Stream;
 use lattice_proto::agent::{
@@ -31,23 +39,26 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use lattice_observability::{metrics::AgentLoad, Metrics};
+use lattice_observability::{
+    metrics::{AgentLoad, OutcomeLabels},
+    Metrics,
+};
 
 use crate::{
     memory::MemoryBroker,
-    records::{coll, TaskState},
+    records::coll,
     store::Store,
     tools::ToolGateway,
     wire::{self},
 };
 
 mod adopt;
-mod routing;
+mod machine;
 mod state;
 mod stream;
 mod sweeper;
 
-use routing::*;
+use machine::Event;
 use state::*;
 use sweeper::sweep_task;
 
@@ -114,9 +125,44 @@ pub(crate) struct Inner {
     metrics: Arc<Metrics>,
     tools: ToolGateway,
     memory: MemoryBroker,
-    state: Mutex<State>,
+    state: Mutex<Routing>,
     /// Cancelled on shutdown: streams get a Drain frame and end.
     draining: CancellationToken,
+}
+
+/// The state machine's state and, beside it, what only the async shell needs: the
+/// notifier each session's writer task waits on.
+struct Routing {
+    machine: State,
+    wakers: HashMap<String, Arc<Notify>>,
+}
+
+impl Deref for Routing {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.machine
+    }
+}
+
+impl DerefMut for Routing {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.machine
+    }
+}
+
+impl Routing {
+    /// The notifier of a session's writer (created on first use).
+    fn waker(&mut self, sid: &str) -> Arc<Notify> {
+        self.wakers.entry(sid.to_string()).or_default().clone()
+    }
+}
+
+/// The clocks, read once per change.
+fn now() -> Now {
+    Now {
+        at: tokio::time::Instant::now().into_std(),
+        wall_us: wire::now_us(),
+    }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<AgentResponse, Status>> + Send>>;
@@ -128,6 +174,17 @@ impl Orchestrator {
         tools: ToolGateway,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Orchestrator> {
+        let rules = Rules {
+            max_attempts: cfg.max_attempts,
+            max_queued: cfg.max_queued,
+            requester_window: cfg.requester_window,
+            dedupe_window: cfg.dedupe_window,
+            aging: cfg.aging,
+            breaker_failures: cfg.breaker_failures,
+            breaker_cooldown: cfg.breaker_cooldown,
+            reassign_after: cfg.reassign_after,
+            session_idle_timeout: cfg.session_idle_timeout,
+        };
         let orch = Orchestrator {
             inner: Arc::new(Inner {
                 memory: MemoryBroker::new(store.clone()),
@@ -135,7 +192,10 @@ impl Orchestrator {
                 store,
                 metrics: metrics.clone(),
                 tools,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(Routing {
+                    machine: State::new(rules),
+                    wakers: HashMap::new(),
+                }),
                 draining: CancellationToken::new(),
             }),
         };
@@ -145,9 +205,8 @@ impl Orchestrator {
                 orch.adopt(&sid).await?;
             }
             let mut st = orch.inner.state.lock();
-            let mut step = Step::default();
-            dispatch(&orch.inner, &mut st, &mut step);
-            orch.commit(&mut st, step);
+            let step = st.apply(Event::Dispatch, now());
+            orch.inner.commit(&mut st, step);
         }
         tokio::spawn(sweep_task(Arc::downgrade(&orch.inner)));
         let weak = Arc::downgrade(&orch.inner);
@@ -177,7 +236,8 @@ impl Orchestrator {
         self.inner.store.durable(barrier).await;
         let wakes: Vec<Arc<Notify>> = {
             let mut st = self.inner.state.lock();
-            st.sessions
+            let attached: Vec<String> = st
+                .sessions
                 .values_mut()
                 .filter(|s| s.attached.is_some())
                 .map(|s| {
@@ -189,9 +249,10 @@ impl Orchestrator {
                             resume_token: s.meta.session_id.clone().into_bytes(),
                         }),
                     ));
-                    s.wake.clone()
+                    s.meta.session_id.clone()
                 })
-                .collect()
+                .collect();
+            attached.iter().map(|sid| st.waker(sid)).collect()
         };
         for w in wakes {
             w.notify_one();
@@ -225,16 +286,72 @@ impl Orchestrator {
     pub fn queue_depths(&self) -> [usize; 6] {
         let st = self.inner.state.lock();
         let mut d = [0; 6];
-        for t in st.tasks.values() {
-            if t.rec.state() == TaskState::Queued {
-                d[(t.rec.priority as usize).min(5)] += 1;
-            }
+        for t in st.tasks.values().filter(|t| t.is_queued()) {
+            d[(t.priority as usize).min(5)] += 1;
         }
         d
     }
+}
 
-    fn commit(&self, st: &mut State, step: Step) {
-        commit(&self.inner, st, step);
+impl Inner {
+    /// Submits a step's writes as one ticket, stamps its frames with it, wakes the
+    /// writers that have something to send, and carries out its effects.
+    fn commit(&self, st: &mut Routing, mut step: Step) -> u64 {
+        // A session that got frames persists its numbering with them.
+        let mut pushed_to: Vec<&String> = step.pushed.iter().map(|(sid, _)| sid).collect();
+        pushed_to.sort();
+        pushed_to.dedup();
+        let mut metas = Step::default();
+        for s in pushed_to.into_iter().filter_map(|sid| st.sessions.get(sid)) {
+            metas.put_session(s);
+        }
+        step.ops.append(&mut metas.ops);
+        let ticket = self.store.submit(step.ops);
+        for (sid, seq) in step.pushed {
+            if let Some(p) = st.sessions.get_mut(&sid).and_then(|s| s.outbox.get_mut(seq)) {
+                p.ticket = ticket;
+            }
+        }
+        for sid in step.wake {
+            if let Some(w) = st.wakers.get(&sid) {
+                w.notify_one();
+            }
+            if !st.sessions.contains_key(&sid) {
+                st.wakers.remove(&sid);
+            }
+        }
+        for effect in step.effects {
+            self.carry_out(effect);
+        }
+        ticket
+    }
+
+    fn carry_out(&self, effect: Effect) {
+        let m = &self.metrics;
+        match effect {
+            Effect::Finished { code, took_us } => {
+                let outcome = code_name(Code::from_i32(code));
+                m.agent_tasks.get_or_create(&OutcomeLabels { outcome }).inc();
+                if took_us > 0 {
+                    m.agent_task_duration.observe(took_us as f64 / 1e6);
+                }
+            }
+            Effect::Dispatched { waited_us } => m.agent_dispatch.observe(waited_us as f64 / 1e6),
+            Effect::Refused => {
+                m.agent_credit_waits
+                    .get_or_create(&OutcomeLabels { outcome: "refused" })
+                    .inc();
+            }
+            Effect::Resent(n) => {
+                m.agent_resent.inc_by(n as u64);
+            }
+            Effect::CancelTools { task_id } => self.tools.cancel_task(&task_id),
+            Effect::BreakerOpened { worker } => tracing::warn!(worker, "circuit breaker open"),
+            Effect::DeadLettered { task_id, attempts, why } => {
+                tracing::warn!(task = task_id, attempts, reason = %why, "task dead-lettered")
+            }
+            Effect::Evicted { session } => tracing::info!(session, "idle session evicted"),
+        }
     }
 }
 

@@ -1,26 +1,49 @@
-//! The orchestrator's routing state: sessions, tasks, lanes, and the step that
-//! collects what one change under the state lock writes.
+//! The orchestrator's routing state: sessions, tasks, lanes, the rules that govern
+//! them, and the [`Step`] that collects what one change writes. Plain data: no
+//! clock reads, no I/O, no async runtime (time arrives as [`Now`]).
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet, VecDeque},
-    sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use lattice_proto::agent::AgentResponse;
+use lattice_proto::agent::{AgentResponse, TaskResult};
 use prost::Message;
-use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     lanes::Lanes,
-    records::{coll, SessionMeta, TaskRecord},
+    records::{coll, SessionMeta, TaskRecord, TaskState},
     session::{Inbox, Outbox},
     store::Op,
 };
 
-#[derive(Default)]
+/// The limits and timings the state machine applies (a subset of the
+/// orchestrator's configuration, so the machine needs nothing else).
+#[derive(Debug, Clone)]
+pub(super) struct Rules {
+    pub(super) max_attempts: u32,
+    pub(super) max_queued: usize,
+    pub(super) requester_window: u32,
+    pub(super) dedupe_window: Duration,
+    pub(super) aging: Duration,
+    pub(super) breaker_failures: u32,
+    pub(super) breaker_cooldown: Duration,
+    pub(super) reassign_after: Duration,
+    pub(super) session_idle_timeout: Duration,
+}
+
+/// The two clocks a transition reads, sampled once by the caller: a monotonic
+/// instant for timers (lanes' aging, breakers, detachment) and wall-clock
+/// microseconds for the absolute deadlines and timestamps on the wire.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Now {
+    pub(super) at: Instant,
+    pub(super) wall_us: i64,
+}
+
 pub(super) struct State {
+    pub(super) rules: Rules,
     pub(super) sessions: HashMap<String, Session>,
     /// Tasks not yet finished, and finished ones whose result the requester has not
     /// acknowledged (so a late duplicate result is recognised).
@@ -29,10 +52,129 @@ pub(super) struct State {
     pub(super) queued: usize,
 }
 
+impl State {
+    pub(super) fn new(rules: Rules) -> State {
+        State {
+            rules,
+            sessions: HashMap::new(),
+            tasks: HashMap::new(),
+            lanes: HashMap::new(),
+            queued: 0,
+        }
+    }
+
+    /// Queues a task id in its capability's lanes.
+    pub(super) fn enqueue(&mut self, capability: &str, priority: u32, task_id: String, at: Instant) {
+        let aging = self.rules.aging;
+        self.lanes
+            .entry(capability.to_string())
+            .or_insert_with(|| Lanes::new(aging))
+            .push(priority, task_id, at);
+        self.queued += 1;
+    }
+}
+
+/// Where a task is in its life. The persisted [`TaskRecord`] carries the same as
+/// an enum number and a worker string; [`Task::from_record`] and
+/// [`Task::to_record`] are the only conversions.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Phase {
+    Queued,
+    Assigned {
+        worker: String,
+        /// Since when it belongs to a worker this process has not seen attach.
+        orphaned_since: Option<Instant>,
+    },
+    /// Finished; the result waits for the requester's acknowledgement.
+    Done {
+        result: TaskResult,
+    },
+}
+
+#[derive(Debug, Clone)]
 pub(super) struct Task {
-    pub(super) rec: TaskRecord,
-    /// When it was assigned to a worker this process has not seen attach.
-    pub(super) orphaned_since: Option<Instant>,
+    pub(super) id: String,
+    /// The requester's session: results go to its outbox.
+    pub(super) requester: String,
+    pub(super) capability: String,
+    pub(super) payload: Bytes,
+    pub(super) priority: u32,
+    pub(super) deadline_us: i64,
+    pub(super) attempts: u32,
+    pub(super) max_attempts: u32,
+    pub(super) tenant: String,
+    pub(super) traceparent: String,
+    pub(super) offered_us: i64,
+    pub(super) phase: Phase,
+}
+
+impl Task {
+    pub(super) fn is_queued(&self) -> bool {
+        self.phase == Phase::Queued
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done { .. })
+    }
+
+    /// The worker session running it, while assigned.
+    pub(super) fn worker(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Assigned { worker, .. } => Some(worker),
+            _ => None,
+        }
+    }
+
+    pub(super) fn from_record(rec: TaskRecord, orphaned_since: Option<Instant>) -> Task {
+        let phase = match rec.state() {
+            TaskState::Queued => Phase::Queued,
+            TaskState::Assigned => Phase::Assigned {
+                worker: rec.worker,
+                orphaned_since,
+            },
+            TaskState::Done => Phase::Done {
+                result: rec.result.unwrap_or_default(),
+            },
+        };
+        Task {
+            id: rec.task_id,
+            requester: rec.requester,
+            capability: rec.capability,
+            payload: rec.payload,
+            priority: rec.priority,
+            deadline_us: rec.deadline_us,
+            attempts: rec.attempts,
+            max_attempts: rec.max_attempts,
+            tenant: rec.tenant,
+            traceparent: rec.traceparent,
+            offered_us: rec.offered_us,
+            phase,
+        }
+    }
+
+    pub(super) fn to_record(&self) -> TaskRecord {
+        let (state, worker, result) = match &self.phase {
+            Phase::Queued => (TaskState::Queued, String::new(), None),
+            Phase::Assigned { worker, .. } => (TaskState::Assigned, worker.clone(), None),
+            Phase::Done { result } => (TaskState::Done, String::new(), Some(result.clone())),
+        };
+        TaskRecord {
+            task_id: self.id.clone(),
+            requester: self.requester.clone(),
+            capability: self.capability.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority,
+            deadline_us: self.deadline_us,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            state: state as i32,
+            worker,
+            tenant: self.tenant.clone(),
+            traceparent: self.traceparent.clone(),
+            result,
+            offered_us: self.offered_us,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -58,7 +200,6 @@ pub(super) struct Session {
     /// Epoch of the stream attached now, if any.
     pub(super) attached: Option<u64>,
     pub(super) detached_since: Option<Instant>,
-    pub(super) wake: Arc<Notify>,
     /// Worker: tasks assigned and not finished.
     pub(super) in_flight: HashSet<String>,
     pub(super) breaker: Breaker,
@@ -75,7 +216,8 @@ pub(super) struct Breaker {
 }
 
 impl Session {
-    pub(super) fn new(meta: SessionMeta, dedupe_window: Duration) -> Session {
+    /// A session with no stream attached yet (new, or loaded from the store).
+    pub(super) fn new(meta: SessionMeta, dedupe_window: Duration, now: Instant) -> Session {
         Session {
             inbox: Inbox::new(meta.in_hwm, dedupe_window, 65_536),
             meta,
@@ -85,8 +227,7 @@ impl Session {
             control: VecDeque::new(),
             cursor: 0,
             attached: None,
-            detached_since: Some(Instant::now()),
-            wake: Arc::new(Notify::new()),
+            detached_since: Some(now),
             in_flight: HashSet::new(),
             breaker: Breaker::default(),
             outstanding: 0,
@@ -119,14 +260,59 @@ impl Session {
         };
         self.in_flight.len() < cap
     }
+
+    /// In-flight tasks per credit: the dispatcher picks the lowest.
+    pub(super) fn load(&self) -> f64 {
+        self.in_flight.len() as f64 / f64::from(self.meta.max_in_flight.max(1))
+    }
 }
 
-/// Changes made under the state lock, submitted as one ticket.
+/// What a transition asks the world to do besides writing the store: the shell
+/// turns these into metrics, log lines and tool cancellations.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Effect {
+    /// A task finished with this gRPC code, this long after it was offered.
+    Finished {
+        code: i32,
+        took_us: i64,
+    },
+    /// A task's first assignment, this long after it was offered.
+    Dispatched {
+        waited_us: i64,
+    },
+    /// An offer refused for lack of room (window or queue).
+    Refused,
+    /// Frames a resuming agent gets again.
+    Resent(usize),
+    /// A running task was cancelled: stop its tool calls here.
+    CancelTools {
+        task_id: String,
+    },
+    BreakerOpened {
+        worker: String,
+    },
+    DeadLettered {
+        task_id: String,
+        attempts: u32,
+        why: String,
+    },
+    Evicted {
+        session: String,
+    },
+}
+
+/// Changes made by one or more transitions under the state lock, submitted as one
+/// ticket.
 #[derive(Default)]
 pub(super) struct Step {
     pub(super) ops: Vec<Op>,
+    /// Frames numbered into a session's outbox: (session, seq).
     pub(super) pushed: Vec<(String, u64)>,
+    /// Sessions whose writer has something to send.
     pub(super) wake: Vec<String>,
+    pub(super) effects: Vec<Effect>,
+    /// The epoch an attach gave the new stream.
+    pub(super) epoch: Option<u64>,
 }
 
 impl Step {
@@ -146,11 +332,11 @@ impl Step {
         });
     }
 
-    pub(super) fn put_task(&mut self, rec: &TaskRecord) {
+    pub(super) fn put_task(&mut self, task: &Task) {
         self.ops.push(Op::Put {
-            coll: coll::tasks(&rec.requester),
-            key: rec.task_id.clone(),
-            val: Bytes::from(rec.encode_to_vec()),
+            coll: coll::tasks(&task.requester),
+            key: task.id.clone(),
+            val: Bytes::from(task.to_record().encode_to_vec()),
         });
     }
 }

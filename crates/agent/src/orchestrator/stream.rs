@@ -4,9 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use lattice_proto::agent::{
-    agent_message, agent_response, AgentMessage, AgentResponse, Heartbeat, Hello, ResumeResult, Welcome,
+    agent_message, agent_response, AgentMessage, AgentResponse, Heartbeat, Hello, ResumeResult,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use lattice_observability::{
@@ -16,15 +16,18 @@ use lattice_observability::{
 use tracing::Instrument;
 
 use crate::{
-    records::{SessionMeta, TaskState},
     session::Verdict,
     tools::CallContext,
     wire::{self, now_us},
 };
 
-use super::{code_name, Inner, Orchestrator};
-
-use super::{routing::*, state::*};
+use super::{
+    code_name,
+    machine::{Attach, Event},
+    now,
+    state::*,
+    Inner, Orchestrator,
+};
 
 impl Orchestrator {
     pub(super) async fn attach(&self, hello: Hello, agent_id: String, tenant: String) -> Result<(String, u64), Status> {
@@ -58,89 +61,26 @@ impl Orchestrator {
             .agent_resumes
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        let mut st = self.inner.state.lock();
-        let mut step = Step::default();
         let sid = match (&resume, result) {
             (Some(r), ResumeResult::Resumed) => r.session_id.clone(),
-            _ => {
-                let meta = SessionMeta {
-                    session_id: wire::new_id(),
-                    agent_id: agent_id.clone(),
-                    tenant: tenant.clone(),
-                    ..SessionMeta::default()
-                };
-                let sid = meta.session_id.clone();
-                st.sessions
-                    .insert(sid.clone(), Session::new(meta, self.inner.cfg.dedupe_window));
-                sid
-            }
+            _ => wire::new_id(),
         };
-        let heartbeat_ms = u32::try_from(self.inner.cfg.heartbeat_interval.as_millis()).unwrap_or(u32::MAX);
-        let window = self.inner.cfg.requester_window;
-        let orchestrator_id = self.inner.cfg.id.clone();
-        let s = st.sessions.get_mut(&sid).expect("inserted or adopted above");
-        s.meta.epoch += 1;
-        let epoch = s.meta.epoch;
-        s.attached = Some(epoch);
-        s.detached_since = None;
-        s.cursor = 0;
-        s.control.clear();
-        s.meta.agent_id = agent_id;
-        s.meta.tenant = tenant;
-        s.meta.capabilities = hello.capabilities.clone();
-        s.meta.max_in_flight = hello.max_in_flight.max(1);
-        s.meta.last_active_us = now_us();
-        let resumed_acks = resume
-            .as_ref()
-            .map(|r| s.outbox.ack(r.last_received_seq))
-            .unwrap_or_default();
-        self.inner.metrics.agent_resent.inc_by(s.outbox.len() as u64);
-        s.control.push_back(wire::response(
-            wire::envelope(""),
-            agent_response::Body::Welcome(Welcome {
-                session_id: sid.clone(),
-                epoch,
-                result: result as i32,
-                last_received_seq: s.completed_hwm(),
-                heartbeat_interval_ms: heartbeat_ms,
-                max_in_flight: window,
-                resume_token: sid.clone().into_bytes(),
-                orchestrator_id,
-            }),
-        ));
-        step.put_session(s);
-        step.wake.push(sid.clone());
-        // A worker that kept running tasks through an orchestrator restart keeps them.
-        if let Some(r) = &resume {
-            for id in &r.running_task_ids {
-                if let Some(t) = st.tasks.get_mut(id) {
-                    if t.rec.state() == TaskState::Assigned {
-                        let previous = std::mem::replace(&mut t.rec.worker, sid.clone());
-                        t.orphaned_since = None;
-                        if let Some(p) = st.sessions.get_mut(&previous) {
-                            p.in_flight.remove(id);
-                        }
-                        st.sessions.get_mut(&sid).expect("present").in_flight.insert(id.clone());
-                    }
-                }
-            }
-        }
-        // Tasks assigned to this worker before it went away are its again.
-        let mine: Vec<String> = st
-            .tasks
-            .values_mut()
-            .filter(|t| t.rec.worker == sid && t.rec.state() == TaskState::Assigned)
-            .map(|t| {
-                t.orphaned_since = None;
-                t.rec.task_id.clone()
-            })
-            .collect();
-        st.sessions.get_mut(&sid).expect("present").in_flight.extend(mine);
-        // What the agent says it received is acknowledged like any ack: a result
-        // it got just before the cut ends its task's life here too.
-        on_acked(&self.inner, &mut st, &sid, resumed_acks, &mut step);
-        dispatch(&self.inner, &mut st, &mut step);
-        self.commit(&mut st, step);
+        let attach = Attach {
+            sid: sid.clone(),
+            result,
+            agent_id,
+            tenant,
+            capabilities: hello.capabilities,
+            max_in_flight: hello.max_in_flight,
+            resume: resume.map(|r| (r.last_received_seq, r.running_task_ids)),
+            heartbeat_ms: u32::try_from(self.inner.cfg.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+            orchestrator_id: self.inner.cfg.id.clone(),
+        };
+        let mut st = self.inner.state.lock();
+        st.waker(&sid);
+        let step = st.apply(Event::Attach(attach), now());
+        let epoch = step.epoch.expect("an attach gives an epoch");
+        self.inner.commit(&mut st, step);
         Ok((sid, epoch))
     }
 
@@ -214,11 +154,10 @@ impl Orchestrator {
             let _ = tx.send(Err(status)).await;
         }
         let mut st = self.inner.state.lock();
-        if let Some(s) = st.sessions.get_mut(&sid) {
-            if s.attached == Some(epoch) {
-                s.attached = None;
-                s.detached_since = Some(Instant::now());
-                s.wake.notify_one();
+        let step = st.apply(Event::Detach { sid, epoch }, now());
+        for sid in &step.wake {
+            if let Some(w) = st.wakers.get(sid) {
+                w.notify_one();
             }
         }
     }
@@ -254,6 +193,7 @@ impl Orchestrator {
             return Err(Status::unavailable("orchestrator is draining"));
         }
         let mut step = Step::default();
+        let now = now();
         let Some(s) = st.sessions.get_mut(sid) else {
             return Err(Status::unavailable("session evicted"));
         };
@@ -262,8 +202,11 @@ impl Orchestrator {
         }
         s.meta.last_active_us = env.sent_at_us;
         if env.ack_seq > 0 {
-            let acked = s.outbox.ack(env.ack_seq);
-            on_acked(&self.inner, &mut st, sid, acked, &mut step);
+            let ack = Event::Acked {
+                sid: sid.to_string(),
+                ack_seq: env.ack_seq,
+            };
+            st.apply_into(ack, now, &mut step);
         }
         if !wire::is_reliable_request(&body) {
             let s = st.sessions.get_mut(sid).expect("checked above");
@@ -276,13 +219,15 @@ impl Orchestrator {
                     s.last_echo_us = hb.sent_at_us;
                 }
                 Body::Credit(c) => {
-                    s.meta.max_in_flight = c.max_in_flight.max(1);
-                    step.put_session(s);
-                    dispatch(&self.inner, &mut st, &mut step);
+                    let credit = Event::Credit {
+                        sid: sid.to_string(),
+                        max_in_flight: c.max_in_flight,
+                    };
+                    st.apply_into(credit, now, &mut step);
                 }
                 Body::Goodbye(_) => {
-                    end_session(&self.inner, &mut st, sid, &mut step);
-                    self.commit(&mut st, step);
+                    st.apply_into(Event::Goodbye { sid: sid.to_string() }, now, &mut step);
+                    self.inner.commit(&mut st, step);
                     return Err(Status::ok("goodbye"));
                 }
                 Body::Hello(_) => return Err(Status::failed_precondition("hello sent twice on one stream")),
@@ -291,7 +236,7 @@ impl Orchestrator {
                 }
                 _ => {}
             }
-            self.commit(&mut st, step);
+            self.inner.commit(&mut st, step);
             return Ok(());
         }
         let s = st.sessions.get_mut(sid).expect("checked above");
@@ -327,7 +272,7 @@ impl Orchestrator {
                 // seq): persist it before the ack goes out.
                 step.put_session(s);
                 step.wake.push(sid.to_string());
-                let ticket = commit(&self.inner, &mut st, step);
+                let ticket = self.inner.commit(&mut st, step);
                 if let Some(s) = st.sessions.get_mut(sid) {
                     s.in_ticket = ticket;
                 }
@@ -349,16 +294,50 @@ impl Orchestrator {
         let seq = env.seq_no;
         match body {
             Body::Offer(offer) => {
-                on_offer(&self.inner, &mut st, sid, &env, priority, offer, &mut step);
+                let traceparent = if offer.task_id.is_empty() || st.tasks.contains_key(&offer.task_id) {
+                    // A resend: the machine ignores it, so no span either.
+                    String::new()
+                } else {
+                    // The task's span continues the requester's trace; the
+                    // assignment carries it on, so the worker's and the tool's
+                    // spans hang under it.
+                    let span = tracing::info_span!(
+                        "agent.task",
+                        task_id = %offer.task_id,
+                        capability = %offer.capability,
+                        priority,
+                        trace_id = tracing::field::Empty,
+                        span_id = tracing::field::Empty
+                    );
+                    telemetry::adopt(&span, telemetry::context_from_traceparent(&env.traceparent));
+                    telemetry::traceparent_of(&span)
+                };
+                let offer = Event::Offer {
+                    sid: sid.to_string(),
+                    deadline_us: env.deadline_us,
+                    priority,
+                    offer,
+                    traceparent,
+                };
+                st.apply_into(offer, now, &mut step);
             }
             Body::Result(result) => {
-                on_result(&self.inner, &mut st, sid, result, &mut step);
+                st.apply_into(
+                    Event::Result {
+                        sid: sid.to_string(),
+                        result,
+                    },
+                    now,
+                    &mut step,
+                );
             }
             Body::Cancel(cancel) => {
-                let owned = st.tasks.get(&cancel.task_id).is_some_and(|t| t.rec.requester == sid);
-                if owned {
-                    cancel_task(&self.inner, &mut st, &cancel.task_id, &cancel.reason, &mut step);
-                }
+                let cancel = Event::Cancel {
+                    sid: sid.to_string(),
+                    task_id: cancel.task_id,
+                    reason: cancel.reason,
+                };
+                st.apply_into(cancel, now, &mut step);
             }
             Body::ToolCall(call) => {
                 s.incomplete.insert(seq);
@@ -421,7 +400,7 @@ impl Orchestrator {
                 });
             }
             Body::Progress(mut p) => {
-                let requester = st.tasks.get(&p.task_id).map(|t| t.rec.requester.clone());
+                let requester = st.tasks.get(&p.task_id).map(|t| t.requester.clone());
                 // Advisory: dropped for a detached requester or a full control queue.
                 if let Some(r) = requester
                     .and_then(|r| st.sessions.get_mut(&r))
@@ -432,7 +411,7 @@ impl Orchestrator {
                         wire::envelope(&p.task_id),
                         agent_response::Body::Progress(p),
                     ));
-                    r.wake.notify_one();
+                    step.wake.push(r.meta.session_id.clone());
                 }
             }
             _ => {}
@@ -441,7 +420,7 @@ impl Orchestrator {
             step.put_session(s);
             step.wake.push(sid.to_string());
         }
-        let ticket = commit(&self.inner, &mut st, step);
+        let ticket = self.inner.commit(&mut st, step);
         if let Some(s) = st.sessions.get_mut(sid) {
             s.in_ticket = ticket;
         }
@@ -460,14 +439,17 @@ impl Orchestrator {
         if self.inner.draining.is_cancelled() {
             return;
         }
-        let mut step = Step::default();
-        let Some(s) = st.sessions.get_mut(sid) else {
+        if !st.sessions.contains_key(sid) {
             return;
+        }
+        let done = Event::Completed {
+            sid: sid.to_string(),
+            seq,
+            correlation_id: correlation_id.to_string(),
+            body,
         };
-        s.incomplete.remove(&seq);
-        push_frame(s, &mut step, wire::envelope(correlation_id), body);
-        step.put_session(s);
-        let ticket = commit(&self.inner, &mut st, step);
+        let step = st.apply(done, now());
+        let ticket = self.inner.commit(&mut st, step);
         if let Some(s) = st.sessions.get_mut(sid) {
             s.in_ticket = ticket;
         }
@@ -479,9 +461,12 @@ async fn writer_task(inner: Arc<Inner>, sid: String, epoch: u64, tx: mpsc::Sende
     let mut heartbeat = tokio::time::interval(inner.cfg.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked_sent = 0u64;
-    let wake = match inner.state.lock().sessions.get(&sid) {
-        Some(s) => s.wake.clone(),
-        None => return,
+    let wake = {
+        let mut st = inner.state.lock();
+        if !st.sessions.contains_key(&sid) {
+            return;
+        }
+        st.waker(&sid)
     };
     loop {
         let (control, frames, ack, ack_ticket) = {
