@@ -125,6 +125,7 @@ def test_reflection_v1alpha_lists_every_service(server):
         "externalscaler.ExternalScaler",
         "lattice.agent.v1.AgentCoordination",
         "lattice.agent.v1.Chat",
+        "lattice.agent.v1.ToolCatalog",
     } <= services
     # The descriptor of a message resolves through v1alpha too.
     with grpc.insecure_channel(server.grpc_url) as channel:

@@ -2,6 +2,7 @@
 pub mod chat;
 pub mod client;
 pub mod lanes;
+pub mod mcp;
 pub mod memory;
 pub mod orchestrator;
 pub mod records;

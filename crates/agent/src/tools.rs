@@ -8,6 +8,11 @@
 //! it. Tools whose effect is outside the store (`http_fetch`) are cached after the
 //! call: a crash inside that window can repeat the call, which is why the shipped
 //! outside-effect tool only reads.
+//!
+//! Tools of MCP servers (`mcp.rs`) join the same catalogue as `<server>.<tool>`
+//! and take the same path: schema, timeout, cancellation, cache, metrics. Their
+//! effect is outside the store too, so the gateway passes the idempotency key on
+//! for the server to key its effect on.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -24,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::{
+    mcp::{McpHub, McpServer, McpTool, Resolved, ToolInfo},
     store::{Op, Store},
     wire::{ok_status, remaining, status},
 };
@@ -45,7 +51,15 @@ enum Kind {
 
 struct Tool {
     kind: Kind,
+    description: &'static str,
+    schema: Value,
     validator: jsonschema::Validator,
+}
+
+/// What a call runs: a built-in, or a tool of an MCP server.
+enum Target {
+    Builtin(Kind),
+    Mcp(Arc<McpServer>, Arc<McpTool>),
 }
 
 /// Who is calling, for the cache key, the deadline and cancellation.
@@ -77,6 +91,8 @@ struct Inner {
     calls: std::sync::atomic::AtomicU64,
     /// Origins `http_fetch` may reach; empty (the default) means none.
     fetch_allow: parking_lot::RwLock<Vec<reqwest::Url>>,
+    /// MCP servers whose tools join the catalogue.
+    mcp: McpHub,
 }
 
 impl ToolGateway {
@@ -89,12 +105,14 @@ impl ToolGateway {
             (
                 "calculator",
                 Kind::Calculator,
+                "Evaluates arithmetic: + - * / ^, parentheses, unary minus",
                 json!({"type": "object", "required": ["expression"], "additionalProperties": false,
                        "properties": {"expression": {"type": "string", "maxLength": 1024}}}),
             ),
             (
                 "counter",
                 Kind::Counter,
+                "Adds `by` (default 1) to a durable named counter, once per idempotency key",
                 json!({"type": "object", "required": ["name"], "additionalProperties": false,
                        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 256},
                                       "by": {"type": "integer", "minimum": 1, "maximum": 1000000}}}),
@@ -102,17 +120,20 @@ impl ToolGateway {
             (
                 "echo",
                 Kind::Echo,
+                "Returns `value` unchanged",
                 json!({"type": "object", "required": ["value"], "properties": {"value": {}}}),
             ),
             (
                 "http_fetch",
                 Kind::HttpFetch,
+                "GETs a URL on the operator's allow-list (no redirects; the first 64 KiB)",
                 json!({"type": "object", "required": ["url"], "additionalProperties": false,
                        "properties": {"url": {"type": "string", "pattern": "^https?://"}}}),
             ),
             (
                 "infer",
                 Kind::Infer,
+                "Runs a served model on JSON tensors",
                 json!({"type": "object", "required": ["model", "inputs"], "additionalProperties": false,
                        "properties": {"model": {"type": "string"}, "version": {"type": "string"},
                                       "inputs": {"type": "object", "additionalProperties": {
@@ -124,14 +145,23 @@ impl ToolGateway {
             (
                 "sleep",
                 Kind::Sleep,
+                "Waits `ms` milliseconds (cancellable)",
                 json!({"type": "object", "required": ["ms"], "additionalProperties": false,
                        "properties": {"ms": {"type": "integer", "minimum": 0, "maximum": 3600000}}}),
             ),
         ];
         let mut tools = HashMap::new();
-        for (name, kind, schema) in specs {
+        for (name, kind, description, schema) in specs {
             let validator = jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("schema of {name}: {e}"))?;
-            tools.insert(name, Tool { kind, validator });
+            tools.insert(
+                name,
+                Tool {
+                    kind,
+                    description,
+                    schema,
+                    validator,
+                },
+            );
         }
         Ok(ToolGateway {
             inner: Arc::new(Inner {
@@ -149,6 +179,7 @@ impl ToolGateway {
                 running: Mutex::new(HashMap::new()),
                 calls: std::sync::atomic::AtomicU64::new(0),
                 fetch_allow: parking_lot::RwLock::new(Vec::new()),
+                mcp: McpHub::default(),
             }),
         })
     }
@@ -163,6 +194,30 @@ impl ToolGateway {
     fn fetch_allowed(&self, url: &reqwest::Url) -> bool {
         let origin = url.origin();
         self.inner.fetch_allow.read().iter().any(|a| a.origin() == origin)
+    }
+
+    /// The MCP servers behind this gateway (configure with [`McpHub::apply`]).
+    pub fn mcp(&self) -> &McpHub {
+        &self.inner.mcp
+    }
+
+    /// Every tool `tenant` may call, with its argument schema: the built-ins, then
+    /// the MCP servers' tools, each sorted by name.
+    pub fn catalogue(&self, tenant: &str) -> Vec<ToolInfo> {
+        let mut out: Vec<ToolInfo> = self
+            .inner
+            .tools
+            .iter()
+            .map(|(name, t)| ToolInfo {
+                name: (*name).to_string(),
+                description: t.description.to_string(),
+                input_schema: t.schema.clone(),
+                source: "builtin".into(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.extend(self.inner.mcp.catalogue(tenant));
+        out
     }
 
     /// Tool calls running now.
@@ -185,7 +240,7 @@ impl ToolGateway {
         result.call_id = call.call_id;
         // Unknown tool names are not label values: they would let callers grow the
         // series set without bound.
-        let tool = if self.inner.tools.contains_key(call.tool.as_str()) {
+        let tool = if self.inner.tools.contains_key(call.tool.as_str()) || self.inner.mcp.knows(&call.tool) {
             call.tool
         } else {
             "unknown".into()
@@ -206,26 +261,36 @@ impl ToolGateway {
     }
 
     async fn call_inner(&self, ctx: &CallContext, call: &ToolCall) -> ToolResult {
-        let Some(tool) = self.inner.tools.get(call.tool.as_str()) else {
-            return failed(Code::NotFound, format!("no tool named '{}'", call.tool));
+        let target = match self.inner.tools.get(call.tool.as_str()) {
+            Some(tool) => Target::Builtin(tool.kind),
+            None => match self.inner.mcp.resolve(&ctx.tenant, &call.tool) {
+                Some(Resolved::Tool(server, tool)) => Target::Mcp(server, tool),
+                Some(Resolved::Unavailable(why)) => return failed(Code::Unavailable, why),
+                Some(Resolved::NotFound(why)) => return failed(Code::NotFound, why),
+                None => return failed(Code::NotFound, format!("no tool named '{}'", call.tool)),
+            },
         };
         let args: Value = match serde_json::from_str(&call.arguments_json) {
             Ok(v) => v,
             Err(e) => return failed(Code::InvalidArgument, format!("arguments are not JSON: {e}")),
         };
-        if let Err(e) = tool.validator.validate(&args) {
+        let validator = match &target {
+            Target::Builtin(_) => &self.inner.tools[call.tool.as_str()].validator,
+            Target::Mcp(_, tool) => &tool.validator,
+        };
+        if let Err(e) = validator.validate(&args) {
             return failed(
                 Code::InvalidArgument,
                 format!("arguments do not match the schema of '{}': {e}", call.tool),
             );
         }
         if ctx.idempotency_key.is_empty() {
-            return self.execute(ctx, call, tool.kind, &args).await.0;
+            return self.execute(ctx, call, &target, &args).await.0;
         }
         let cache_key = format!("{}\u{1f}{}", ctx.tenant, ctx.idempotency_key);
         let lock = self.inner.keyed.lock().entry(cache_key.clone()).or_default().clone();
         let _guard = lock.lock().await;
-        let out = self.cached_call(ctx, call, tool.kind, &args, &cache_key).await;
+        let out = self.cached_call(ctx, call, &target, &args, &cache_key).await;
         drop(_guard);
         let mut keyed = self.inner.keyed.lock();
         if Arc::strong_count(&lock) == 2 {
@@ -238,7 +303,7 @@ impl ToolGateway {
         &self,
         ctx: &CallContext,
         call: &ToolCall,
-        kind: Kind,
+        target: &Target,
         args: &Value,
         cache_key: &str,
     ) -> ToolResult {
@@ -253,7 +318,7 @@ impl ToolGateway {
             Ok(None) => {}
             Err(e) => return failed(Code::Unavailable, format!("idempotency cache: {e}")),
         }
-        let (result, effect) = self.execute(ctx, call, kind, args).await;
+        let (result, effect) = self.execute(ctx, call, target, args).await;
         // Only outcomes that would repeat are remembered: a timeout or cancel may go
         // differently next time.
         let code = Code::from_i32(result.status.as_ref().map_or(0, |s| s.code));
@@ -282,11 +347,21 @@ impl ToolGateway {
 
     /// Runs the tool; returns its result and the store ops that are its durable
     /// side effect (committed with the cache entry).
-    async fn execute(&self, ctx: &CallContext, call: &ToolCall, kind: Kind, args: &Value) -> (ToolResult, Vec<Op>) {
+    async fn execute(
+        &self,
+        ctx: &CallContext,
+        call: &ToolCall,
+        target: &Target,
+        args: &Value,
+    ) -> (ToolResult, Vec<Op>) {
+        let configured = match target {
+            Target::Mcp(server, _) => server.timeout(),
+            Target::Builtin(_) => None,
+        };
         let mut timeout = if call.timeout_ms > 0 {
             Duration::from_millis(u64::from(call.timeout_ms))
         } else {
-            DEFAULT_TIMEOUT
+            configured.unwrap_or(DEFAULT_TIMEOUT)
         };
         if let Some(left) = remaining(ctx.deadline_us) {
             timeout = timeout.min(left);
@@ -301,7 +376,18 @@ impl ToolGateway {
                 .or_default()
                 .push((call_no, token.clone()));
         }
-        let run = self.run(kind, args);
+        let run = async {
+            match target {
+                Target::Builtin(kind) => self.run(*kind, args).await,
+                Target::Mcp(server, tool) => {
+                    let traceparent = lattice_observability::telemetry::traceparent_of(&tracing::Span::current());
+                    server
+                        .call(tool, args, &ctx.tenant, &ctx.idempotency_key, &traceparent)
+                        .await
+                        .map(|v| (v, Vec::new()))
+                }
+            }
+        };
         let out = tokio::select! {
             r = tokio::time::timeout(timeout, run) => match r {
                 Ok(Ok((v, effect))) => (ToolResult { output_json: v.to_string(), status: Some(ok_status()), ..ToolResult::default() }, effect),

@@ -560,6 +560,11 @@ pub struct AgentPlaneArgs {
     /// loopback and the pod's sidecars.
     #[arg(long, env = "LATTICE_TOOL_FETCH_ALLOW", value_delimiter = ',')]
     pub tool_fetch_allow: Vec<String>,
+    /// A TOML file listing MCP tool servers (stdio commands or Streamable HTTP
+    /// URLs, per tenant or global) whose tools join the tool gateway as
+    /// `<server>.<tool>`; re-read every second while the server runs.
+    #[arg(long, env = "LATTICE_MCP_CONFIG")]
+    pub mcp_config: Option<PathBuf>,
 }
 
 impl AgentPlaneArgs {
@@ -588,6 +593,24 @@ impl AgentPlaneArgs {
             .map_err(|e| Failure::Usage(format!("--memory-store: {e:#}")))?;
         let tools = ToolGateway::new(store.clone(), repo, metrics.clone())?;
         tools.set_fetch_allow(fetch_allow(&self.tool_fetch_allow, kube_api)?);
+        if let Some(path) = &self.mcp_config {
+            let kube = kube_api.to_string();
+            // An MCP URL follows --tool-fetch-allow's rule: any http(s) origin the
+            // operator lists, except the credentialed Kubernetes API proxy.
+            let parse = move |bytes: &[u8]| {
+                lattice_agent::mcp::McpConfig::parse(bytes, &|u| {
+                    fetch_allow(&[u.to_string()], &kube).map(|_| ()).map_err(|e| match e {
+                        Failure::Usage(m) => m,
+                        Failure::Runtime(e) => e.to_string(),
+                    })
+                })
+            };
+            let bytes =
+                std::fs::read(path).map_err(|e| Failure::Usage(format!("--mcp-config {}: {e}", path.display())))?;
+            let cfg = parse(&bytes).map_err(|e| Failure::Usage(format!("--mcp-config {}: {e}", path.display())))?;
+            tools.mcp().apply(cfg);
+            tools.mcp().watch(path.clone(), parse);
+        }
         let cfg = OrchestratorConfig {
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
             session_idle_timeout: Duration::from_secs(self.session_idle_timeout_secs),

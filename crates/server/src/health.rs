@@ -20,7 +20,11 @@ pub fn other_services(agents: bool) -> Vec<&'static str> {
         "externalscaler.ExternalScaler",
     ];
     if agents {
-        names.extend(["lattice.agent.v1.AgentCoordination", "lattice.agent.v1.Chat"]);
+        names.extend([
+            "lattice.agent.v1.AgentCoordination",
+            "lattice.agent.v1.Chat",
+            "lattice.agent.v1.ToolCatalog",
+        ]);
     }
     names
 }

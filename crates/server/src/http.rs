@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
         .route("/v1/agents/tasks", post(crate::tasks::offer))
+        .route("/v1/tools", get(crate::tools_api::list))
         .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route("/metrics", get(crate::exposition::render))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"error": "not found"}))) })

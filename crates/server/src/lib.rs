@@ -26,6 +26,7 @@ pub mod podcost;
 pub mod scaler;
 pub mod scaling;
 pub mod tasks;
+pub mod tools_api;
 pub mod watch;
 
 use std::{
@@ -246,6 +247,11 @@ pub async fn run(
                 AgentCoordinationServer::new(a.orchestrator.clone()).max_decoding_message_size(state.cfg.max_body_bytes)
             }))
             .add_optional_service(state.agents.as_ref().map(|a| ChatServer::new(a.chat.clone())))
+            .add_optional_service(state.agents.as_ref().map(|a| {
+                lattice_proto::agent::tool_catalog_server::ToolCatalogServer::new(tools_api::Catalog {
+                    tools: a.orchestrator.tools().clone(),
+                })
+            }))
             .serve_with_incoming_shutdown(grpc_incoming, grpc_token.cancelled_owned()),
     );
 

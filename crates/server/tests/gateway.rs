@@ -538,6 +538,46 @@ async fn the_agent_plane_is_behind_the_same_check() {
         .unwrap()
         .unwrap();
     assert_eq!(echoed.text, "hello");
+
+    // The tool catalogue: agent scope, and the tenant is the credential's.
+    let tools = |token: Option<&str>| {
+        let mut r = http.get(server.url("/v1/tools")).header("x-tenant-id", "acme");
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(tools(None).await.0, 401);
+    assert_eq!(tools(Some(&infer_token)).await.0, 403);
+    let (status, body) = tools(Some(&agent_token)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tenant"], "acme");
+    let calc = body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "calculator")
+        .unwrap();
+    assert_eq!(calc["source"], "builtin");
+    assert_eq!(calc["input_schema"]["required"], json!(["expression"]));
+    let mut catalog =
+        lattice_proto::agent::tool_catalog_client::ToolCatalogClient::connect(format!("http://{}", server.grpc))
+            .await
+            .unwrap();
+    let s = catalog
+        .list_tools(lattice_proto::agent::ListToolsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    let mut req = Request::new(lattice_proto::agent::ListToolsRequest {});
+    req.metadata_mut()
+        .insert("authorization", bearer(&agent_token).parse().unwrap());
+    req.metadata_mut().insert("x-tenant-id", "acme".parse().unwrap());
+    let listed = catalog.list_tools(req).await.unwrap().into_inner();
+    assert_eq!(listed.tools.len(), body["tools"].as_array().unwrap().len());
     server.stop().await;
 }
 

@@ -114,7 +114,7 @@ fn classify(proto: Protocol, path: &str) -> Access {
                 Access::Open
             } else if path.starts_with("/v2/repository/") {
                 Access::Scope(Scope::Admin)
-            } else if path.starts_with("/v1/agents/") {
+            } else if path.starts_with("/v1/agents/") || path == "/v1/tools" {
                 Access::Scope(Scope::Agent)
             } else if path == "/metrics" || path.ends_with("/stats") {
                 Access::Scope(Scope::Metrics)
@@ -741,6 +741,7 @@ mod tests {
             (Http, "/v2/models/m/versions/2/infer", Scope(crate::auth::Scope::Infer)),
             (Http, "/v2/repository/models/m/load", Scope(crate::auth::Scope::Admin)),
             (Http, "/v1/agents/tasks", Scope(crate::auth::Scope::Agent)),
+            (Http, "/v1/tools", Scope(crate::auth::Scope::Agent)),
             (Http, "/metrics", Scope(crate::auth::Scope::Metrics)),
             (Http, "/v2/models/m/stats", Scope(crate::auth::Scope::Metrics)),
             (Http, "/nope", Authenticated),
@@ -767,6 +768,11 @@ mod tests {
                 Scope(crate::auth::Scope::Agent),
             ),
             (Grpc, "/lattice.agent.v1.Chat/Chat", Scope(crate::auth::Scope::Agent)),
+            (
+                Grpc,
+                "/lattice.agent.v1.ToolCatalog/ListTools",
+                Scope(crate::auth::Scope::Agent),
+            ),
             (
                 Grpc,
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
