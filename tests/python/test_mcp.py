@@ -112,10 +112,12 @@ def catalogue(srv, tenant=None):
     return r.json()
 
 
-def offer(srv, tool, arguments, task_id=None, timeout_ms=60000):
+def offer(srv, tool, arguments, task_id=None, timeout_ms=60000, tenant=None):
     body = {"capability": "tools", "tool": tool, "arguments": arguments, "timeout_ms": timeout_ms,
             "task_id": task_id or f"t-{uuid.uuid4()}"}
-    return requests.post(f"{srv.base_url}/v1/agents/tasks", json=body, timeout=timeout_ms / 1000 + 10)
+    headers = {"x-tenant-id": tenant} if tenant else {}
+    return requests.post(f"{srv.base_url}/v1/agents/tasks", json=body, headers=headers,
+                         timeout=timeout_ms / 1000 + 10)
 
 
 def tool_output(r):
@@ -238,6 +240,15 @@ def test_tenant_cannot_call_another_tenants_server(plane):
     r = offer(plane.srv, "secret.append", {"entry": "x", "amount": 1})
     assert r.status_code == 404, r.text
     assert ledger_keys(plane.files["secret"][0]) == []
+
+
+def test_a_task_calls_tools_as_its_requesters_tenant(plane):
+    # The worker's own session is tenant `default`; the task's tenant `other` is
+    # the one whose servers (and cache) apply to the calls made for it.
+    task_id = f"other-{uuid.uuid4()}"
+    r = offer(plane.srv, "secret.append", {"entry": "x", "amount": 1}, task_id, tenant="other")
+    assert tool_output(r)["applied"] is True
+    assert ledger_keys(plane.files["secret"][0]) == [task_id]
 
 
 def test_cancelled_task_cancels_the_mcp_call(plane):

@@ -339,9 +339,18 @@ impl Orchestrator {
                 st.apply_into(cancel, now, &mut step);
             }
             Body::ToolCall(call) => {
+                // A call made for a task this worker runs acts for the task's
+                // tenant (its MCP servers, limits and idempotency cache), not for
+                // the worker's own.
+                let task_tenant = st
+                    .tasks
+                    .get(&env.correlation_id)
+                    .filter(|t| t.worker() == Some(sid))
+                    .map(|t| t.tenant.clone());
+                let s = st.sessions.get_mut(sid).expect("checked above");
                 s.incomplete.insert(seq);
                 let ctx = CallContext {
-                    tenant: s.meta.tenant.clone(),
+                    tenant: task_tenant.unwrap_or_else(|| s.meta.tenant.clone()),
                     // Without a key the frame's msg_id is one: a resend after a crash
                     // is answered from the cache instead of running again.
                     idempotency_key: if env.idempotency_key.is_empty() {
