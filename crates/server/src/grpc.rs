@@ -180,10 +180,7 @@ fn shm_ref(tensor: &str, p: &HashMap<String, InferParameter>) -> Result<Option<T
 
 /// Converts a protobuf request into core request parts, and the shared-memory
 /// regions its inputs and outputs name.
-pub fn request_parts(
-    req: pb::ModelInferRequest,
-    deadline: Option<Duration>,
-) -> Result<(RequestParts, Refs), ApiError> {
+pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> Result<(RequestParts, Refs), ApiError> {
     let raw = req.raw_input_contents;
     let mut refs = Refs::default();
     let mut input_refs = Vec::with_capacity(req.inputs.len());
@@ -307,7 +304,10 @@ pub fn response_proto(model: &str, resp: InferResponse, placed: &Placed) -> pb::
                     "shared_memory_region".to_string(),
                     param(ParameterChoice::StringParam(p.region.clone())),
                 );
-                for (k, v) in [("shared_memory_offset", p.offset), ("shared_memory_byte_size", p.byte_size)] {
+                for (k, v) in [
+                    ("shared_memory_offset", p.offset),
+                    ("shared_memory_byte_size", p.byte_size),
+                ] {
                     let v = i64::try_from(v).unwrap_or(i64::MAX);
                     parameters.insert(k.to_string(), param(ParameterChoice::Int64Param(v)));
                 }

@@ -492,9 +492,9 @@ async fn shm_register(State(s): State<AppState>, Path(name): Path<String>, body:
         v.get(k)
             .ok_or_else(|| ApiError::Malformed(format!("Shared memory register request has no '{k}' field")))
     };
-    let key = field("key")?
-        .as_str()
-        .ok_or_else(|| ApiError::Malformed("Unable to parse 'key': attempt to access JSON non-string as string".into()))?;
+    let key = field("key")?.as_str().ok_or_else(|| {
+        ApiError::Malformed("Unable to parse 'key': attempt to access JSON non-string as string".into())
+    })?;
     let uint = |k: &str, v: &Value| {
         v.as_u64().ok_or_else(|| {
             ApiError::Malformed(format!(

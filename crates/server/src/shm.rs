@@ -107,7 +107,12 @@ pub enum ShmError {
     NotCuda(String),
     /// The object shrank after it was registered.
     #[error("shared memory region '{name}' (key '{key}') now holds {size} bytes, but the request uses it up to byte {end}; the object was truncated after it was registered: register it again")]
-    Truncated { name: String, key: String, size: u64, end: u64 },
+    Truncated {
+        name: String,
+        key: String,
+        size: u64,
+        end: u64,
+    },
     #[error("shared-memory inputs of this request total more than {limit} bytes, the server's per-request limit (--max-body-bytes)")]
     InputsTooLarge { limit: usize },
     /// The object could not be read or written for a reason that is not the client's.
@@ -259,7 +264,9 @@ fn key_file(name: &str, key: &str) -> Result<String, ShmError> {
         return Err(bad(&format!("a key is at most {MAX_KEY} bytes")));
     }
     if file.contains(['/', '\0']) || file == "." || file == ".." {
-        return Err(bad("a key names one shared-memory object: no '/' after the first character, no NUL, not '.' or '..'"));
+        return Err(bad(
+            "a key names one shared-memory object: no '/' after the first character, no NUL, not '.' or '..'",
+        ));
     }
     Ok(file.to_string())
 }
@@ -282,7 +289,9 @@ impl Registry {
             return Err(ShmError::Disabled);
         }
         if name.is_empty() {
-            return Err(invalid("'region name' is necessary to register system shared memory region"));
+            return Err(invalid(
+                "'region name' is necessary to register system shared memory region",
+            ));
         }
         if name.len() > MAX_NAME {
             return Err(invalid(format!("a region name is at most {MAX_NAME} bytes")));
@@ -561,7 +570,17 @@ mod tests {
     fn keys_name_one_object() {
         assert_eq!(key_file("r", "/abc").unwrap(), "abc");
         assert_eq!(key_file("r", "//abc").unwrap(), "abc");
-        for bad in ["", "/", "//", "/a/b", "../x", "/..", ".", "a\0b", "/triton_python_backend_shm_region_1"] {
+        for bad in [
+            "",
+            "/",
+            "//",
+            "/a/b",
+            "../x",
+            "/..",
+            ".",
+            "a\0b",
+            "/triton_python_backend_shm_region_1",
+        ] {
             assert!(matches!(key_file("r", bad), Err(ShmError::Invalid(_))), "{bad:?}");
         }
         assert!(key_file("r", &"k".repeat(MAX_KEY + 1)).is_err());
@@ -578,8 +597,14 @@ mod tests {
         assert_eq!(&region.read(8, 8).unwrap()[..], &[7u8; 8]);
         // The client shrinks the object after registering.
         File::options().write(true).open(&path).unwrap().set_len(4).unwrap();
-        assert!(matches!(region.read(8, 8), Err(ShmError::Truncated { size: 4, end: 16, .. })));
-        assert!(matches!(region.write("o", 8, 8, &[1; 8]), Err(ShmError::Truncated { .. })));
+        assert!(matches!(
+            region.read(8, 8),
+            Err(ShmError::Truncated { size: 4, end: 16, .. })
+        ));
+        assert!(matches!(
+            region.write("o", 8, 8, &[1; 8]),
+            Err(ShmError::Truncated { .. })
+        ));
         // And the write did not grow it back.
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4);
     }
@@ -590,12 +615,21 @@ mod tests {
         std::fs::write(dir.path().join("obj"), [0u8; 64]).unwrap();
         let reg = registry(dir.path());
         assert!(matches!(reg.register("a", "obj", 60, 8), Err(ShmError::Invalid(_))));
-        assert!(matches!(reg.register("a", "obj", u64::MAX, 8), Err(ShmError::Invalid(_))));
+        assert!(matches!(
+            reg.register("a", "obj", u64::MAX, 8),
+            Err(ShmError::Invalid(_))
+        ));
         reg.register("a", "obj", 0, 40).unwrap();
         assert_eq!(reg.register("a", "obj", 0, 8), Err(ShmError::Duplicate("a".into())));
-        assert!(matches!(reg.register("b", "obj", 0, 40), Err(ShmError::TooManyBytes { .. })));
+        assert!(matches!(
+            reg.register("b", "obj", 0, 40),
+            Err(ShmError::TooManyBytes { .. })
+        ));
         reg.register("b", "obj", 40, 24).unwrap();
-        assert!(matches!(reg.register("c", "obj", 0, 1), Err(ShmError::TooManyRegions { .. })));
+        assert!(matches!(
+            reg.register("c", "obj", 0, 1),
+            Err(ShmError::TooManyRegions { .. })
+        ));
         let a = reg.get("a").unwrap();
         assert!(a.window(40, 1).is_err());
         assert!(a.window(39, 2).is_err());

@@ -724,7 +724,11 @@ async fn shared_memory_kinds_on_both_protocols() {
         .await
         .unwrap();
     expect_http(r, ErrorKind::NotFound, "unknown region");
-    expect_grpc(grpc.model_infer(req).await.unwrap_err(), ErrorKind::NotFound, "unknown region");
+    expect_grpc(
+        grpc.model_infer(req).await.unwrap_err(),
+        ErrorKind::NotFound,
+        "unknown region",
+    );
 
     // Overloaded: more regions than the limit.
     let limit = lattice_server::shm::Limits::default().max_regions;

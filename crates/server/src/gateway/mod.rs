@@ -747,7 +747,11 @@ mod tests {
             (Http, "/v2/models/m/infer", Scope(crate::auth::Scope::Infer)),
             (Http, "/v2/models/m/versions/2/infer", Scope(crate::auth::Scope::Infer)),
             (Http, "/v2/repository/models/m/load", Scope(crate::auth::Scope::Admin)),
-            (Http, "/v2/systemsharedmemory/region/r/register", Scope(crate::auth::Scope::Admin)),
+            (
+                Http,
+                "/v2/systemsharedmemory/region/r/register",
+                Scope(crate::auth::Scope::Admin),
+            ),
             (Http, "/v2/cudasharedmemory/status", Scope(crate::auth::Scope::Admin)),
             (Http, "/v1/agents/tasks", Scope(crate::auth::Scope::Agent)),
             (Http, "/metrics", Scope(crate::auth::Scope::Metrics)),
