@@ -779,6 +779,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         ),
         ("--max-connections", args.max_connections as u64),
         ("--max-response-bytes", args.max_response_bytes as u64),
+        // To refuse shared memory, --system-shared-memory off says so clearly.
+        ("--shm-max-regions", args.shm_max_regions as u64),
+        ("--shm-max-bytes", args.shm_max_bytes),
     ] {
         if value == 0 {
             return Err(Failure::Usage(format!("{flag} must be at least 1")));
