@@ -349,6 +349,22 @@ pub struct ServeArgs {
     /// Request spans and metrics recording. "off" exists to measure their overhead.
     #[arg(long, env = "LATTICE_TELEMETRY", value_enum, default_value_t = Switch::On)]
     pub telemetry: Switch,
+    /// Triton's system shared memory extension: a client on this host registers a
+    /// POSIX shared-memory object (/dev/shm/<key>) and passes tensors through it.
+    /// Registering lets a caller make the server read and write any object in
+    /// /dev/shm that the server's user can open, so with --auth on it needs the
+    /// admin scope; "off" answers register and unregister with 501 / UNIMPLEMENTED
+    /// (Triton's --allow-client-shm=false).
+    #[arg(long, env = "LATTICE_SYSTEM_SHARED_MEMORY", value_enum, default_value_t = Switch::On)]
+    pub system_shared_memory: Switch,
+    /// Shared-memory regions registered at once; past it a registration is 429 /
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LATTICE_SHM_MAX_REGIONS", default_value_t = 64)]
+    pub shm_max_regions: usize,
+    /// Total bytes of the registered shared-memory regions. What one request reads
+    /// from regions is bounded by --max-body-bytes, as if it came through the socket.
+    #[arg(long, env = "LATTICE_SHM_MAX_BYTES", default_value_t = 1 << 30)]
+    pub shm_max_bytes: u64,
     /// This replica's position in the fleet (0-based), for sharded warm-up. Defaults
     /// to the StatefulSet ordinal at the end of the hostname, or a hash of it.
     #[arg(long, env = "LATTICE_REPLICA_INDEX")]
@@ -792,6 +808,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         ),
         ("--max-connections", args.max_connections as u64),
         ("--max-response-bytes", args.max_response_bytes as u64),
+        // To refuse shared memory, --system-shared-memory off says so clearly.
+        ("--shm-max-regions", args.shm_max_regions as u64),
+        ("--shm-max-bytes", args.shm_max_bytes),
     ] {
         if value == 0 {
             return Err(Failure::Usage(format!("{flag} must be at least 1")));
@@ -830,6 +849,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
                     .unwrap_or_else(|| replica_index_from_hostname(args.replica_count)),
                 replica_count: args.replica_count.max(1),
                 stagger: Duration::from_millis(args.warmup_stagger_ms),
+            },
+            shm: lattice_server::shm::Limits {
+                enabled: args.system_shared_memory == Switch::On,
+                max_regions: args.shm_max_regions,
+                max_bytes: args.shm_max_bytes,
+                ..Default::default()
             },
         },
     );

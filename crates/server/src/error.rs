@@ -14,6 +14,8 @@ use axum::{
 use lattice_inference::InferError;
 use tonic::Code;
 
+use crate::shm::ShmError;
+
 /// Longest error message sent to a client, in bytes.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -60,6 +62,8 @@ pub enum ApiError {
         code: Code,
         message: String,
     },
+    /// A shared-memory region call, or an input or output that names a region.
+    Shm(ShmError),
 }
 
 /// Closed set of error kinds, each with one HTTP status and one gRPC code.
@@ -78,11 +82,16 @@ pub enum ErrorKind {
     Unauthenticated,
     PermissionDenied,
     ResponseTooLarge,
+    /// A feature this server does not offer (CUDA shared memory without a GPU, shared
+    /// memory switched off).
+    Unsupported,
+    /// A name that is already taken (a shared-memory region).
+    AlreadyExists,
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::NotFound,
         ErrorKind::InvalidInput,
         ErrorKind::BatchTooLarge,
@@ -96,6 +105,8 @@ impl ErrorKind {
         ErrorKind::Unauthenticated,
         ErrorKind::PermissionDenied,
         ErrorKind::ResponseTooLarge,
+        ErrorKind::Unsupported,
+        ErrorKind::AlreadyExists,
         ErrorKind::Internal,
     ];
 
@@ -124,6 +135,10 @@ impl ErrorKind {
             // 4xx. Checked before encoding; RESOURCE_EXHAUSTED is what gRPC itself
             // uses for a message larger than the receiver's maximum.
             ErrorKind::ResponseTooLarge => (StatusCode::BAD_REQUEST, Code::ResourceExhausted),
+            // Triton's UNSUPPORTED: 501 / UNIMPLEMENTED.
+            ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, Code::Unimplemented),
+            // Triton's ALREADY_EXISTS: 400 on HTTP, its own code on gRPC.
+            ErrorKind::AlreadyExists => (StatusCode::BAD_REQUEST, Code::AlreadyExists),
             ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, Code::Internal),
         }
     }
@@ -147,6 +162,8 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::ResponseTooLarge => "response_too_large",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::AlreadyExists => "already_exists",
             ErrorKind::Internal => "internal_error",
         }
     }
@@ -155,9 +172,9 @@ impl ErrorKind {
     /// the inverse of the table where it has one, the nearest kind otherwise.
     pub fn of_grpc(code: Code) -> ErrorKind {
         match code {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::AlreadyExists => {
-                ErrorKind::InvalidInput
-            }
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => ErrorKind::InvalidInput,
+            Code::AlreadyExists => ErrorKind::AlreadyExists,
+            Code::Unimplemented => ErrorKind::Unsupported,
             Code::NotFound => ErrorKind::NotFound,
             Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             Code::ResourceExhausted => ErrorKind::Overloaded,
@@ -165,7 +182,7 @@ impl ErrorKind {
             Code::Cancelled => ErrorKind::Cancelled,
             Code::Unauthenticated => ErrorKind::Unauthenticated,
             Code::PermissionDenied => ErrorKind::PermissionDenied,
-            Code::Ok | Code::Unknown | Code::Unimplemented | Code::Internal | Code::DataLoss => ErrorKind::Internal,
+            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorKind::Internal,
         }
     }
 }
@@ -194,6 +211,18 @@ impl ApiError {
             ApiError::TaskSessionsFull { .. } => ErrorKind::Overloaded,
             ApiError::ResponseTooLarge { .. } => ErrorKind::ResponseTooLarge,
             ApiError::Task { code, .. } => ErrorKind::of_grpc(*code),
+            ApiError::Shm(e) => match e {
+                ShmError::Disabled | ShmError::CudaUnsupported => ErrorKind::Unsupported,
+                ShmError::Invalid(_) | ShmError::Truncated { .. } => ErrorKind::InvalidInput,
+                ShmError::Duplicate(_) => ErrorKind::AlreadyExists,
+                ShmError::TooManyRegions { .. } | ShmError::TooManyBytes { .. } => ErrorKind::Overloaded,
+                ShmError::UnknownRegion(_)
+                | ShmError::UnknownStatus(_)
+                | ShmError::UnknownCudaRegion(_)
+                | ShmError::NotCuda(_) => ErrorKind::NotFound,
+                ShmError::InputsTooLarge { .. } => ErrorKind::PayloadTooLarge,
+                ShmError::Io { .. } => ErrorKind::Internal,
+            },
         }
     }
 
@@ -230,6 +259,7 @@ impl ApiError {
                 "{limit} tenants already have task sessions on this replica; retry after {} s",
                 retry_after.as_secs().max(1)
             ),
+            ApiError::Shm(e) => e.to_string(),
             ApiError::ResponseTooLarge { size, limit } => format!(
                 "the response would be {size} bytes, above the server's limit of {limit} (--max-response-bytes); request fewer outputs or a smaller batch"
             ),
@@ -256,6 +286,12 @@ impl ApiError {
 impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
         ApiError::Infer(e)
+    }
+}
+
+impl From<ShmError> for ApiError {
+    fn from(e: ShmError) -> Self {
+        ApiError::Shm(e)
     }
 }
 

@@ -18,7 +18,12 @@ use tonic::{metadata::MetadataMap, Request, Response, Status};
 
 use lattice_inference::repository::echo;
 
-use crate::{error::ApiError, json::schedule_params, AppState};
+use crate::{
+    error::ApiError,
+    json::schedule_params,
+    shm::{Placed, Refs, TensorRef},
+    AppState,
+};
 
 /// Requests of one `ModelStreamInfer` stream computed concurrently; answers keep
 /// request order.
@@ -127,15 +132,77 @@ fn sequence_params(p: &HashMap<String, InferParameter>) -> Result<Option<Sequenc
     Ok(Some(SequenceControl { id, start, end }))
 }
 
-/// Converts a protobuf request into core request parts.
-pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> Result<RequestParts, ApiError> {
-    let raw = req.raw_input_contents;
-    if !raw.is_empty() {
-        if raw.len() != req.inputs.len() {
+/// `shared_memory_region` (string), `shared_memory_offset` and
+/// `shared_memory_byte_size` (int64) of one tensor, with Triton's gRPC texts.
+fn shm_ref(tensor: &str, p: &HashMap<String, InferParameter>) -> Result<Option<TensorRef>, ApiError> {
+    let tensor = echo(tensor);
+    let int = |k: &str| -> Result<Option<u64>, ApiError> {
+        match p.get(k).map(|v| v.parameter_choice.as_ref()) {
+            None => Ok(None),
+            Some(Some(ParameterChoice::Int64Param(v))) => u64::try_from(*v)
+                .map(Some)
+                .map_err(|_| malformed(format!("'{k}' for tensor '{tensor}' must not be negative, got {v}"))),
+            Some(_) => Err(malformed(format!(
+                "invalid value type for '{k}' parameter for tensor '{tensor}', expected int64_param."
+            ))),
+        }
+    };
+    let (offset, byte_size) = (int("shared_memory_offset")?, int("shared_memory_byte_size")?);
+    let region = match p.get("shared_memory_region").map(|v| v.parameter_choice.as_ref()) {
+        None => {
+            for (k, v) in [("shared_memory_offset", offset), ("shared_memory_byte_size", byte_size)] {
+                if v.is_some() {
+                    return Err(malformed(format!(
+                        "'{k}' can not be specified without 'shared_memory_region' parameter for tensor '{tensor}'"
+                    )));
+                }
+            }
+            return Ok(None);
+        }
+        Some(Some(ParameterChoice::StringParam(r))) => r.clone(),
+        Some(_) => {
             return Err(malformed(format!(
-                "raw_input_contents has {} entries for {} inputs",
+                "invalid value type for 'shared_memory_region' parameter for tensor '{tensor}', expected string_param."
+            )))
+        }
+    };
+    let byte_size = byte_size.ok_or_else(|| {
+        malformed(format!(
+            "'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter for tensor '{tensor}'"
+        ))
+    })?;
+    Ok(Some(TensorRef {
+        region,
+        offset: offset.unwrap_or(0),
+        byte_size,
+    }))
+}
+
+/// Converts a protobuf request into core request parts, and the shared-memory
+/// regions its inputs and outputs name.
+pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> Result<(RequestParts, Refs), ApiError> {
+    let raw = req.raw_input_contents;
+    let mut refs = Refs::default();
+    let mut input_refs = Vec::with_capacity(req.inputs.len());
+    for inp in &req.inputs {
+        let r = shm_ref(&inp.name, &inp.parameters)?;
+        if r.is_some() && inp.contents.is_some() {
+            return Err(malformed(format!(
+                "unexpected 'content' provided when using shared memory for input tensor '{}' for model '{}'",
+                echo(&inp.name),
+                echo(&req.model_name)
+            )));
+        }
+        input_refs.push(r);
+    }
+    // Raw contents belong, in order, to the inputs that name no region (tritonclient
+    // sends none for those).
+    let raw_users = input_refs.iter().filter(|r| r.is_none()).count();
+    if !raw.is_empty() {
+        if raw.len() != raw_users {
+            return Err(malformed(format!(
+                "raw_input_contents has {} entries for {raw_users} inputs not in shared memory",
                 raw.len(),
-                req.inputs.len()
             )));
         }
         if let Some(i) = req.inputs.iter().find(|i| i.contents.is_some()) {
@@ -148,12 +215,20 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
         }
     }
     let mut inputs = Vec::with_capacity(req.inputs.len());
-    for (i, inp) in req.inputs.iter().enumerate() {
+    let mut next_raw = 0;
+    for (inp, r) in req.inputs.iter().zip(input_refs) {
         let dtype = DataType::parse(&inp.datatype)
             .filter(|_| !inp.datatype.starts_with("TYPE_"))
             .ok_or_else(|| malformed(format!("input '{}': unknown datatype '{}'", inp.name, inp.datatype)))?;
         element_count(&inp.shape)
             .ok_or_else(|| malformed(format!("input '{}': invalid shape {:?}", inp.name, inp.shape)))?;
+        if let Some(r) = r {
+            refs.inputs.push((inputs.len(), r));
+            inputs.push((inp.name.clone(), Refs::pending_input(dtype, inp.shape.clone())));
+            continue;
+        }
+        let i = next_raw;
+        next_raw += 1;
         let data = match raw.get(i) {
             Some(bytes) => {
                 let bytes = Bytes::from(bytes.clone());
@@ -175,6 +250,16 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
             },
         ));
     }
+    for o in &req.outputs {
+        if let Some(r) = shm_ref(&o.name, &o.parameters)? {
+            if o.parameters.contains_key("classification") {
+                return Err(malformed(
+                    "output can't set both 'shared_memory_region' and 'classification'",
+                ));
+            }
+            refs.outputs.push((o.name.clone(), r));
+        }
+    }
     if let Some(o) = req.outputs.iter().find(|o| o.parameters.contains_key("classification")) {
         return Err(crate::json::unsupported_classification(&o.name));
     }
@@ -191,26 +276,49 @@ pub fn request_parts(req: pb::ModelInferRequest, deadline: Option<Duration>) -> 
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    Ok(RequestParts {
+    let parts = RequestParts {
         id: req.id,
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         priority,
         timeout,
         sequence,
-    })
+    };
+    Ok((parts, refs))
 }
 
-pub fn response_proto(model: &str, resp: InferResponse) -> pb::ModelInferResponse {
+pub fn response_proto(model: &str, resp: InferResponse, placed: &Placed) -> pb::ModelInferResponse {
     let mut outputs = Vec::with_capacity(resp.outputs.len());
     let mut raw = Vec::with_capacity(resp.outputs.len());
     for (name, t) in resp.outputs {
-        raw.push(t.to_wire_bytes().to_vec());
+        let mut parameters = HashMap::new();
+        match placed.get(&name) {
+            // The data is in the region; an empty entry keeps raw contents aligned
+            // with outputs, as Triton does.
+            Some(p) => {
+                raw.push(Vec::new());
+                let param = |c| InferParameter {
+                    parameter_choice: Some(c),
+                };
+                parameters.insert(
+                    "shared_memory_region".to_string(),
+                    param(ParameterChoice::StringParam(p.region.clone())),
+                );
+                for (k, v) in [
+                    ("shared_memory_offset", p.offset),
+                    ("shared_memory_byte_size", p.byte_size),
+                ] {
+                    let v = i64::try_from(v).unwrap_or(i64::MAX);
+                    parameters.insert(k.to_string(), param(ParameterChoice::Int64Param(v)));
+                }
+            }
+            None => raw.push(t.to_wire_bytes().to_vec()),
+        }
         outputs.push(InferOutputTensor {
             name,
             datatype: t.dtype.as_str().to_string(),
             shape: t.shape,
-            parameters: Default::default(),
+            parameters,
             contents: None,
         });
     }
@@ -236,12 +344,20 @@ impl InferenceService {
         }
         let model = req.model_name.clone();
         let version = req.model_version.clone();
-        let parts = request_parts(req, deadline)?;
+        let (mut parts, refs) = request_parts(req, deadline)?;
+        let targets = state.shm.prepare(&model, &mut parts, refs, state.cfg.max_body_bytes)?;
         let resp = state.repo.infer(&model, &version, parts).await?;
+        let placed = targets.write(&resp.outputs)?;
         let size = resp
             .outputs
             .iter()
-            .map(|(n, t)| 64 + n.len() + 11 * t.shape.len() + t.wire_len())
+            .map(|(n, t)| {
+                let data = match placed.get(n) {
+                    Some(p) => 128 + p.region.len(),
+                    None => t.wire_len(),
+                };
+                (64 + n.len() + 11 * t.shape.len()).saturating_add(data)
+            })
             .fold(256 + resp.id.len(), usize::saturating_add);
         if size > state.cfg.max_response_bytes {
             return Err(ApiError::ResponseTooLarge {
@@ -249,7 +365,7 @@ impl InferenceService {
                 limit: state.cfg.max_response_bytes,
             });
         }
-        Ok(response_proto(&model, resp))
+        Ok(response_proto(&model, resp, &placed))
     }
 }
 
@@ -579,6 +695,85 @@ impl GrpcInferenceService for InferenceService {
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
+
+    async fn system_shared_memory_status(
+        &self,
+        r: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        let name = r.into_inner().name;
+        let regions = self
+            .state
+            .shm
+            .status((!name.is_empty()).then_some(name.as_str()))
+            .map_err(ApiError::from)?
+            .into_iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    pb::system_shared_memory_status_response::RegionStatus {
+                        name: s.name,
+                        key: s.key,
+                        offset: s.offset,
+                        byte_size: s.byte_size,
+                    },
+                )
+            })
+            .collect();
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse { regions }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        r: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        let r = r.into_inner();
+        self.state
+            .shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        r: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        let name = r.into_inner().name;
+        self.state
+            .shm
+            .unregister((!name.is_empty()).then_some(name.as_str()))
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
+    }
+
+    // CUDA shared memory needs a GPU (see `crate::http`): register is UNIMPLEMENTED,
+    // status lists nothing, unregister has nothing to do.
+
+    async fn cuda_shared_memory_status(
+        &self,
+        r: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryStatusResponse>, Status> {
+        let name = r.into_inner().name;
+        self.state
+            .shm
+            .cuda_status((!name.is_empty()).then_some(name.as_str()))
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::CudaSharedMemoryStatusResponse::default()))
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryRegisterResponse>, Status> {
+        Err(ApiError::from(crate::shm::ShmError::CudaUnsupported).into())
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
+        Ok(Response::new(pb::CudaSharedMemoryUnregisterResponse {}))
+    }
 }
 
 fn tenant(md: &tonic::metadata::MetadataMap) -> Option<&str> {
@@ -616,11 +811,11 @@ mod tests {
                 parameter_choice: Some(ParameterChoice::Int64Param(5_000_000)),
             },
         );
-        let parts = request_parts(req.clone(), Some(Duration::from_millis(20)))
+        let (parts, _) = request_parts(req.clone(), Some(Duration::from_millis(20)))
             .ok()
             .unwrap();
         assert_eq!(parts.timeout, Some(Duration::from_millis(20)));
-        let parts = request_parts(req, None).ok().unwrap();
+        let (parts, _) = request_parts(req, None).ok().unwrap();
         assert_eq!(parts.timeout, Some(Duration::from_secs(5)));
     }
 }

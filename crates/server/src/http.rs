@@ -39,6 +39,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(load))
         .route("/v2/repository/models/{model}/unload", post(unload))
+        .route("/v2/systemsharedmemory/status", get(shm_status_all))
+        .route("/v2/systemsharedmemory/region/{name}/status", get(shm_status))
+        .route("/v2/systemsharedmemory/register", post(shm_register_unnamed))
+        .route("/v2/systemsharedmemory/region/{name}/register", post(shm_register))
+        .route("/v2/systemsharedmemory/unregister", post(shm_unregister_all))
+        .route("/v2/systemsharedmemory/region/{name}/unregister", post(shm_unregister))
+        .route("/v2/cudasharedmemory/status", get(cuda_status_all))
+        .route("/v2/cudasharedmemory/region/{name}/status", get(cuda_status))
+        .route("/v2/cudasharedmemory/register", post(cuda_register))
+        .route("/v2/cudasharedmemory/region/{name}/register", post(cuda_register))
+        .route("/v2/cudasharedmemory/unregister", post(cuda_unregister))
+        .route("/v2/cudasharedmemory/region/{name}/unregister", post(cuda_unregister))
         .route("/v1/agents/tasks", post(crate::tasks::offer))
         .route("/v1/tools", get(crate::tools_api::list))
         .route("/v1/embeddings", post(crate::embeddings::embeddings))
@@ -207,19 +219,22 @@ async fn infer_for(
                 .ok_or_else(|| ApiError::Malformed(format!("{HEADER_LEN} must be a byte count")))
         })
         .transpose()?;
-    let decoded = decode_request(body, header_len)?;
+    let mut decoded = decode_request(body, header_len)?;
+    let shm = std::mem::take(&mut decoded.shm);
+    let targets = s.shm.prepare(&model, &mut decoded.parts, shm, s.cfg.max_body_bytes)?;
     let resp = s.repo.infer(&model, &version, decoded.parts).await?;
     if let Some(c) = &ctx {
         c.note_model(&model, &resp.version.to_string());
     }
-    let size = response_size_bound(&resp, &decoded.binary);
+    let placed = targets.write(&resp.outputs)?;
+    let size = response_size_bound(&resp, &decoded.binary, &placed);
     if size > s.cfg.max_response_bytes {
         return Err(ApiError::ResponseTooLarge {
             size,
             limit: s.cfg.max_response_bytes,
         });
     }
-    let (body, json_len) = encode_response(&model, &resp, &decoded.binary);
+    let (body, json_len) = encode_response(&model, &resp, &decoded.binary, &placed);
     // Only a successful inference answer is compressed, as its request asks
     // (`crate::encoding`); every other answer goes out plain.
     let coding = crate::encoding::negotiate(&headers);
@@ -428,4 +443,84 @@ async fn unload(State(s): State<AppState>, Path(model): Path<String>, body: Body
     check_admin_body(&body_bytes(&s, body)?)?;
     s.repo.unload(&model).await?;
     Ok(StatusCode::OK)
+}
+
+// === System shared memory (`crate::shm`) ===
+
+fn shm_status_json(regions: Vec<crate::shm::Status>) -> Json<Value> {
+    Json(Value::Array(
+        regions
+            .into_iter()
+            .map(|r| json!({"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}))
+            .collect(),
+    ))
+}
+
+async fn shm_status_all(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(shm_status_json(s.shm.status(None)?))
+}
+
+async fn shm_status(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(shm_status_json(s.shm.status(Some(&name))?))
+}
+
+async fn shm_register_unnamed(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
+    // The registry names what is missing (or that registration is off).
+    s.shm.register("", "", 0, 0)?;
+    Ok(StatusCode::OK)
+}
+
+/// `{"key": str, "offset": uint (default 0), "byte_size": uint}`, Triton's body.
+async fn shm_register(State(s): State<AppState>, Path(name): Path<String>, body: Body) -> Result<StatusCode, ApiError> {
+    let body = body_bytes(&s, body)?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("malformed JSON: {e}")))?;
+    let field = |k: &str| {
+        v.get(k)
+            .ok_or_else(|| ApiError::Malformed(format!("Shared memory register request has no '{k}' field")))
+    };
+    let key = field("key")?.as_str().ok_or_else(|| {
+        ApiError::Malformed("Unable to parse 'key': attempt to access JSON non-string as string".into())
+    })?;
+    let uint = |k: &str, v: &Value| {
+        v.as_u64().ok_or_else(|| {
+            ApiError::Malformed(format!(
+                "Unable to parse '{k}': attempt to access JSON non-unsigned-integer as unsigned-integer"
+            ))
+        })
+    };
+    let byte_size = uint("byte_size", field("byte_size")?)?;
+    let offset = v.get("offset").map(|o| uint("offset", o)).transpose()?.unwrap_or(0);
+    s.shm.register(&name, key, offset, byte_size)?;
+    Ok(StatusCode::OK)
+}
+
+async fn shm_unregister_all(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
+    s.shm.unregister(None)?;
+    Ok(StatusCode::OK)
+}
+
+async fn shm_unregister(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    s.shm.unregister(Some(&name))?;
+    Ok(StatusCode::OK)
+}
+
+// CUDA shared memory needs a GPU: registering is 501; status lists no regions and
+// unregistering has nothing to do, as on Triton's CPU build, so clients that clear
+// both kinds before starting (Triton's examples do) work unchanged.
+
+async fn cuda_status_all() -> Json<Value> {
+    Json(json!([]))
+}
+
+async fn cuda_status(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    s.shm.cuda_status(Some(&name))?;
+    Ok(Json(json!([])))
+}
+
+async fn cuda_register() -> Result<StatusCode, ApiError> {
+    Err(crate::shm::ShmError::CudaUnsupported.into())
+}
+
+async fn cuda_unregister() -> StatusCode {
+    StatusCode::OK
 }

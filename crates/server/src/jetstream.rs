@@ -197,6 +197,12 @@ async fn handle(
 /// Runs one job; the answer body and, for binary outputs, its JSON header length.
 async fn infer(repo: &ModelRepository, model: &str, payload: Bytes) -> Result<(Bytes, Option<usize>), ApiError> {
     let decoded = decode_request(payload, None)?;
+    if !decoded.shm.is_empty() {
+        // A job may run on any replica, far from the memory a region lives in.
+        return Err(ApiError::Malformed(
+            "queue-driven jobs cannot use shared-memory regions; send the tensor data in the job".into(),
+        ));
+    }
     let resp = repo.infer(model, "", decoded.parts).await?;
-    Ok(encode_response(model, &resp, &decoded.binary))
+    Ok(encode_response(model, &resp, &decoded.binary, &Default::default()))
 }

@@ -12,7 +12,10 @@ use lattice_inference::{
 use serde::{ser::SerializeSeq, Deserialize, Serialize, Serializer};
 use serde_json::{value::RawValue, Map, Value};
 
-use crate::error::ApiError;
+use crate::{
+    error::ApiError,
+    shm::{Placed, Refs, TensorRef},
+};
 
 /// The header that says how many leading body bytes are JSON (binary extension).
 pub const HEADER_LEN: &str = "inference-header-content-length";
@@ -54,6 +57,8 @@ pub struct Decoded {
     pub parts: RequestParts,
     /// Per requested output (or all outputs when none were listed): binary or JSON.
     pub binary: BinaryOutputs,
+    /// Inputs read from, and outputs written to, shared-memory regions.
+    pub shm: Refs,
 }
 
 pub struct BinaryOutputs {
@@ -106,6 +111,49 @@ pub fn schedule_params(
     Ok((priority, timeout))
 }
 
+/// `shared_memory_region`, `shared_memory_offset`, `shared_memory_byte_size` of one
+/// input's or output's parameters (a missing byte size is 0, which the input's size
+/// check then names, as in Triton).
+fn shm_ref(tensor: &str, p: &Map<String, Value>) -> Result<Option<TensorRef>, ApiError> {
+    let num = |k: &str| -> Result<Option<u64>, ApiError> {
+        p.get(k)
+            .map(|v| {
+                v.as_u64().ok_or_else(|| {
+                    malformed(format!(
+                        "Unable to parse '{k}': attempt to access JSON non-unsigned-integer as unsigned-integer"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let (offset, byte_size) = (num("shared_memory_offset")?, num("shared_memory_byte_size")?);
+    let region = match p.get("shared_memory_region") {
+        None => {
+            if let Some(k) = [("shared_memory_offset", offset), ("shared_memory_byte_size", byte_size)]
+                .into_iter()
+                .find_map(|(k, v)| v.map(|_| k))
+            {
+                return Err(malformed(format!(
+                    "'{k}' can not be specified without 'shared_memory_region' parameter for tensor '{}'",
+                    lattice_inference::repository::echo(tensor)
+                )));
+            }
+            return Ok(None);
+        }
+        Some(Value::String(r)) => r.clone(),
+        Some(_) => {
+            return Err(malformed(
+                "Unable to parse 'shared_memory_region': attempt to access JSON non-string as string",
+            ))
+        }
+    };
+    Ok(Some(TensorRef {
+        region,
+        offset: offset.unwrap_or(0),
+        byte_size: byte_size.unwrap_or(0),
+    }))
+}
+
 /// `sequence_id` (uint64 or string), `sequence_start`, `sequence_end` (bools), read
 /// as Triton's REST frontend reads them, with its texts.
 fn sequence_params(p: &Map<String, Value>) -> Result<Option<SequenceControl>, ApiError> {
@@ -150,11 +198,32 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
     let req: RequestJson =
         serde_json::from_slice(&json).map_err(|e| malformed(format!("malformed JSON request: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
+    let mut shm = Refs::default();
     for inp in req.inputs {
         let dtype = DataType::parse(&inp.datatype)
             .filter(|_| !inp.datatype.starts_with("TYPE_"))
             .ok_or_else(|| malformed(format!("input '{}': unknown datatype '{}'", inp.name, inp.datatype)))?;
-        let t = match (inp.parameters.get("binary_data_size"), inp.data) {
+        let region = shm_ref(&inp.name, &inp.parameters)?;
+        let binary_size = inp.parameters.get("binary_data_size");
+        let set: Vec<&str> = [
+            ("'data'", inp.data.is_some()),
+            ("'binary_data_size'", binary_size.is_some()),
+            ("'shared_memory_region'", region.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, on)| on.then_some(f))
+        .collect();
+        if set.len() > 1 {
+            return Err(malformed(content_fields(&format!("set {}", set.join(" ")))));
+        }
+        if let Some(r) = region {
+            element_count(&inp.shape)
+                .ok_or_else(|| malformed(format!("input '{}': invalid shape {:?}", inp.name, inp.shape)))?;
+            shm.inputs.push((inputs.len(), r));
+            inputs.push((inp.name, Refs::pending_input(dtype, inp.shape)));
+            continue;
+        }
+        let t = match (binary_size, inp.data) {
             (Some(size), None) => {
                 let size = size
                     .as_u64()
@@ -193,6 +262,24 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
         )));
     }
     let flag = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_bool);
+    for o in &req.outputs {
+        if let Some(r) = shm_ref(&o.name, &o.parameters)? {
+            // `"binary_data": false` is accepted next to a region (tritonclient sends it).
+            for k in ["binary_data", "classification"] {
+                let conflict = match o.parameters.get(k) {
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => true,
+                    None => false,
+                };
+                if conflict {
+                    return Err(malformed(format!(
+                        "Output can't set both 'shared_memory_region' and '{k}'"
+                    )));
+                }
+            }
+            shm.outputs.push((o.name.clone(), r));
+        }
+    }
     let binary = BinaryOutputs {
         default: flag(&req.parameters, "binary_data_output").unwrap_or(false),
         per_output: req
@@ -222,6 +309,7 @@ pub fn decode_request(body: Bytes, header_len: Option<usize>) -> Result<Decoded,
             sequence,
         },
         binary,
+        shm,
     })
 }
 
@@ -424,12 +512,15 @@ fn json_chars(dtype: DataType) -> usize {
 
 /// An upper bound of [`encode_response`]'s size, computed before anything is
 /// encoded: exact for binary outputs, the longest text per element for JSON ones.
-pub fn response_size_bound(resp: &InferResponse, binary: &BinaryOutputs) -> usize {
+pub fn response_size_bound(resp: &InferResponse, binary: &BinaryOutputs, placed: &Placed) -> usize {
     // The id and names are written JSON-escaped: up to six characters a byte.
     resp.outputs
         .iter()
         .fold(512 + resp.id.len().saturating_mul(6), |acc, (name, t)| {
-            let data = if binary.wants_binary(name) {
+            let data = if let Some(p) = placed.get(name) {
+                // The region's name (escaped) and two numbers.
+                128usize.saturating_add(p.region.len().saturating_mul(6))
+            } else if binary.wants_binary(name) {
                 t.wire_len()
             } else {
                 match &t.data {
@@ -488,7 +579,12 @@ fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
 
 /// Encodes a response; returns the body and, with binary outputs, the JSON length for
 /// the `Inference-Header-Content-Length` header.
-pub fn encode_response(model: &str, resp: &InferResponse, binary: &BinaryOutputs) -> (Bytes, Option<usize>) {
+pub fn encode_response(
+    model: &str,
+    resp: &InferResponse,
+    binary: &BinaryOutputs,
+    placed: &Placed,
+) -> (Bytes, Option<usize>) {
     let mut tail: Vec<Bytes> = Vec::new();
     let mut body = Vec::with_capacity(256);
     body.extend_from_slice(b"{\"model_name\":");
@@ -510,7 +606,18 @@ pub fn encode_response(model: &str, resp: &InferResponse, binary: &BinaryOutputs
         write_json(&mut body, t.dtype.as_str());
         body.extend_from_slice(b",\"shape\":");
         write_json(&mut body, &t.shape);
-        if binary.wants_binary(name) {
+        if let Some(p) = placed.get(name) {
+            // The data is in the region: say where, and how many bytes were written.
+            body.extend_from_slice(b",\"parameters\":");
+            write_json(
+                &mut body,
+                &serde_json::json!({
+                    "shared_memory_region": p.region,
+                    "shared_memory_offset": p.offset,
+                    "shared_memory_byte_size": p.byte_size,
+                }),
+            );
+        } else if binary.wants_binary(name) {
             let wire = t.to_wire_bytes();
             body.extend_from_slice(b",\"parameters\":");
             write_json(&mut body, &serde_json::json!({ "binary_data_size": wire.len() }));
@@ -589,7 +696,7 @@ mod tests {
             default: false,
             per_output: vec![],
         };
-        let (body, len) = encode_response("m", &resp, &none);
+        let (body, len) = encode_response("m", &resp, &none, &Placed::default());
         assert_eq!(len, None);
         let mut want = br#"{"model_name":"m","model_version":"1","id":"r1","outputs":[{"name":"s","datatype":"BYTES","shape":[3],"data":["a\"\\","\u0000\n\u001F",""#.to_vec();
         want.extend_from_slice(b"\xff\xfe\"]}]}");
@@ -602,7 +709,7 @@ mod tests {
             )],
             ..resp
         };
-        let (body, _) = encode_response("m", &text, &none);
+        let (body, _) = encode_response("m", &text, &none, &Placed::default());
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["outputs"][0]["data"], serde_json::json!(["a\u{0}b", "é\""]));
     }

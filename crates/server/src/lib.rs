@@ -25,6 +25,7 @@ pub mod observe;
 pub mod podcost;
 pub mod scaler;
 pub mod scaling;
+pub mod shm;
 pub mod tasks;
 pub mod tools_api;
 pub mod watch;
@@ -57,6 +58,7 @@ pub const EXTENSIONS: &[&str] = &[
     "schedule_policy",
     "statistics",
     "model_configuration",
+    "system_shared_memory",
 ];
 
 #[derive(Clone, Debug)]
@@ -79,6 +81,8 @@ pub struct ServerConfig {
     /// This replica's index and the fleet size, for sharded warm-up, and the delay
     /// per index before loading starts (staggering a fleet that starts together).
     pub warmup: Warmup,
+    /// Bounds of the system shared memory extension.
+    pub shm: shm::Limits,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -115,6 +119,8 @@ pub struct AppState {
     pub tasks: Option<Arc<tasks::TaskGateway>>,
     /// Arrivals counted at the edge and the scaling policy's decision.
     pub scaling: scaling::SharedSignals,
+    /// Registered system shared-memory regions, shared by both protocols.
+    pub shm: shm::Registry,
 }
 
 fn repo_metrics(repo: &ModelRepository) -> Arc<lattice_observability::Metrics> {
@@ -129,6 +135,7 @@ impl AppState {
             agents: None,
             tasks: None,
             scaling: Arc::default(),
+            shm: shm::Registry::new(cfg.shm.clone()),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),

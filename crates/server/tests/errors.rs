@@ -645,3 +645,116 @@ async fn rest_tasks_reach_a_worker_and_failures_map_to_statuses() {
     assert_eq!(status, 200);
     server.stop().await;
 }
+
+/// The kinds only the shared-memory extension raises (and the ones it shares), over
+/// both protocols against real shared-memory objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_kinds_on_both_protocols() {
+    let repo = repo_copy(&["magika"]);
+    let server = start(repo.path(), Options::default()).await;
+    let http = reqwest::Client::new();
+    let mut grpc = server.grpc_client().await;
+    let key = format!("lattice_errors_{}", std::process::id());
+    let path = std::path::Path::new(lattice_server::shm::SHM_DIR).join(&key);
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    let expect_http = |r: reqwest::Response, kind: ErrorKind, what: &str| {
+        assert_eq!(r.status().as_u16(), kind.codes().0.as_u16(), "{what}: HTTP status");
+    };
+    let expect_grpc = |st: tonic::Status, kind: ErrorKind, what: &str| {
+        assert_eq!(st.code(), kind.codes().1, "{what}: gRPC code ({})", st.message());
+        assert!(!st.message().is_empty(), "{what}: message");
+    };
+    let register = |name: &str| pb::SystemSharedMemoryRegisterRequest {
+        name: name.into(),
+        key: format!("/{key}"),
+        offset: 0,
+        byte_size: 4096,
+    };
+    let rest_register = |name: &str| {
+        http.post(server.url(&format!("/v2/systemsharedmemory/region/{name}/register")))
+            .json(&json!({"key": format!("/{key}"), "byte_size": 4096}))
+            .send()
+    };
+
+    // AlreadyExists: a name registered twice.
+    assert_eq!(rest_register("a").await.unwrap().status(), 200);
+    expect_http(rest_register("a").await.unwrap(), ErrorKind::AlreadyExists, "duplicate");
+    let st = grpc.system_shared_memory_register(register("a")).await.unwrap_err();
+    expect_grpc(st, ErrorKind::AlreadyExists, "duplicate");
+
+    // Unsupported: CUDA shared memory without a GPU.
+    let r = http
+        .post(server.url("/v2/cudasharedmemory/region/g/register"))
+        .json(&json!({"raw_handle": {"b64": ""}, "device_id": 0, "byte_size": 8}))
+        .send()
+        .await
+        .unwrap();
+    expect_http(r, ErrorKind::Unsupported, "cuda register");
+    let st = grpc
+        .cuda_shared_memory_register(pb::CudaSharedMemoryRegisterRequest {
+            name: "g".into(),
+            byte_size: 8,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    expect_grpc(st, ErrorKind::Unsupported, "cuda register");
+
+    // NotFound: an input naming a region that is not registered.
+    let mut req = good_req();
+    req.raw_input_contents.clear();
+    req.inputs[0].parameters.insert(
+        "shared_memory_region".into(),
+        pb::InferParameter {
+            parameter_choice: Some(ParameterChoice::StringParam("ghost".into())),
+        },
+    );
+    req.inputs[0].parameters.insert(
+        "shared_memory_byte_size".into(),
+        pb::InferParameter {
+            parameter_choice: Some(ParameterChoice::Int64Param(2048 * 4)),
+        },
+    );
+    let body = json!({"inputs": [{"name": "bytes", "shape": [1, 2048], "datatype": "INT32",
+        "parameters": {"shared_memory_region": "ghost", "shared_memory_byte_size": 2048 * 4}}]});
+    let r = http
+        .post(server.url("/v2/models/magika/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    expect_http(r, ErrorKind::NotFound, "unknown region");
+    expect_grpc(
+        grpc.model_infer(req).await.unwrap_err(),
+        ErrorKind::NotFound,
+        "unknown region",
+    );
+
+    // Overloaded: more regions than the limit.
+    let limit = lattice_server::shm::Limits::default().max_regions;
+    for i in 1..limit {
+        grpc.system_shared_memory_register(register(&format!("r{i}")))
+            .await
+            .expect("room for this region");
+    }
+    expect_http(rest_register("over").await.unwrap(), ErrorKind::Overloaded, "too many");
+    let st = grpc.system_shared_memory_register(register("over")).await.unwrap_err();
+    expect_grpc(st, ErrorKind::Overloaded, "too many");
+
+    // Unregistering all leaves none, and the server still serves.
+    grpc.system_shared_memory_unregister(pb::SystemSharedMemoryUnregisterRequest::default())
+        .await
+        .unwrap();
+    let status: Value = http
+        .get(server.url("/v2/systemsharedmemory/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status, json!([]));
+    std::fs::remove_file(&path).unwrap();
+    still_serving(&server, &http).await;
+    server.stop().await;
+}

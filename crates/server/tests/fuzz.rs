@@ -421,7 +421,7 @@ fn protobuf_infer_requests() {
     let models = bundled_models();
     let n = fuzz("proto_infer", |input| {
         if let Ok(req) = ModelInferRequest::decode(input) {
-            if let Ok(parts) = request_parts(req, Some(Duration::from_secs(u64::MAX / 4))) {
+            if let Ok((parts, _)) = request_parts(req, Some(Duration::from_secs(u64::MAX / 4))) {
                 accepted();
                 validate(&models, &parts);
             }

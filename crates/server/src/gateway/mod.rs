@@ -112,7 +112,11 @@ fn classify(proto: Protocol, path: &str) -> Access {
         Protocol::Http => {
             if path.starts_with("/v2/health/") {
                 Access::Open
-            } else if path.starts_with("/v2/repository/") {
+            } else if path.starts_with("/v2/repository/")
+                || path.starts_with("/v2/systemsharedmemory")
+                || path.starts_with("/v2/cudasharedmemory")
+            {
+                // Registering a region makes the server open files on its host.
                 Access::Scope(Scope::Admin)
             } else if path.starts_with("/v1/agents/") || path == "/v1/tools" {
                 Access::Scope(Scope::Agent)
@@ -131,6 +135,9 @@ fn classify(proto: Protocol, path: &str) -> Access {
                 "inference.GRPCInferenceService" => match method {
                     "ServerLive" | "ServerReady" => Access::Open,
                     "RepositoryIndex" | "RepositoryModelLoad" | "RepositoryModelUnload" => Access::Scope(Scope::Admin),
+                    m if m.starts_with("SystemSharedMemory") || m.starts_with("CudaSharedMemory") => {
+                        Access::Scope(Scope::Admin)
+                    }
                     "ModelStatistics" => Access::Scope(Scope::Metrics),
                     _ => Access::Scope(Scope::Infer),
                 },
@@ -740,6 +747,12 @@ mod tests {
             (Http, "/v2/models/m/infer", Scope(crate::auth::Scope::Infer)),
             (Http, "/v2/models/m/versions/2/infer", Scope(crate::auth::Scope::Infer)),
             (Http, "/v2/repository/models/m/load", Scope(crate::auth::Scope::Admin)),
+            (
+                Http,
+                "/v2/systemsharedmemory/region/r/register",
+                Scope(crate::auth::Scope::Admin),
+            ),
+            (Http, "/v2/cudasharedmemory/status", Scope(crate::auth::Scope::Admin)),
             (Http, "/v1/agents/tasks", Scope(crate::auth::Scope::Agent)),
             (Http, "/v1/tools", Scope(crate::auth::Scope::Agent)),
             (Http, "/metrics", Scope(crate::auth::Scope::Metrics)),

@@ -157,6 +157,7 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             drain_timeout: Duration::from_secs(10),
             telemetry: true,
             warmup: lattice_server::Warmup::default(),
+            shm: Default::default(),
         },
     );
     let mut store_dir = None;
