@@ -84,16 +84,21 @@ def test_tasks_survive_sigkill_of_the_server(tmp_path):
             "load_requester.py", str(TASKS), str(CONCURRENCY), str(rstat), serve.endpoint,
             log=tmp_path / "requester.log",
         )
-        kills = 0
-        for at in (300, 900, 1500):
+        kills = drains = 0
+        # Three SIGKILLs, and one graceful restart (SIGTERM: the server drains its agents).
+        for at, how in ((300, "kill"), (800, "kill"), (1200, "term"), (1500, "kill")):
             wait_for(
                 lambda: (read_json(rstat) or {}).get("answered", 0) >= at or (read_json(rstat) or {}).get("done"),
                 RUN_TIMEOUT_S, f"{at} answers", [worker, requester],
             )
             if (read_json(rstat) or {}).get("done"):
                 break
-            serve.kill()
-            kills += 1
+            if how == "kill":
+                serve.kill()
+                kills += 1
+            else:
+                serve.stop()
+                drains += 1
             serve.start()
         wait_for(lambda: (read_json(rstat) or {}).get("done"), RUN_TIMEOUT_S, "all answers", [worker])
         requester.wait(timeout=30)
@@ -101,8 +106,10 @@ def test_tasks_survive_sigkill_of_the_server(tmp_path):
         assert worker.poll() is None, "the worker process was never to be restarted"
         status = read_json(rstat)
         _check_exactly_once(status, db)
-        assert kills == 3, f"the run finished before the server was killed three times ({kills})"
-        assert status["reconnects"] >= kills and read_json(wstat)["reconnects"] >= kills
+        assert (kills, drains) == (3, 1), f"the run finished before every restart ({kills} kills, {drains} drains)"
+        wstatus = read_json(wstat)
+        assert status["reconnects"] >= 4 and wstatus["reconnects"] >= 4, (status, wstatus)
+        assert status["drains"] + wstatus["drains"] >= 1, "a graceful stop sends Drain to its agents"
         print(f"sigkill: {TASKS} tasks in {status['seconds']:.1f} s through {kills} kills, "
               f"ledger runs {_ledger(db)[2]}")
     finally:
@@ -227,6 +234,7 @@ def test_payloads_results_errors_and_progress(tmp_path):
             assert seen == [raw], "the payload reaches the worker byte for byte"
             handle = await r.offer("json", [1, {"a": None}, "ü"], timeout=30)
             out = await handle.result()
+            assert handle.progress.get_nowait().note == "half way", "progress reaches the requester"
             assert out["args"] == [1, {"a": None}, "ü"] and out["task"] == handle.task_id and out["deadline"]
             assert handle.worker_id == w.link.session_id, "the result names the worker's session"
             assert out["counter"] == {"name": "sdk", "incremented_by": 1}

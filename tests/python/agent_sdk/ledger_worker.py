@@ -68,6 +68,7 @@ def main() -> None:
                     "pid": os.getpid(),
                     "completed": worker.completed,
                     "reconnects": link.reconnects if link else 0,
+                    "drains": link.drains if link else 0,
                     "established": bool(link and link.session_id),
                     "started": started,
                     "cancel_latencies": cancels,

@@ -43,6 +43,7 @@ def main() -> None:
                             "stray_results": r.stray_results,
                             "reoffered": r.reoffered,
                             "reconnects": r.link.reconnects,
+                            "drains": r.link.drains,
                             "seconds": time.monotonic() - t0,
                             "done": done,
                         }
