@@ -127,6 +127,12 @@ async def round_echo(port: int, tasks: int, concurrency: int) -> float:
         return tasks / (time.perf_counter() - t0)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_file(path: Path, proc: subprocess.Popen, timeout: float = 30) -> str:
     end = time.monotonic() + timeout
     while not path.exists() or not path.read_text():
@@ -174,13 +180,20 @@ def main() -> None:
         asyncio.run(round_lattice(endpoint, min(200, a.tasks), a.concurrency, "warm"))
         asyncio.run(round_echo(port, min(200, a.tasks), a.concurrency))
         lat, plain = [], []
+        cpu = {"lattice serve": 0.0, "python worker": 0.0, "python requester": 0.0}
         for r in range(a.rounds):
+            before = (cpu_seconds(serve.pid), cpu_seconds(worker.pid), time.process_time())
             lat.append(asyncio.run(round_lattice(endpoint, a.tasks, a.concurrency, f"r{r}")))
+            after = (cpu_seconds(serve.pid), cpu_seconds(worker.pid), time.process_time())
+            for k, b, e in zip(cpu, before, after):
+                cpu[k] += e - b
             plain.append(asyncio.run(round_echo(port, a.tasks, a.concurrency)))
             print(f"round {r + 1}: lattice {lat[-1]:8.0f} tasks/s   plain asyncio gRPC {plain[-1]:8.0f} tasks/s")
         ml, mp = statistics.median(lat), statistics.median(plain)
         print(f"median over {a.rounds} rounds of {a.tasks} tasks at concurrency {a.concurrency}: "
               f"lattice {ml:.0f} tasks/s, plain {mp:.0f} tasks/s, ratio lattice/plain {ml / mp:.2f}")
+        n = a.rounds * a.tasks
+        print("CPU per task through lattice: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in cpu.items()))
     finally:
         for p in reversed(procs):
             if p.poll() is None:

@@ -268,6 +268,10 @@ class Link:
     async def _acquire(self, sem: asyncio.Semaphore) -> None:
         if self._closed.is_set() or self._stop.is_set():
             raise self.fatal or errors.Unavailable("the agent link is closed")
+        if not sem.locked():
+            # Room now: taken without waiting (no task to watch for a close).
+            await sem.acquire()
+            return
         acquire = asyncio.ensure_future(sem.acquire())
         stop = asyncio.ensure_future(self._stop.wait())
         try:
@@ -389,14 +393,17 @@ class Link:
             heartbeat = max(first.welcome.heartbeat_interval_ms, 100) / 1000
             sender = asyncio.ensure_future(self._sender(call, heartbeat))
             receiver = asyncio.ensure_future(self._receive(call, heartbeat * 3))
+            watchdog = asyncio.ensure_future(self._watchdog(heartbeat * 3))
             stop = asyncio.ensure_future(self._stop.wait())
             try:
-                await asyncio.wait({sender, receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({sender, receiver, watchdog, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for t in (sender, receiver, stop):
+                for t in (sender, receiver, watchdog, stop):
                     t.cancel()
                 # Collect every outcome, so none is reported as never retrieved.
-                await asyncio.gather(sender, receiver, stop, return_exceptions=True)
+                await asyncio.gather(sender, receiver, watchdog, stop, return_exceptions=True)
+            if watchdog.done() and not watchdog.cancelled() and watchdog.exception() is not None:
+                raise watchdog.exception()  # type: ignore[misc]
             if receiver.done() and not receiver.cancelled():
                 exc = receiver.exception()
                 if exc is not None:
@@ -451,12 +458,20 @@ class Link:
         for task_id in lost:
             self._on_lost(task_id)
 
-    async def _receive(self, call: Any, miss: float) -> tuple[str, float]:
+    async def _watchdog(self, miss: float) -> None:
+        """Ends the stream when no frame arrived for `miss` seconds (three heartbeat
+        intervals): a half-open connection looks alive to the transport."""
         while True:
-            try:
-                frame = await asyncio.wait_for(call.read(), miss)
-            except asyncio.TimeoutError:
-                raise _LinkLost("no frame within three heartbeat intervals", True) from None
+            idle = time.monotonic() - self._last_frame
+            if idle >= miss:
+                raise _LinkLost("no frame within three heartbeat intervals", True)
+            await asyncio.sleep(miss - idle)
+
+    async def _receive(self, call: Any, miss: float) -> tuple[str, float]:
+        self._last_frame = time.monotonic()
+        while True:
+            frame = await call.read()
+            self._last_frame = time.monotonic()
             if frame is grpc.aio.EOF:
                 raise _LinkLost("stream ended", True)
             env = frame.env
@@ -499,6 +514,7 @@ class Link:
                 raise _LinkLost(f"bad frame from orchestrator: {verdict.value} at seq {env.seq_no}", True)
 
     _last_echo = 0
+    _last_frame = 0.0
 
     async def _sender(self, call: Any, heartbeat: float) -> None:
         cursor = 0
@@ -528,8 +544,12 @@ class Link:
                 self._wake.clear()
                 wait = heartbeat - (time.monotonic() - last_sent)
                 if wait > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
+                    # A timer rather than wait_for: no task per wait on the hot path.
+                    timer = asyncio.get_running_loop().call_later(wait, self._wake.set)
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        timer.cancel()
                     continue
                 hb = pb.AgentMessage(
                     agent_id=self.cfg.agent_id,
