@@ -256,6 +256,17 @@ def test_payloads_results_errors_and_progress(tmp_path):
                 await r.submit("tools", {"tool": "teleport", "arguments": {}}, timeout=30)
             with pytest.raises(errors.InvalidArgument):
                 await r.submit("tools", "not a tool task", timeout=30)
+            # Over REST: any JSON payload reaches the Python worker as offered.
+            import requests
+
+            resp = await asyncio.to_thread(
+                requests.post, f"http://{serve.http}/v1/agents/tasks",
+                json={"capability": "json", "payload": {"from": "rest", "list": [1, 2]}, "task_id": "rest-1"},
+                timeout=30,
+            )
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["output"]["args"] == {"from": "rest", "list": [1, 2]}
+            assert resp.json()["output"]["task"] == "rest-1"
             # Tools and memory straight from a requester.
             assert await r.call_tool("echo", {"value": {"x": 1}}) == {"value": {"x": 1}}
             put = await r.memory_put("notes", "a", b"hello", idempotency_key="put-a")
@@ -337,5 +348,96 @@ def test_readme_example_runs(tmp_path):
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "summary: 3 words" in r.stdout, r.stdout
+    finally:
+        serve.stop()
+
+
+def test_deadline_holds_when_the_orchestrator_is_gone(tmp_path):
+    """A requester whose orchestrator dies for good still answers by the deadline
+    (plus a grace): for a task in flight, and for one it cannot even offer."""
+    from lattice_agents import Requester, errors
+    from lattice_agents.requester import DEADLINE_GRACE_S
+
+    serve = Serve(tmp_path / "state")
+    serve.start()
+    db, wstat = tmp_path / "ledger.db", tmp_path / "worker.json"
+    worker = spawn("ledger_worker.py", str(db), str(wstat), serve.endpoint, log=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: (read_json(wstat) or {}).get("established"), 30, "the worker's session", [worker])
+
+        async def run() -> None:
+            async with Requester([serve.endpoint], max_backoff=0.5) as r:
+                handle = await r.offer("slow", {}, idempotency_key="doomed", timeout=1.0)
+                end = time.monotonic() + 30
+                while "doomed" not in (read_json(wstat) or {}).get("started", []):
+                    assert time.monotonic() < end, "the handler did not start"
+                    await asyncio.sleep(0.01)
+                serve.kill()
+                t0 = time.monotonic()
+                with pytest.raises(errors.DeadlineExceeded, match="out of reach"):
+                    await handle.result()
+                assert time.monotonic() - t0 < 1.0 + DEADLINE_GRACE_S + 5
+                with pytest.raises(errors.DeadlineExceeded):
+                    # Offered while no orchestrator is up: the window's credits are
+                    # taken by nothing, the wait ends with the deadline.
+                    for i in range(2000):
+                        await r.offer("slow", {}, idempotency_key=f"never-{i}", timeout=0.5)
+
+        asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        _stop(worker)
+        serve.stop()
+
+
+def test_worker_credits_bound_its_tasks_in_flight(tmp_path):
+    """`max_in_flight` in Hello, and a `Credit` frame later, bound how many tasks the
+    orchestrator assigns to the worker at once."""
+    from lattice_agents import Requester, TaskContext, Worker
+
+    serve = Serve(tmp_path / "state")
+    serve.start()
+
+    async def run() -> None:
+        w = Worker([serve.endpoint], max_in_flight=2)
+        state = {"now": 0, "max": 0, "limit": 2, "left": 8}
+        changed = asyncio.Condition()
+
+        @w.task("hold")
+        async def hold(ctx: TaskContext, args) -> int:
+            async with changed:
+                state["now"] += 1
+                state["max"] = max(state["max"], state["now"])
+                changed.notify_all()
+                # Hold until as many run as the limit allows (or as are left), bounded.
+                try:
+                    await asyncio.wait_for(
+                        changed.wait_for(lambda: state["now"] >= min(state["limit"], state["left"])), 10
+                    )
+                except asyncio.TimeoutError:
+                    pass
+                state["now"] -= 1
+                state["left"] -= 1
+                changed.notify_all()
+            return args
+
+        stop = asyncio.Event()
+        await w.start()
+        serving = asyncio.ensure_future(w.serve(stop))
+        async with Requester([serve.endpoint]) as r:
+            assert sorted(await asyncio.gather(*(r.submit("hold", i, timeout=60) for i in range(8)))) == list(range(8))
+            assert state["max"] == 2, state
+            w.set_max_in_flight(4)
+            state.update(max=0, limit=4, left=16)
+            # The Credit frame goes out before any later frame of the worker's stream, and
+            # the orchestrator handles a stream's frames in order: once a tool call made
+            # after it is answered, the new credit is in force.
+            assert await w.call_tool("echo", {"value": 1}) == {"value": 1}
+            assert sorted(await asyncio.gather(*(r.submit("hold", i, timeout=60) for i in range(16)))) == list(range(16))
+            assert state["max"] == 4, state
+        stop.set()
+        await serving
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         serve.stop()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,10 @@ from . import errors
 from ._proto import agent_pb2 as pb
 from .agent import Agent, Priority, deadline_us_of
 from .link import new_traceparent
+
+
+# How long past a task's deadline a requester waits for the orchestrator's answer.
+DEADLINE_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,9 @@ class _Offer:
 class TaskHandle:
     """A task offered and not yet answered."""
 
-    def __init__(self, requester: Requester, task_id: str, raw: bool) -> None:
+    def __init__(self, requester: Requester, task_id: str, raw: bool, deadline_us: int = 0) -> None:
         self.task_id = task_id
+        self._deadline_us = deadline_us
         self._requester = requester
         self._raw = raw
         self._future: asyncio.Future[pb.TaskResult] = asyncio.get_running_loop().create_future()
@@ -58,6 +64,19 @@ class TaskHandle:
 
     async def result(self) -> Any:
         """The task's output (decoded JSON; bytes with `raw=True`), or its typed error."""
+        if self._deadline_us > 0 and not self._future.done():
+            # The orchestrator answers a task past its deadline; this guard is for an
+            # orchestrator out of reach: past the deadline and a grace, give up here.
+            wait = max(self._deadline_us / 1e6 - time.time(), 0.0) + DEADLINE_GRACE_S
+            try:
+                await asyncio.wait_for(asyncio.shield(self._future), wait)
+            except asyncio.TimeoutError:
+                self._requester._pending.pop(self.task_id, None)
+                with contextlib.suppress(errors.LatticeError):
+                    await self.cancel("the requester gave up after the deadline")
+                raise errors.DeadlineExceeded(
+                    "no answer by the task's deadline (the orchestrator was out of reach)", task_id=self.task_id
+                ) from None
         r = await asyncio.shield(self._future)
         self.worker_id = r.worker_id
         self.attempts = r.attempts
@@ -125,10 +144,20 @@ class Requester(Agent):
             max_attempts=max_attempts,
             traceparent=traceparent or new_traceparent(),
         )
-        handle = TaskHandle(self, task_id, raw)
+        handle = TaskHandle(self, task_id, raw, o.deadline_us)
         self._pending[task_id] = (handle, o)
         try:
-            await self._send_offer(task_id, o)
+            if o.deadline_us > 0:
+                # Waiting for a credit or for room ends with the deadline too.
+                wait = max(o.deadline_us / 1e6 - time.time(), 0.0) + DEADLINE_GRACE_S
+                try:
+                    await asyncio.wait_for(self._send_offer(task_id, o), wait)
+                except asyncio.TimeoutError:
+                    raise errors.DeadlineExceeded(
+                        "the task could not be offered by its deadline (no orchestrator in reach)", task_id=task_id
+                    ) from None
+            else:
+                await self._send_offer(task_id, o)
         except BaseException:
             self._pending.pop(task_id, None)
             raise

@@ -132,6 +132,7 @@ class Worker(Agent):
         self._running: dict[str, tuple[asyncio.Task[Any], TaskContext]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.completed = 0
+        self._closing = False
 
     def task(self, capability: str, *, raw: bool = False) -> Callable[[H], H]:
         """Registers an async handler for a capability. With `raw=True` it receives
@@ -179,6 +180,9 @@ class Worker(Agent):
             raise self.link.fatal
 
     async def close(self, cancel_pending: bool = False) -> None:
+        # Running tasks are cancelled and answered UNAVAILABLE, which the orchestrator
+        # retries on another worker (their effects are keyed on the task id).
+        self._closing = True
         for task, _ in list(self._running.values()):
             task.cancel()
         if self._tasks:
@@ -267,8 +271,11 @@ class Worker(Agent):
                 await asyncio.wait({handler})
             if timed_out:
                 status = (errors.DeadlineExceeded.code.value[0], "task deadline passed")
-            elif handler.cancelled() or ctx.cancel_received_at is not None:
+            elif ctx.cancel_received_at is not None:
                 status = (errors.Cancelled.code.value[0], "cancelled")
+            elif handler.cancelled():
+                msg = "the worker is shutting down" if self._closing else "the handler was cancelled"
+                status = (errors.Unavailable.code.value[0], msg)
             elif (exc := handler.exception()) is not None:
                 if isinstance(exc, errors.LatticeError):
                     status = (exc.code.value[0], exc.message)

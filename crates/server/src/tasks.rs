@@ -301,7 +301,9 @@ pub async fn offer(
         }
         (None, Some(payload)) => {
             if req.arguments.is_some() {
-                return Err(ApiError::Malformed("arguments go with tool; put them in payload".into()));
+                return Err(ApiError::Malformed(
+                    "arguments go with tool; put them in payload".into(),
+                ));
             }
             payload
         }
