@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -189,4 +188,4 @@ class Proxy:
         self._thread.join(10)
 
 
-__all__ = ["Proxy", "Serve", "free_port", "read_json", "spawn", "wait_for", "os"]
+__all__ = ["Proxy", "Serve", "free_port", "read_json", "spawn", "wait_for"]

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from agent_sdk_support import PROCS, Proxy, Serve, free_port, read_json, spawn, wait_for
+from agent_sdk_support import Proxy, Serve, free_port, read_json, spawn, wait_for
 from conftest import ROOT
 
 TASKS = 2000
@@ -68,6 +68,15 @@ def test_stubs_match_the_proto():
         cwd=ROOT / "clients" / "python", capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_sdk_type_checks():
+    """The package ships py.typed: its annotations must hold."""
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", "/dev/null", "-p", "lattice_agents"],
+        cwd=ROOT / "clients" / "python", capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_tasks_survive_sigkill_of_the_server(tmp_path):

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -241,7 +241,7 @@ class Link:
         def make(seq: int) -> pb.AgentMessage:
             frame = pb.AgentMessage(
                 agent_id=self.cfg.agent_id,
-                priority=priority,
+                priority=cast(Any, priority),
                 env=pb.Envelope(
                     msg_id=new_msg_id(),
                     seq_no=seq,

@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+from google.rpc import status_pb2
 
 from . import errors
 from ._proto import agent_pb2 as pb
 from .agent import Agent, MemoryResult
 from .link import child_traceparent
-from .session import now_us
 
 log = logging.getLogger("lattice_agents")
 
@@ -141,7 +143,7 @@ class Worker(Agent):
             raise ValueError("capability must be 1..=256 characters")
 
         def register(fn: H) -> H:
-            if not asyncio.iscoroutinefunction(fn):
+            if not inspect.iscoroutinefunction(cast(Any, fn)):
                 raise TypeError(f"{fn!r} must be an async function")
             if self._link is not None:
                 raise RuntimeError("register handlers before the worker starts (Hello lists the capabilities)")
@@ -167,7 +169,7 @@ class Worker(Agent):
         """Runs until `stop` is set (or the link fails for good), then leaves with a
         goodbye after the running tasks finish or are cancelled."""
         await self.start(wait=None)
-        waits = {asyncio.ensure_future(self.link.wait_closed())}
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.link.wait_closed())}
         if stop is not None:
             waits.add(asyncio.ensure_future(stop.wait()))
         try:
@@ -311,10 +313,8 @@ class Worker(Agent):
             self.link.running.discard(a.task_id)
 
 
-def _status(code: int, message: str) -> Any:
-    from google.rpc import status_pb2
-
+def _status(code: int, message: str) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message)
 
 
-__all__ = ["TaskContext", "Worker", "now_us"]
+__all__ = ["Handler", "TaskContext", "Worker"]
