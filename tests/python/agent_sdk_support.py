@@ -140,6 +140,9 @@ class Proxy:
         self._loop.run_forever()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self._down_until:
+            writer.transport.abort()
+            return
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
@@ -164,8 +167,13 @@ class Proxy:
             self._conns.discard(writer)
             self._conns.discard(up_w)
 
-    def cut(self) -> None:
+    _down_until = 0.0
+
+    def cut(self, outage: float = 0.0) -> None:
+        """Aborts every connection; with `outage`, refuses new ones for that long."""
+
         def abort_all() -> None:
+            self._down_until = time.monotonic() + outage
             for w in list(self._conns):
                 w.transport.abort()
             self._conns.clear()
