@@ -126,6 +126,7 @@ class Proxy:
         self.cuts = 0
         self.connections = 0
         self._conns: set[asyncio.StreamWriter] = set()
+        self._live: set[object] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -150,10 +151,14 @@ class Proxy:
             return
         self.connections += 1
         self._conns.update((writer, up_w))
+        conn = object()
+        self._live.add(conn)
 
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
                 while data := await r.read(65536):
+                    if conn not in self._live:
+                        continue  # frozen: bytes vanish, the connection stays open
                     w.write(data)
                     await w.drain()
             except (OSError, asyncio.IncompleteReadError):
@@ -168,6 +173,11 @@ class Proxy:
             self._conns.discard(up_w)
 
     _down_until = 0.0
+
+    def freeze(self) -> None:
+        """Every open connection turns into a black hole (open, nothing delivered),
+        as a half-open path looks; new connections work."""
+        self._loop.call_soon_threadsafe(self._live.clear)
 
     def cut(self, outage: float = 0.0) -> None:
         """Aborts every connection; with `outage`, refuses new ones for that long."""

@@ -457,3 +457,43 @@ def test_worker_credits_bound_its_tasks_in_flight(tmp_path):
         asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         serve.stop()
+
+
+def test_a_silent_connection_is_left_after_three_heartbeats(tmp_path):
+    """A connection that stays open but delivers nothing (half-open) is noticed by
+    the missing heartbeats; both agents reconnect and every task is answered once."""
+    from lattice_agents import Requester, TaskContext, Worker
+
+    serve = Serve(tmp_path / "state")  # heartbeats every 1 s
+    serve.start()
+    proxy = Proxy(serve.grpc_port)
+
+    async def run() -> None:
+        w = Worker([proxy.endpoint])
+
+        @w.task("twice")
+        async def twice(ctx: TaskContext, n: int) -> int:
+            return 2 * n
+
+        stop = asyncio.Event()
+        await w.start()
+        serving = asyncio.ensure_future(w.serve(stop))
+        async with Requester([proxy.endpoint]) as r:
+            assert await asyncio.gather(*(r.submit("twice", i) for i in range(50))) == [2 * i for i in range(50)]
+            proxy.freeze()
+            t0 = time.monotonic()
+            late = await asyncio.wait_for(asyncio.gather(*(r.submit("twice", i) for i in range(50, 100))), 60)
+            waited = time.monotonic() - t0
+            assert late == [2 * i for i in range(50, 100)]
+            assert r.link.reconnects >= 1 and w.link.reconnects >= 1
+            assert r.stray_results == 0
+            # Three missed intervals of 1 s, then a reconnect: not sooner, not much later.
+            assert 2.0 <= waited < 30, waited
+        stop.set()
+        await serving
+
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        proxy.close()
+        serve.stop()

@@ -314,7 +314,7 @@ class Link:
                     if isinstance(e, _LinkLost) and e.established:
                         ever = True
                         attempt = 0
-                    log.debug("agent link to %s lost: %s", endpoint, e)
+                    log.debug("agent link to %s lost: %s: %s", endpoint, type(e).__name__, e)
                     idx += 1
                     attempt += 1
                     self.state = LinkState.RECONNECTING
@@ -370,6 +370,10 @@ class Link:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.enable_retries", 0),
+                # A new channel must open a new connection: from the process-wide pool
+                # it would get the old one back, which may be the half-open connection
+                # being left (found only by keepalive, tens of seconds later).
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         call = None
