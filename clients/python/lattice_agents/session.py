@@ -105,8 +105,12 @@ class Outbox(Generic[T]):
         return dropped
 
     def after(self, seq: int) -> Iterator[tuple[int, T]]:
-        """Unacknowledged frames after `seq`, in order."""
-        return ((s, f) for s, f in self._unacked if s > seq)
+        """Unacknowledged frames after `seq`, in order. Seqs in the outbox are
+        contiguous, so the first one wanted is found by arithmetic, not a scan."""
+        if not self._unacked:
+            return iter(())
+        start = max(0, seq - self._unacked[0][0] + 1)
+        return itertools.islice(self._unacked, start, None)
 
     def pending(self) -> Iterator[tuple[int, T]]:
         return iter(self._unacked)
