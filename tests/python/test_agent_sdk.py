@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -496,4 +497,30 @@ def test_a_silent_connection_is_left_after_three_heartbeats(tmp_path):
         asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         proxy.close()
+        serve.stop()
+
+
+def test_sync_facade_worker_run_and_sync_requester(tmp_path):
+    """Blocking code: a worker process on `Worker.run()`, which leaves cleanly on
+    SIGTERM, and `SyncRequester` in this process."""
+    import signal
+
+    from lattice_agents import SyncRequester
+
+    serve = Serve(tmp_path / "state")
+    serve.start()
+    worker = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "agent_sdk" / "sync_worker.py"), serve.endpoint],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        with SyncRequester([serve.endpoint]) as r:
+            assert [r.submit("inc", i, timeout=30) for i in range(5)] == [1, 2, 3, 4, 5]
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=30)
+        assert worker.returncode == 0 and "run returned" in out, out
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
         serve.stop()

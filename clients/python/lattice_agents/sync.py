@@ -65,6 +65,7 @@ class SyncRequester:
             return
         try:
             self._run(self._requester.close(), 10.0)
+            self._run(_cancel_leftovers(), 10.0)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
@@ -76,3 +77,14 @@ class SyncRequester:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _cancel_leftovers() -> None:
+    """Ends what is still scheduled on the facade's loop (gRPC's own bookkeeping
+    tasks) before the loop stops, so none is destroyed while pending."""
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me]
+    for t in left:
+        t.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
