@@ -240,6 +240,8 @@ def test_payloads_results_errors_and_progress(tmp_path):
                 raise KeyError("missing")
             if args == "wait":
                 await asyncio.sleep(30)
+            if args == "huge":
+                return "y" * (17 * 1024 * 1024)
             counted = await ctx.call_tool("counter", {"name": "sdk", "by": 1})
             return {"args": args, "task": ctx.task_id, "deadline": ctx.deadline is not None, "counter": counted}
 
@@ -273,6 +275,13 @@ def test_payloads_results_errors_and_progress(tmp_path):
                 await r.submit("tools", {"tool": "teleport", "arguments": {}}, timeout=30)
             with pytest.raises(errors.InvalidArgument):
                 await r.submit("tools", "not a tool task", timeout=30)
+            # Frames over the orchestrator's message limit are refused before they are
+            # queued (resent for ever otherwise); the session goes on.
+            with pytest.raises(errors.OutOfRange, match="frame limit"):
+                await r.submit("echo-raw", b"x" * (17 * 1024 * 1024), raw=True)
+            with pytest.raises(errors.ResourceExhausted, match="result is too large"):
+                await r.submit("json", "huge", timeout=30)
+            assert await r.submit("echo-raw", b"ok", raw=True) == b"ko"
             # Over REST: any JSON payload reaches the Python worker as offered.
             import requests
 

@@ -38,6 +38,10 @@ log = logging.getLogger("lattice_agents")
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Bounds on what the orchestrator asks for: the pause after a Drain, and the
+# heartbeat interval (three missed ones end a stream).
+MAX_DRAIN_PAUSE_S = 30.0
+MAX_HEARTBEAT_MS = 60_000
 
 # Bodies the orchestrator sends with a seq_no (kept, resent, deduped, acknowledged).
 _UNSEQUENCED_RESPONSES = frozenset(
@@ -83,6 +87,10 @@ class LinkConfig:
     max_backoff: float = 5.0
     handshake_timeout: float = 5.0
     outbox_capacity: int = 4096
+    # Largest frame sent, in bytes: the orchestrator's --max-body-bytes (16 MiB by
+    # default). A larger one would be refused on every resend and wedge the session,
+    # so `send` refuses it up front.
+    max_frame_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.endpoints, str):
@@ -93,6 +101,8 @@ class LinkConfig:
             raise ValueError("max_in_flight must be 1..=1000000")
         if self.outbox_capacity < 1:
             raise ValueError("outbox_capacity must be at least 1")
+        if not 1024 <= self.max_frame_bytes <= MAX_MESSAGE_BYTES:
+            raise ValueError(f"max_frame_bytes must be 1024..={MAX_MESSAGE_BYTES}")
 
 
 class LinkState(enum.Enum):
@@ -228,7 +238,14 @@ class Link:
         correlation_id: str = "",
         traceparent: str = "",
     ) -> int:
-        """Queues a reliable frame (`body` names its oneof field); returns its seq."""
+        """Queues a reliable frame (`body` names its oneof field); returns its seq.
+        Raises `OutOfRange` for a frame larger than `max_frame_bytes`."""
+        # The envelope adds well under 1 KiB beyond the body.
+        size = msg.ByteSize() + len(idempotency_key) + len(correlation_id) + len(traceparent) + 1024
+        if size > self.cfg.max_frame_bytes:
+            raise errors.OutOfRange(
+                f"a {body} frame of about {size} bytes is over the {self.cfg.max_frame_bytes}-byte frame limit"
+            )
         offer_id = msg.task_id if body == "offer" else None
         if offer_id is not None:
             await self._acquire(self._offer_room)
@@ -394,7 +411,7 @@ class Link:
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 raise _LinkLost(f"expected welcome, got {first!r}", False)
             self._welcomed(first.welcome, ever)
-            heartbeat = max(first.welcome.heartbeat_interval_ms, 100) / 1000
+            heartbeat = min(max(first.welcome.heartbeat_interval_ms, 100), MAX_HEARTBEAT_MS) / 1000
             sender = asyncio.ensure_future(self._sender(call, heartbeat))
             receiver = asyncio.ensure_future(self._receive(call, heartbeat * 3))
             watchdog = asyncio.ensure_future(self._watchdog(heartbeat * 3))
@@ -493,7 +510,8 @@ class Link:
                 elif kind == "drain":
                     self.drains += 1
                     log.info("orchestrator drains this agent: %s", frame.drain.reason)
-                    return "drain", frame.drain.reconnect_after_ms / 1000
+                    # Bounded: a pause of days from a confused peer would strand the agent.
+                    return "drain", min(frame.drain.reconnect_after_ms / 1000, MAX_DRAIN_PAUSE_S)
                 elif kind == "progress":
                     self._on_frame(frame)
                 elif kind == "error":

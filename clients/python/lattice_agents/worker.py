@@ -292,21 +292,26 @@ class Worker(Agent):
                         output = json.dumps(out).encode()
                     except (TypeError, ValueError) as e:
                         status = (errors.Internal.code.value[0], f"handler result is not JSON: {e}")
-            with contextlib.suppress(errors.LatticeError):
-                await self.link.send(
-                    "result",
-                    pb.TaskResult(
-                        task_id=a.task_id,
-                        output=output,
-                        status=_status(*status),
-                        attempts=a.attempt,
-                        worker_id=self.agent_id,
-                        route=a.route,
-                    ),
-                    priority=a.priority,
-                    correlation_id=a.task_id,
-                    traceparent=ctx.traceparent,
+            def result(output: bytes, status: tuple[int, str]) -> pb.TaskResult:
+                return pb.TaskResult(
+                    task_id=a.task_id,
+                    output=output,
+                    status=_status(*status),
+                    attempts=a.attempt,
+                    worker_id=self.agent_id,
+                    route=a.route,
                 )
+
+            opts: dict[str, Any] = {"priority": a.priority, "correlation_id": a.task_id, "traceparent": ctx.traceparent}
+            try:
+                await self.link.send("result", result(output, status), **opts)
+            except errors.OutOfRange as e:
+                # Too large to send: the task fails with a small result saying so.
+                over = (errors.ResourceExhausted.code.value[0], f"the handler's result is too large: {e.message}")
+                with contextlib.suppress(errors.LatticeError):
+                    await self.link.send("result", result(b"", over), **opts)
+            except errors.LatticeError:
+                pass
             self.completed += 1
         finally:
             self._running.pop(a.task_id, None)
