@@ -144,6 +144,27 @@ def wait_file(path: Path, proc: subprocess.Popen, timeout: float = 30) -> str:
     return path.read_text()
 
 
+async def rounds(a: argparse.Namespace, endpoint: str, port: int, serve_pid: int, worker_pid: int) -> None:
+    # One warm-up round each (connections, the orchestrator's lanes, caches).
+    await round_lattice(endpoint, min(200, a.tasks), a.concurrency, "warm")
+    await round_echo(port, min(200, a.tasks), a.concurrency)
+    lat, plain = [], []
+    cpu = {"lattice serve": 0.0, "python worker": 0.0, "python requester": 0.0}
+    for r in range(a.rounds):
+        before = (cpu_seconds(serve_pid), cpu_seconds(worker_pid), time.process_time())
+        lat.append(await round_lattice(endpoint, a.tasks, a.concurrency, f"r{r}"))
+        after = (cpu_seconds(serve_pid), cpu_seconds(worker_pid), time.process_time())
+        for k, b, e in zip(cpu, before, after):
+            cpu[k] += e - b
+        plain.append(await round_echo(port, a.tasks, a.concurrency))
+        print(f"round {r + 1}: lattice {lat[-1]:8.0f} tasks/s   plain asyncio gRPC {plain[-1]:8.0f} tasks/s")
+    ml, mp = statistics.median(lat), statistics.median(plain)
+    print(f"median over {a.rounds} rounds of {a.tasks} tasks at concurrency {a.concurrency}: "
+          f"lattice {ml:.0f} tasks/s, plain {mp:.0f} tasks/s, ratio lattice/plain {ml / mp:.2f}")
+    n = a.rounds * a.tasks
+    print("CPU per task through lattice: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in cpu.items()))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         return serve_worker(sys.argv[2], Path(sys.argv[3]))
@@ -176,24 +197,8 @@ def main() -> None:
         procs += [worker, echo]
         wait_file(tmp / "worker.ready", worker)
         port = int(wait_file(tmp / "echo.ready", echo))
-        # One warm-up round each (connections, the orchestrator's lanes, JIT-free but cache-warm).
-        asyncio.run(round_lattice(endpoint, min(200, a.tasks), a.concurrency, "warm"))
-        asyncio.run(round_echo(port, min(200, a.tasks), a.concurrency))
-        lat, plain = [], []
-        cpu = {"lattice serve": 0.0, "python worker": 0.0, "python requester": 0.0}
-        for r in range(a.rounds):
-            before = (cpu_seconds(serve.pid), cpu_seconds(worker.pid), time.process_time())
-            lat.append(asyncio.run(round_lattice(endpoint, a.tasks, a.concurrency, f"r{r}")))
-            after = (cpu_seconds(serve.pid), cpu_seconds(worker.pid), time.process_time())
-            for k, b, e in zip(cpu, before, after):
-                cpu[k] += e - b
-            plain.append(asyncio.run(round_echo(port, a.tasks, a.concurrency)))
-            print(f"round {r + 1}: lattice {lat[-1]:8.0f} tasks/s   plain asyncio gRPC {plain[-1]:8.0f} tasks/s")
-        ml, mp = statistics.median(lat), statistics.median(plain)
-        print(f"median over {a.rounds} rounds of {a.tasks} tasks at concurrency {a.concurrency}: "
-              f"lattice {ml:.0f} tasks/s, plain {mp:.0f} tasks/s, ratio lattice/plain {ml / mp:.2f}")
-        n = a.rounds * a.tasks
-        print("CPU per task through lattice: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in cpu.items()))
+        # grpc.aio wants one event loop per process: every round runs on this one.
+        asyncio.run(rounds(a, endpoint, port, serve.pid, worker.pid))
     finally:
         for p in reversed(procs):
             if p.poll() is None:
