@@ -155,6 +155,7 @@ class Link:
         self._established = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._control: list[tuple[str, Any]] = []
+        self._welcomed_before = False
         self.running: set[str] = set()
         self.state = LinkState.CONNECTING
         self.fatal: errors.LatticeError | None = None
@@ -309,13 +310,11 @@ class Link:
     async def _supervise(self) -> None:
         attempt = 0
         idx = 0
-        ever = False
         try:
             while not self._stop.is_set():
                 endpoint = self.cfg.endpoints[idx % len(self.cfg.endpoints)]
                 try:
-                    ended, after = await self._run_once(endpoint, ever)
-                    ever = True
+                    ended, after = await self._run_once(endpoint)
                     if ended in ("goodbye", "shutdown"):
                         break
                     # Drained: the next endpoint, after the pause the orchestrator asked for.
@@ -327,9 +326,10 @@ class Link:
                     self.fatal = e
                     log.error("orchestrator refused the agent stream: %s", e)
                     break
-                except (_LinkLost, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError) as e:
+                except Exception as e:  # noqa: BLE001 - any failure of one stream means: reconnect
+                    if not isinstance(e, (_LinkLost, grpc.aio.AioRpcError, asyncio.TimeoutError, OSError)):
+                        log.warning("agent stream to %s failed unexpectedly: %r", endpoint, e)
                     if isinstance(e, _LinkLost) and e.established:
-                        ever = True
                         attempt = 0
                     log.debug("agent link to %s lost: %s: %s", endpoint, type(e).__name__, e)
                     idx += 1
@@ -377,7 +377,7 @@ class Link:
         md.extend((k.lower(), v) for k, v in self.cfg.metadata)
         return md
 
-    async def _run_once(self, endpoint: str, ever: bool) -> tuple[str, float]:
+    async def _run_once(self, endpoint: str) -> tuple[str, float]:
         channel = grpc.aio.insecure_channel(
             _target(endpoint),
             options=[
@@ -410,7 +410,7 @@ class Link:
                 raise
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 raise _LinkLost(f"expected welcome, got {first!r}", False)
-            self._welcomed(first.welcome, ever)
+            self._welcomed(first.welcome)
             heartbeat = min(max(first.welcome.heartbeat_interval_ms, 100), MAX_HEARTBEAT_MS) / 1000
             sender = asyncio.ensure_future(self._sender(call, heartbeat))
             receiver = asyncio.ensure_future(self._receive(call, heartbeat * 3))
@@ -443,7 +443,7 @@ class Link:
                 call.cancel()
             await channel.close(grace=None)
 
-    def _welcomed(self, w: pb.Welcome, ever: bool) -> None:
+    def _welcomed(self, w: pb.Welcome) -> None:
         resumed = w.result == pb.RESUMED
         lost: list[str] = []
         if resumed:
@@ -472,8 +472,9 @@ class Link:
         self._session = (w.session_id, w.epoch)
         self.session_id = w.session_id
         self.orchestrator_id = w.orchestrator_id
-        if ever:
+        if self._welcomed_before:
             self.reconnects += 1
+        self._welcomed_before = True
         self.state = LinkState.ESTABLISHED
         self._established.set()
         for task_id in lost:
