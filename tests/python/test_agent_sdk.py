@@ -231,6 +231,10 @@ def test_payloads_results_errors_and_progress(tmp_path):
             seen.append(payload)
             return payload[::-1]
 
+        @w.task("trace")
+        async def trace(ctx: TaskContext, args) -> str:
+            return ctx.traceparent
+
         @w.task("json")
         async def as_json(ctx: TaskContext, args):
             await ctx.progress(0.5, "half way")
@@ -282,6 +286,10 @@ def test_payloads_results_errors_and_progress(tmp_path):
             with pytest.raises(errors.ResourceExhausted, match="result is too large"):
                 await r.submit("json", "huge", timeout=30)
             assert await r.submit("echo-raw", b"ok", raw=True) == b"ko"
+            # The requester's W3C trace reaches the worker (a child span of it).
+            parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            child = await r.submit("trace", None, traceparent=parent)
+            assert child.split("-")[1] == parent.split("-")[1] and child.split("-")[2] != parent.split("-")[2], child
             # Over REST: any JSON payload reaches the Python worker as offered.
             import requests
 

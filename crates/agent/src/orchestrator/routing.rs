@@ -92,7 +92,11 @@ pub(super) fn on_offer(
         span_id = tracing::field::Empty
     );
     telemetry::adopt(&span, telemetry::context_from_traceparent(&env.traceparent));
-    let traceparent = telemetry::traceparent_of(&span);
+    let traceparent = match telemetry::traceparent_of(&span) {
+        // Spans off: the requester's own context passes on, so the worker still joins its trace.
+        tp if tp.is_empty() => env.traceparent.clone(),
+        tp => tp,
+    };
     let s = st.sessions.get_mut(sid).expect("caller checked");
     let mut rec = TaskRecord {
         task_id: offer.task_id.clone(),
