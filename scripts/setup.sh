@@ -24,6 +24,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The agent SDK, editable, so the venv always runs this checkout's clients/python.
+if ! "$venv/bin/python" -c 'import lattice_agents, sys; sys.exit(not lattice_agents.__file__.startswith(sys.argv[1]))' "$root/clients/python/" 2>/dev/null; then
+  echo "setup: installing the Python agent SDK (clients/python) into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e clients/python
+fi
+
 # Prometheus and promtool (Debian's package): the observability tests lint a real
 # scrape and let a real Prometheus server scrape the service.
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then

@@ -10,9 +10,11 @@
 //! `agent.offer` → orchestrator `agent.task` → worker `agent.run` → `tool.call`).
 //!
 //! Body: `{"capability", "tool", "arguments"?, "priority"? (0..=5 or a name),
-//! "timeout_ms"?, "task_id"?}`. A caller-chosen `task_id` makes a retried request
-//! the same task (the orchestrator dedupes offers and the tool gateway keys its
-//! side effects by it).
+//! "timeout_ms"?, "task_id"?}` for the built-in tool-running worker, or
+//! `{"capability", "payload", ...}` with any JSON `payload`, which reaches a worker
+//! of that capability as offered (serialised JSON). A caller-chosen `task_id` makes a
+//! retried request the same task (the orchestrator dedupes offers and workers key
+//! their side effects by it).
 
 use std::{
     collections::HashMap,
@@ -194,9 +196,13 @@ impl TaskGateway {
 #[serde(deny_unknown_fields)]
 struct OfferBody {
     capability: String,
-    tool: String,
+    #[serde(default)]
+    tool: Option<String>,
     #[serde(default)]
     arguments: Option<Value>,
+    /// Any JSON, handed to the worker as offered; instead of `tool`/`arguments`.
+    #[serde(default)]
+    payload: Option<Value>,
     #[serde(default)]
     priority: Option<Value>,
     #[serde(default)]
@@ -284,13 +290,36 @@ pub async fn offer(
     let body = crate::body::body_bytes(&s, body)?;
     let req: OfferBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("task request: {e}")))?;
-    if req.capability.is_empty() || req.tool.is_empty() {
-        return Err(ApiError::Malformed("capability and tool must not be empty".into()));
+    if req.capability.is_empty() {
+        return Err(ApiError::Malformed("capability must not be empty".into()));
     }
-    let arguments = req.arguments.unwrap_or_else(|| json!({}));
-    if !arguments.is_object() {
-        return Err(ApiError::Malformed("arguments must be a JSON object".into()));
-    }
+    let payload = match (req.tool, req.payload) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::Malformed(
+                "give either tool (with arguments) or payload, not both".into(),
+            ))
+        }
+        (None, Some(payload)) => {
+            if req.arguments.is_some() {
+                return Err(ApiError::Malformed(
+                    "arguments go with tool; put them in payload".into(),
+                ));
+            }
+            payload
+        }
+        (Some(tool), None) if !tool.is_empty() => {
+            let arguments = req.arguments.unwrap_or_else(|| json!({}));
+            if !arguments.is_object() {
+                return Err(ApiError::Malformed("arguments must be a JSON object".into()));
+            }
+            json!({"tool": tool, "arguments": arguments})
+        }
+        _ => {
+            return Err(ApiError::Malformed(
+                "a task needs tool (for the tool-running worker) or payload (any JSON)".into(),
+            ))
+        }
+    };
     let priority = priority(req.priority.as_ref())?;
     let timeout = req.timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
     if timeout.is_zero() || timeout > MAX_TIMEOUT {
@@ -339,7 +368,6 @@ pub async fn offer(
         armed: Some((session.clone(), task_id.clone())),
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    let payload = json!({"tool": req.tool, "arguments": arguments});
     let offer = agent_message::Body::Offer(TaskOffer {
         task_id: task_id.clone(),
         capability: req.capability,

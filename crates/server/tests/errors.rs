@@ -578,6 +578,20 @@ async fn rest_tasks_reach_a_worker_and_failures_map_to_statuses() {
             "tool",
         ),
         (
+            "tool and payload both",
+            json!({"capability": "tools", "tool": "echo", "payload": {"x": 1}}),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "not both",
+        ),
+        (
+            "arguments beside a payload",
+            json!({"capability": "tools", "payload": {"x": 1}, "arguments": {}}),
+            Some(token),
+            expect(ErrorKind::Malformed),
+            "put them in payload",
+        ),
+        (
             "unknown field",
             json!({"capability": "tools", "tool": "echo", "colour": 1}),
             Some(token),

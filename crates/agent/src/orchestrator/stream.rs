@@ -309,7 +309,12 @@ impl Orchestrator {
                         span_id = tracing::field::Empty
                     );
                     telemetry::adopt(&span, telemetry::context_from_traceparent(&env.traceparent));
-                    telemetry::traceparent_of(&span)
+                    match telemetry::traceparent_of(&span) {
+                        // Spans off: the requester's own context passes on, so the
+                        // worker still joins its trace.
+                        tp if tp.is_empty() => env.traceparent.clone(),
+                        tp => tp,
+                    }
                 };
                 let offer = Event::Offer {
                     sid: sid.to_string(),
