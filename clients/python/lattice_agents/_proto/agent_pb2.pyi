@@ -380,3 +380,43 @@ class ChatMessage(_message.Message):
     seq: int
     sent_at_us: int
     def __init__(self, room: _Optional[str] = ..., sender: _Optional[str] = ..., text: _Optional[str] = ..., seq: _Optional[int] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
+
+class ListToolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ToolDescriptor(_message.Message):
+    __slots__ = ("name", "description", "input_schema_json", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    input_schema_json: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class McpServerStatus(_message.Message):
+    __slots__ = ("name", "transport", "state", "error", "tools", "connects")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    transport: str
+    state: str
+    error: str
+    tools: int
+    connects: int
+    def __init__(self, name: _Optional[str] = ..., transport: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tools: _Optional[int] = ..., connects: _Optional[int] = ...) -> None: ...
+
+class ListToolsResponse(_message.Message):
+    __slots__ = ("tools", "servers")
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[ToolDescriptor]
+    servers: _containers.RepeatedCompositeFieldContainer[McpServerStatus]
+    def __init__(self, tools: _Optional[_Iterable[_Union[ToolDescriptor, _Mapping]]] = ..., servers: _Optional[_Iterable[_Union[McpServerStatus, _Mapping]]] = ...) -> None: ...

@@ -178,3 +178,84 @@ class Chat:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ToolCatalogStub:
+    """The tool gateway's catalogue for the caller's tenant: the built-in tools and the
+    tools of the MCP servers the tenant may use, each with its argument schema, and
+    the state of those servers. `GET /v1/tools` on the REST port answers the same.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListTools = channel.unary_unary(
+                '/lattice.agent.v1.ToolCatalog/ListTools',
+                request_serializer=lattice_dot_agent_dot_v1_dot_agent__pb2.ListToolsRequest.SerializeToString,
+                response_deserializer=lattice_dot_agent_dot_v1_dot_agent__pb2.ListToolsResponse.FromString,
+                _registered_method=True)
+
+
+class ToolCatalogServicer:
+    """The tool gateway's catalogue for the caller's tenant: the built-in tools and the
+    tools of the MCP servers the tenant may use, each with its argument schema, and
+    the state of those servers. `GET /v1/tools` on the REST port answers the same.
+    """
+
+    def ListTools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ToolCatalogServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTools,
+                    request_deserializer=lattice_dot_agent_dot_v1_dot_agent__pb2.ListToolsRequest.FromString,
+                    response_serializer=lattice_dot_agent_dot_v1_dot_agent__pb2.ListToolsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lattice.agent.v1.ToolCatalog', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lattice.agent.v1.ToolCatalog', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ToolCatalog:
+    """The tool gateway's catalogue for the caller's tenant: the built-in tools and the
+    tools of the MCP servers the tenant may use, each with its argument schema, and
+    the state of those servers. `GET /v1/tools` on the REST port answers the same.
+    """
+
+    @staticmethod
+    def ListTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lattice.agent.v1.ToolCatalog/ListTools',
+            lattice_dot_agent_dot_v1_dot_agent__pb2.ListToolsRequest.SerializeToString,
+            lattice_dot_agent_dot_v1_dot_agent__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
