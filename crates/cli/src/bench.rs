@@ -50,6 +50,10 @@ pub enum Target {
     /// (buckets large enough not to refuse) and the audit log to files; compared
     /// with `lattice-http` (gateway off) in the same run.
     LatticeHttpGateway,
+    /// `--baseline-bin` (another build of `lattice`, e.g. the previous release) over
+    /// HTTP and gRPC: before / after in one run.
+    BaselineHttp,
+    BaselineGrpc,
     #[value(name = "gunicorn-2w")]
     #[serde(rename = "gunicorn-2w")]
     Gunicorn2w,
@@ -66,6 +70,8 @@ impl Target {
             Target::LatticeHttpNoTelemetry => "lattice-http-no-telemetry",
             Target::LatticeHttpTraced => "lattice-http-traced",
             Target::LatticeHttpGateway => "lattice-http-gateway",
+            Target::BaselineHttp => "baseline-http",
+            Target::BaselineGrpc => "baseline-grpc",
             Target::Gunicorn2w => "gunicorn-2w",
             Target::Uvicorn2w => "uvicorn-2w",
         }
@@ -115,6 +121,10 @@ pub struct BenchArgs {
     /// figures), else the built-in async client; or force one.
     #[arg(long, env = "LATTICE_BENCH_LOAD_GENERATOR", value_enum, default_value_t = LoadGenerator::Auto)]
     pub load_generator: LoadGenerator,
+    /// Another `lattice` binary served as the `baseline-http` / `baseline-grpc`
+    /// targets, on the same repository.
+    #[arg(long, env = "LATTICE_BENCH_BASELINE_BIN")]
+    pub baseline_bin: Option<PathBuf>,
     /// Where the JSON report is written.
     #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
     pub out_dir: PathBuf,
@@ -171,6 +181,15 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     let needs = |f: fn(&Target) -> bool| args.targets.iter().any(f);
     let mut lattice = if needs(|t| matches!(t, Target::LatticeHttp | Target::LatticeGrpc)) {
         Some(LatticeProcess::start(&args, &ort, &[]).context("starting lattice serve")?)
+    } else {
+        None
+    };
+    let mut baseline = if needs(|t| matches!(t, Target::BaselineHttp | Target::BaselineGrpc)) {
+        let bin = args
+            .baseline_bin
+            .clone()
+            .ok_or_else(|| Failure::Usage("the baseline targets need --baseline-bin".into()))?;
+        Some(LatticeProcess::start_bin(&bin, &args, &ort, &[]).context("starting the baseline lattice serve")?)
     } else {
         None
     };
@@ -246,13 +265,15 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     } else {
         None
     };
-    if let Some(l) = &lattice {
-        println!(
-            "lattice serve: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, RSS {:.1} MB",
-            l.listen_ms,
-            l.ready_ms,
-            l.rss_mb()
-        );
+    for (name, l) in [("lattice serve", &lattice), ("baseline lattice serve", &baseline)] {
+        if let Some(l) = l {
+            println!(
+                "{name}: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, idle RSS {:.1} MB",
+                l.listen_ms,
+                l.ready_ms,
+                l.rss_mb()
+            );
+        }
     }
 
     for model in &args.models {
@@ -282,11 +303,15 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                     pid = l.child.id();
                     LoadClient::http(&l.http, &w, args.load_generator)
                 }
-                Target::LatticeHttp | Target::LatticeGrpc => {
-                    let l = lattice.as_ref().expect("started above");
+                Target::LatticeHttp | Target::LatticeGrpc | Target::BaselineHttp | Target::BaselineGrpc => {
+                    let l = match target {
+                        Target::BaselineHttp | Target::BaselineGrpc => baseline.as_ref(),
+                        _ => lattice.as_ref(),
+                    }
+                    .expect("started above");
                     startup_ms = l.ready_ms;
                     pid = l.child.id();
-                    if target == Target::LatticeHttp {
+                    if matches!(target, Target::LatticeHttp | Target::BaselineHttp) {
                         LoadClient::http(&l.http, &w, args.load_generator)
                     } else {
                         LoadClient::grpc(&l.grpc, &w).await?
@@ -341,7 +366,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         print_cost(&raw, &points);
         report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
     }
-    for l in [lattice.take(), bare.take(), traced.take(), gated.take()]
+    for l in [lattice.take(), baseline.take(), bare.take(), traced.take(), gated.take()]
         .into_iter()
         .flatten()
     {
@@ -688,6 +713,30 @@ fn print_cost(raw: &Point, points: &[Point]) {
             p.rss_load_mb.unwrap_or(f64::NAN)
         );
     }
+    // Before / after in the same run: this build against --baseline-bin.
+    for (now, before) in [
+        (Target::LatticeHttp, Target::BaselineHttp),
+        (Target::LatticeGrpc, Target::BaselineGrpc),
+    ] {
+        for p in points.iter().filter(|p| p.target == now.name()) {
+            let Some(b) = points
+                .iter()
+                .find(|b| b.target == before.name() && b.concurrency == p.concurrency)
+            else {
+                continue;
+            };
+            println!(
+                "| {} | {} / {} | CPU per request {:.2}x | throughput {:.2}x | RSS idle {:.2}x | RSS load {:.2}x | | |",
+                p.concurrency,
+                now.name(),
+                before.name(),
+                p.cpu_us_per_req.unwrap_or(f64::NAN) / b.cpu_us_per_req.unwrap_or(f64::NAN),
+                p.rps / b.rps,
+                p.rss_idle_mb.unwrap_or(f64::NAN) / b.rss_idle_mb.unwrap_or(f64::NAN),
+                p.rss_load_mb.unwrap_or(f64::NAN) / b.rss_load_mb.unwrap_or(f64::NAN),
+            );
+        }
+    }
 }
 
 // === Load generation ===
@@ -1007,8 +1056,12 @@ struct LatticeProcess {
 
 impl LatticeProcess {
     fn start(args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
+        LatticeProcess::start_bin(&std::env::current_exe()?, args, ort, extra)
+    }
+
+    fn start_bin(bin: &Path, args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
         let t0 = Instant::now();
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--host",
