@@ -443,6 +443,26 @@ mod tests {
     }
 
     #[test]
+    fn engine_defaults_to_no_spinning_and_rejects_unknown_options() {
+        let base = "input = []\noutput = []\n";
+        let cfg: ModelConfig = toml::from_str(base).unwrap();
+        assert_eq!(cfg.engine, EngineConfig::default());
+        assert!(!cfg.engine.allow_spinning, "pool threads sleep unless a model asks");
+        assert!(cfg.engine.cpu_arena && cfg.engine.prepacking);
+        assert_eq!(cfg.engine.optimization_level, OptimizationLevel::All);
+        let cfg: ModelConfig = toml::from_str(&format!(
+            "{base}[engine]\nallow_spinning = true\ncpu_arena = false\noptimization_level = \"disabled\"\n"
+        ))
+        .unwrap();
+        assert!(cfg.engine.allow_spinning && !cfg.engine.cpu_arena && cfg.engine.prepacking);
+        assert_eq!(cfg.engine.optimization_level, OptimizationLevel::Disabled);
+        for bad in ["spin = true", "optimization_level = \"max\"", "cpu_arena = 1"] {
+            let r: Result<ModelConfig, _> = toml::from_str(&format!("{base}[engine]\n{bad}\n"));
+            assert!(r.is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
     fn parses_triton_style_toml() {
         let cfg: ModelConfig = toml::from_str(
             r#"
