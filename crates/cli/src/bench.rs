@@ -366,9 +366,15 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         print_cost(&raw, &points);
         report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
     }
-    for l in [lattice.take(), baseline.take(), bare.take(), traced.take(), gated.take()]
-        .into_iter()
-        .flatten()
+    for l in [
+        lattice.take(),
+        baseline.take(),
+        bare.take(),
+        traced.take(),
+        gated.take(),
+    ]
+    .into_iter()
+    .flatten()
     {
         l.stop()?;
     }
@@ -681,7 +687,11 @@ impl RssSampler {
         let task = tokio::spawn(async move {
             let mut peak = 0.0f64;
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(tokio::task::spawn_blocking(move || tree_rss_mb(pid)).await.unwrap_or(0.0));
+                peak = peak.max(
+                    tokio::task::spawn_blocking(move || tree_rss_mb(pid))
+                        .await
+                        .unwrap_or(0.0),
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak
