@@ -20,8 +20,11 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use lattice_inference::{
-    backend::{onnx::OnnxBackend, Backend},
-    config,
+    backend::{
+        onnx::{OnnxBackend, SessionOptions},
+        Backend,
+    },
+    config::{self, EngineConfig},
     pipeline::TextPipeline,
     DataType, Tensor,
 };
@@ -47,6 +50,10 @@ pub enum Target {
     /// (buckets large enough not to refuse) and the audit log to files; compared
     /// with `lattice-http` (gateway off) in the same run.
     LatticeHttpGateway,
+    /// `--baseline-bin` (another build of `lattice`, e.g. the previous release) over
+    /// HTTP and gRPC: before / after in one run.
+    BaselineHttp,
+    BaselineGrpc,
     #[value(name = "gunicorn-2w")]
     #[serde(rename = "gunicorn-2w")]
     Gunicorn2w,
@@ -63,6 +70,8 @@ impl Target {
             Target::LatticeHttpNoTelemetry => "lattice-http-no-telemetry",
             Target::LatticeHttpTraced => "lattice-http-traced",
             Target::LatticeHttpGateway => "lattice-http-gateway",
+            Target::BaselineHttp => "baseline-http",
+            Target::BaselineGrpc => "baseline-grpc",
             Target::Gunicorn2w => "gunicorn-2w",
             Target::Uvicorn2w => "uvicorn-2w",
         }
@@ -112,6 +121,10 @@ pub struct BenchArgs {
     /// figures), else the built-in async client; or force one.
     #[arg(long, env = "LATTICE_BENCH_LOAD_GENERATOR", value_enum, default_value_t = LoadGenerator::Auto)]
     pub load_generator: LoadGenerator,
+    /// Another `lattice` binary served as the `baseline-http` / `baseline-grpc`
+    /// targets, on the same repository.
+    #[arg(long, env = "LATTICE_BENCH_BASELINE_BIN")]
+    pub baseline_bin: Option<PathBuf>,
     /// Where the JSON report is written.
     #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
     pub out_dir: PathBuf,
@@ -132,6 +145,8 @@ struct Workload {
     /// What the engine itself receives (tokenized for text models).
     raw: Vec<(String, Tensor)>,
     raw_outputs: Vec<String>,
+    /// The model's engine options, so the raw baseline runs as the server does.
+    engine: EngineConfig,
     describe: String,
 }
 
@@ -143,7 +158,10 @@ struct Point {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
-    rss_mb: Option<f64>,
+    /// Resident memory of the server (process tree) before the point, idle.
+    rss_idle_mb: Option<f64>,
+    /// Peak resident memory sampled while the point ran.
+    rss_load_mb: Option<f64>,
     /// CPU time the server (process tree) spent per answered request in the
     /// measured window: what a server costs, steadier than throughput when the load
     /// generator and other tenants share the cores.
@@ -163,6 +181,15 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     let needs = |f: fn(&Target) -> bool| args.targets.iter().any(f);
     let mut lattice = if needs(|t| matches!(t, Target::LatticeHttp | Target::LatticeGrpc)) {
         Some(LatticeProcess::start(&args, &ort, &[]).context("starting lattice serve")?)
+    } else {
+        None
+    };
+    let mut baseline = if needs(|t| matches!(t, Target::BaselineHttp | Target::BaselineGrpc)) {
+        let bin = args
+            .baseline_bin
+            .clone()
+            .ok_or_else(|| Failure::Usage("the baseline targets need --baseline-bin".into()))?;
+        Some(LatticeProcess::start_bin(&bin, &args, &ort, &[]).context("starting the baseline lattice serve")?)
     } else {
         None
     };
@@ -238,22 +265,26 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     } else {
         None
     };
-    if let Some(l) = &lattice {
-        println!(
-            "lattice serve: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, RSS {:.1} MB",
-            l.listen_ms,
-            l.ready_ms,
-            l.rss_mb()
-        );
+    for (name, l) in [("lattice serve", &lattice), ("baseline lattice serve", &baseline)] {
+        if let Some(l) = l {
+            println!(
+                "{name}: listening after {:.0} ms, ready (models loaded and warm) after {:.0} ms, idle RSS {:.1} MB",
+                l.listen_ms,
+                l.ready_ms,
+                l.rss_mb()
+            );
+        }
     }
 
     for model in &args.models {
         let w = workload(&args.model_repository, model).with_context(|| format!("preparing a request for {model}"))?;
         println!("\n## {model}: {}", w.describe);
         let raw = raw_engine(&args.model_repository, &w, warm, dur).context("raw engine baseline")?;
+        // The engine's own CPU per inference: the floor of what a server can spend.
+        let engine_cpu = raw.cpu_us_per_req.unwrap_or(f64::NAN);
         println!(
-            "raw engine, 2 threads x 1 intra-op thread: {:.0} inferences/s, p50 {:.3} ms, p99 {:.3} ms",
-            raw.rps, raw.p50_ms, raw.p99_ms
+            "raw engine, 2 threads x 1 intra-op thread: {:.0} inferences/s, p50 {:.3} ms, p99 {:.3} ms, CPU {:.1} µs/inference",
+            raw.rps, raw.p50_ms, raw.p99_ms, engine_cpu
         );
         let mut points = Vec::new();
         for &target in &args.targets {
@@ -272,11 +303,15 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                     pid = l.child.id();
                     LoadClient::http(&l.http, &w, args.load_generator)
                 }
-                Target::LatticeHttp | Target::LatticeGrpc => {
-                    let l = lattice.as_ref().expect("started above");
+                Target::LatticeHttp | Target::LatticeGrpc | Target::BaselineHttp | Target::BaselineGrpc => {
+                    let l = match target {
+                        Target::BaselineHttp | Target::BaselineGrpc => baseline.as_ref(),
+                        _ => lattice.as_ref(),
+                    }
+                    .expect("started above");
                     startup_ms = l.ready_ms;
                     pid = l.child.id();
-                    if target == Target::LatticeHttp {
+                    if matches!(target, Target::LatticeHttp | Target::BaselineHttp) {
                         LoadClient::http(&l.http, &w, args.load_generator)
                     } else {
                         LoadClient::grpc(&l.grpc, &w).await?
@@ -298,19 +333,27 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                 tree_rss_mb(pid)
             );
             for &c in &args.concurrency {
+                let idle = tree_rss_mb(pid);
+                let sampler = RssSampler::start(pid);
                 let mut p = client.run(c, warm, dur, pid).await;
                 p.target = target.name().into();
-                p.rss_mb = Some(tree_rss_mb(pid));
+                p.rss_idle_mb = Some(idle);
+                p.rss_load_mb = Some(sampler.stop().await);
+                let cpu = p.cpu_us_per_req.unwrap_or(f64::NAN);
                 println!(
-                    "  {:<13} c={:<3} {:>8.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}  RSS {:.1} MB  CPU {:.1} µs/req  ({:.2}x raw)",
+                    "  {:<13} c={:<3} {:>8.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}  RSS idle {:.1} MB, load {:.1} MB  CPU {:.1} µs/req = engine {:.1} + {:.1} ({:.2}x)  ({:.2}x raw)",
                     p.target,
                     c,
                     p.rps,
                     p.p50_ms,
                     p.p99_ms,
                     p.errors,
-                    p.rss_mb.unwrap_or_default(),
-                    p.cpu_us_per_req.unwrap_or(f64::NAN),
+                    idle,
+                    p.rss_load_mb.unwrap_or_default(),
+                    cpu,
+                    engine_cpu,
+                    cpu - engine_cpu,
+                    cpu / engine_cpu,
                     p.rps / raw.rps
                 );
                 points.push(p);
@@ -320,11 +363,18 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             }
         }
         print_summary(&raw, &points, &args.concurrency);
+        print_cost(&raw, &points);
         report.push(json!({"model": model, "request": w.describe, "raw_engine": raw, "points": points}));
     }
-    for l in [lattice.take(), bare.take(), traced.take(), gated.take()]
-        .into_iter()
-        .flatten()
+    for l in [
+        lattice.take(),
+        baseline.take(),
+        bare.take(),
+        traced.take(),
+        gated.take(),
+    ]
+    .into_iter()
+    .flatten()
     {
         l.stop()?;
     }
@@ -519,6 +569,7 @@ fn workload(repo: &Path, model: &str) -> anyhow::Result<Workload> {
         grpc,
         raw,
         raw_outputs,
+        engine: cfg.engine.clone(),
         describe,
     })
 }
@@ -557,7 +608,8 @@ fn summarize(target: &str, c: usize, mut lat: Vec<f64>, errors: u64, dur: Durati
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         errors,
-        rss_mb: None,
+        rss_idle_mb: None,
+        rss_load_mb: None,
         cpu_us_per_req: None,
     }
 }
@@ -570,34 +622,131 @@ fn raw_engine(repo: &Path, w: &Workload, warm: Duration, dur: Duration) -> anyho
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + warm;
     let end = measure_from + dur;
+    let options = SessionOptions::new(1, &w.engine);
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let mut backend = OnnxBackend::new(&model, 1).map_err(anyhow::Error::msg)?;
+            let mut backend = OnnxBackend::new(&model, &options).map_err(anyhow::Error::msg)?;
             let (inputs, outputs) = (w.raw.clone(), w.raw_outputs.clone());
             Ok(std::thread::spawn(move || {
                 let mut lat = Vec::new();
                 while Instant::now() < start {
                     std::hint::spin_loop();
                 }
+                // This thread's CPU over the measured runs (one intra-op thread: the
+                // engine runs on the calling thread only).
+                let mut cpu_from = None;
                 loop {
                     let t0 = Instant::now();
                     if t0 >= end {
                         break;
+                    }
+                    if t0 >= measure_from && cpu_from.is_none() {
+                        cpu_from = Some(thread_cpu_secs());
                     }
                     backend.run(inputs.clone(), &outputs).expect("raw engine run");
                     if t0 >= measure_from {
                         lat.push(t0.elapsed().as_secs_f64() * 1e3);
                     }
                 }
-                lat
+                let cpu = cpu_from.map_or(0.0, |from| thread_cpu_secs() - from);
+                (lat, cpu)
             }))
         })
         .collect::<anyhow::Result<_>>()?;
-    let mut all = Vec::new();
+    let (mut all, mut cpu) = (Vec::new(), 0.0);
     for h in handles {
-        all.extend(h.join().map_err(|_| anyhow::anyhow!("raw engine thread panicked"))?);
+        let (lat, secs) = h.join().map_err(|_| anyhow::anyhow!("raw engine thread panicked"))?;
+        all.extend(lat);
+        cpu += secs;
     }
-    Ok(summarize("raw-engine", threads, all, 0, dur))
+    let n = all.len() as f64;
+    let mut p = summarize("raw-engine", threads, all, 0, dur);
+    p.cpu_us_per_req = per_request_us(cpu, n);
+    Ok(p)
+}
+
+/// User + system CPU seconds of the calling thread, from /proc (10 ms ticks: read
+/// over seconds of runs, the resolution is a fraction of a percent).
+fn thread_cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/stat")
+        .ok()
+        .and_then(|s| stat_cpu_ticks(&s))
+        .map_or(0.0, |t| t as f64 / TICKS_PER_SEC)
+}
+
+/// Samples a process tree's resident memory every 100 ms until stopped; the peak.
+struct RssSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<f64>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut peak = 0.0f64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(
+                    tokio::task::spawn_blocking(move || tree_rss_mb(pid))
+                        .await
+                        .unwrap_or(0.0),
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        });
+        RssSampler { stop, task }
+    }
+
+    async fn stop(self) -> f64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap_or(f64::NAN)
+    }
+}
+
+/// Per point: the server's CPU per request against the engine's own CPU per
+/// inference (the raw baseline), and its memory idle and under load.
+fn print_cost(raw: &Point, points: &[Point]) {
+    let engine = raw.cpu_us_per_req.unwrap_or(f64::NAN);
+    println!("\n| c | target | server CPU µs/req | engine CPU µs/inference | server - engine µs | server / engine | RSS idle MB | RSS load MB |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for p in points {
+        let cpu = p.cpu_us_per_req.unwrap_or(f64::NAN);
+        println!(
+            "| {} | {} | {cpu:.1} | {engine:.1} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            p.concurrency,
+            p.target,
+            cpu - engine,
+            cpu / engine,
+            p.rss_idle_mb.unwrap_or(f64::NAN),
+            p.rss_load_mb.unwrap_or(f64::NAN)
+        );
+    }
+    // Before / after in the same run: this build against --baseline-bin.
+    for (now, before) in [
+        (Target::LatticeHttp, Target::BaselineHttp),
+        (Target::LatticeGrpc, Target::BaselineGrpc),
+    ] {
+        for p in points.iter().filter(|p| p.target == now.name()) {
+            let Some(b) = points
+                .iter()
+                .find(|b| b.target == before.name() && b.concurrency == p.concurrency)
+            else {
+                continue;
+            };
+            println!(
+                "| {} | {} / {} | CPU per request {:.2}x | throughput {:.2}x | RSS idle {:.2}x | RSS load {:.2}x | | |",
+                p.concurrency,
+                now.name(),
+                before.name(),
+                p.cpu_us_per_req.unwrap_or(f64::NAN) / b.cpu_us_per_req.unwrap_or(f64::NAN),
+                p.rps / b.rps,
+                p.rss_idle_mb.unwrap_or(f64::NAN) / b.rss_idle_mb.unwrap_or(f64::NAN),
+                p.rss_load_mb.unwrap_or(f64::NAN) / b.rss_load_mb.unwrap_or(f64::NAN),
+            );
+        }
+    }
 }
 
 // === Load generation ===
@@ -821,7 +970,8 @@ fn run_wrk(url: &str, script: &Path, c: usize, warm: Duration, dur: Duration, se
         p50_ms: field("50%").and_then(|v| wrk_ms(&v)).unwrap_or(f64::NAN),
         p99_ms: field("99%").and_then(|v| wrk_ms(&v)).unwrap_or(f64::NAN),
         errors,
-        rss_mb: None,
+        rss_idle_mb: None,
+        rss_load_mb: None,
         cpu_us_per_req: answered.and_then(|n| per_request_us(cpu, n)),
     }
 }
@@ -854,20 +1004,23 @@ fn process_tree(pid: u32) -> Vec<u32> {
     tree
 }
 
+/// USER_HZ: 100 on every Linux ABI this runs on (the kernel fixes it for /proc).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// utime + stime from a /proc stat line.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    // After the command: state ppid ... utime is the 12th, stime the 13th.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// User + system CPU seconds of a process and its descendants so far.
 fn tree_cpu_secs(pid: u32) -> f64 {
-    // USER_HZ: 100 on every Linux ABI this runs on (the kernel fixes it for /proc).
-    const TICKS_PER_SEC: f64 = 100.0;
     let ticks: u64 = process_tree(pid)
         .into_iter()
-        .filter_map(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-            // After the command: state ppid ... utime is the 12th, stime the 13th.
-            let utime: u64 = fields.nth(11)?.parse().ok()?;
-            let stime: u64 = fields.next()?.parse().ok()?;
-            Some(utime + stime)
-        })
+        .filter_map(|p| stat_cpu_ticks(&std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?))
         .sum();
     ticks as f64 / TICKS_PER_SEC
 }
@@ -913,8 +1066,12 @@ struct LatticeProcess {
 
 impl LatticeProcess {
     fn start(args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
+        LatticeProcess::start_bin(&std::env::current_exe()?, args, ort, extra)
+    }
+
+    fn start_bin(bin: &Path, args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
         let t0 = Instant::now();
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--host",

@@ -35,12 +35,16 @@ pub mod onnx {
 
     use bytes::{Bytes, BytesMut};
     use ort::{
+        ep,
         session::{builder::GraphOptimizationLevel, Session},
         value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType},
     };
 
     use super::{Backend, BackendError};
-    use crate::tensor::{DataType, Tensor, TensorData};
+    use crate::{
+        config::{EngineConfig, OptimizationLevel},
+        tensor::{DataType, Tensor, TensorData},
+    };
 
     /// ONNX Runtime says INVALID_ARGUMENT when the input does not fit the graph (a
     /// dimension, a rank, a type); that is the request's fault. Its own prefix
@@ -116,20 +120,56 @@ pub mod onnx {
         session: Session,
     }
 
+    /// Everything a session is built with, from the model config.
+    #[derive(Clone, Debug)]
+    pub struct SessionOptions {
+        pub intra_op_threads: usize,
+        pub engine: EngineConfig,
+    }
+
+    impl SessionOptions {
+        pub fn new(intra_op_threads: usize, engine: &EngineConfig) -> SessionOptions {
+            SessionOptions {
+                intra_op_threads,
+                engine: engine.clone(),
+            }
+        }
+    }
+
     impl OnnxBackend {
         /// Builds a session from model bytes (the caller memory-maps the file once and
         /// builds every instance from the same mapping).
-        pub fn new(model: &[u8], intra_op_threads: usize) -> Result<OnnxBackend, String> {
+        pub fn new(model: &[u8], options: &SessionOptions) -> Result<OnnxBackend, String> {
+            let e = &options.engine;
+            let level = match e.optimization_level {
+                OptimizationLevel::Disabled => GraphOptimizationLevel::Disable,
+                OptimizationLevel::Basic => GraphOptimizationLevel::Level1,
+                OptimizationLevel::Extended => GraphOptimizationLevel::Level2,
+                OptimizationLevel::All => GraphOptimizationLevel::Level3,
+            };
+            fn s<E: std::fmt::Display>(e: E) -> String {
+                e.to_string()
+            }
             let session = Session::builder(env()?)
-                .map_err(|e| e.to_string())?
-                .with_optimization_level(GraphOptimizationLevel::Level3)
-                .map_err(|e| e.to_string())?
-                .with_intra_threads(intra_op_threads)
-                .map_err(|e| e.to_string())?
+                .map_err(s)?
+                .with_optimization_level(level)
+                .map_err(s)?
+                .with_intra_threads(options.intra_op_threads)
+                .map_err(s)?
                 .with_inter_threads(1)
-                .map_err(|e| e.to_string())?
+                .map_err(s)?
+                // Pool threads that spin between parallel sections keep a core busy
+                // while a request is being read or answered; off, they sleep.
+                .with_intra_op_spinning(e.allow_spinning)
+                .map_err(s)?
+                .with_inter_op_spinning(e.allow_spinning)
+                .map_err(s)?
+                .with_execution_providers([ep::CPU::default().with_arena_allocator(e.cpu_arena).build()])
+                .map_err(s)?
+                .with_prepacking(e.prepacking)
+                .map_err(s)?
                 .commit_from_memory(model)
-                .map_err(|e| e.to_string())?;
+                .map_err(s)?;
             Ok(OnnxBackend { session })
         }
     }

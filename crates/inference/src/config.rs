@@ -28,6 +28,10 @@ pub struct ModelConfig {
     pub dynamic_batching: Option<DynamicBatching>,
     #[serde(default)]
     pub instance_group: InstanceGroup,
+    /// How ONNX Runtime runs the instances: thread spinning, memory arena, graph
+    /// optimisation. The defaults favour low idle CPU and memory.
+    #[serde(default)]
+    pub engine: EngineConfig,
     #[serde(default)]
     pub version_policy: VersionPolicy,
     /// Raw text in, tokenized tensors to the model (e.g. a sentence encoder).
@@ -168,6 +172,59 @@ pub struct InstanceGroup {
 
 fn one() -> usize {
     1
+}
+
+/// ONNX Runtime session options, per model. Triton's ONNX Runtime backend takes the
+/// same choices as `parameters` and `optimization.graph.level`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Let ONNX Runtime's intra- and inter-op pool threads spin while they wait for
+    /// work. Spinning shaves a few microseconds off each parallel section but burns a
+    /// core between requests (at one request at a time, minilm with 2 intra-op
+    /// threads spent ~1.8x its compute in CPU), which a shared node pays for and a
+    /// CPU-based autoscaler misreads as load. Off unless a model asks for it.
+    #[serde(default)]
+    pub allow_spinning: bool,
+    /// ONNX Runtime's CPU memory arena: it keeps the peak of every buffer a run
+    /// needed, per session, for the session's life. Off, buffers come from the
+    /// process allocator, whose freed pages can go back to the OS.
+    #[serde(default = "yes")]
+    pub cpu_arena: bool,
+    /// Graph optimisation: `disabled`, `basic`, `extended` or `all`. `basic` and up
+    /// constant-fold, which turns weight-only int8 (a Cast and a Mul before each
+    /// MatMul) into fp32 initializers: four times the memory, and faster runs.
+    #[serde(default)]
+    pub optimization_level: OptimizationLevel,
+    /// Pre-packed weight layouts for the CPU kernels (a second copy of some weights,
+    /// in exchange for faster GEMMs).
+    #[serde(default = "yes")]
+    pub prepacking: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            allow_spinning: false,
+            cpu_arena: true,
+            optimization_level: OptimizationLevel::default(),
+            prepacking: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizationLevel {
+    Disabled,
+    Basic,
+    Extended,
+    #[default]
+    All,
 }
 
 impl Default for InstanceGroup {
@@ -383,6 +440,26 @@ mod tests {
         );
         assert_eq!(VersionPolicy::All {}.select(avail.clone()), vec![1, 2, 3]);
         assert_eq!(VersionPolicy::Specific { versions: vec![1, 7] }.select(avail), vec![1]);
+    }
+
+    #[test]
+    fn engine_defaults_to_no_spinning_and_rejects_unknown_options() {
+        let base = "input = []\noutput = []\n";
+        let cfg: ModelConfig = toml::from_str(base).unwrap();
+        assert_eq!(cfg.engine, EngineConfig::default());
+        assert!(!cfg.engine.allow_spinning, "pool threads sleep unless a model asks");
+        assert!(cfg.engine.cpu_arena && cfg.engine.prepacking);
+        assert_eq!(cfg.engine.optimization_level, OptimizationLevel::All);
+        let cfg: ModelConfig = toml::from_str(&format!(
+            "{base}[engine]\nallow_spinning = true\ncpu_arena = false\noptimization_level = \"disabled\"\n"
+        ))
+        .unwrap();
+        assert!(cfg.engine.allow_spinning && !cfg.engine.cpu_arena && cfg.engine.prepacking);
+        assert_eq!(cfg.engine.optimization_level, OptimizationLevel::Disabled);
+        for bad in ["spin = true", "optimization_level = \"max\"", "cpu_arena = 1"] {
+            let r: Result<ModelConfig, _> = toml::from_str(&format!("{base}[engine]\n{bad}\n"));
+            assert!(r.is_err(), "{bad} must be refused");
+        }
     }
 
     #[test]

@@ -338,8 +338,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Hands the heap's free pages back to the OS (glibc keeps them otherwise): after a
+/// model is loaded or its sessions are dropped.
 #[allow(unsafe_code)]
-fn trim_heap() {
+pub(crate) fn trim_heap() {
     // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
