@@ -164,6 +164,8 @@ pub struct AgentArgs {
     /// `--log-format json`.
     #[arg(long, env = "LATTICE_LOG", default_value = "info")]
     pub log: String,
+    #[command(flatten)]
+    pub tls: crate::tls_args::ClientTlsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -362,6 +364,8 @@ pub struct ServeArgs {
     pub warmup_stagger_ms: u64,
     #[command(flatten)]
     pub gateway: crate::gateway_args::GatewayArgs,
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
     #[command(flatten)]
     pub agents: AgentPlaneArgs,
     #[command(flatten)]
@@ -738,15 +742,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         lattice_server::gateway::Gateway::start(&args.gateway.build()?, repo.metrics().clone(), shutdown.clone())
             .await
             .map_err(Failure::Usage)?;
+    let tls = match args.tls.build()? {
+        Some(cfg) => lattice_server::tls::Acceptors::start(&cfg, shutdown.clone()).map_err(Failure::Usage)?,
+        None => lattice_server::tls::Acceptors::default(),
+    };
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     // One machine-readable line: tests and scripts read the bound ports from it. It
     // also says, plainly, whether authentication is off (local use only).
     println!(
-        "lattice listening http={} grpc={} metrics={} {}",
+        "lattice listening http={} grpc={} metrics={} {} {}",
         addr(&listeners.http),
         addr(&listeners.grpc),
         addr(&listeners.metrics),
-        gateway.describe()
+        gateway.describe(),
+        tls.describe()
     );
     if !gateway.auth_enabled() {
         tracing::warn!("authentication is OFF (--auth off): every caller reaches every API; local use only");
@@ -808,7 +817,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         state = state.with_agents(agents);
     }
     state.shutdown = shutdown;
-    state = state.with_gateway(gateway);
+    state = state.with_gateway(gateway).with_tls(tls);
     if let Some((cfg, http)) = args.pod_cost.build()? {
         tokio::spawn(lattice_server::podcost::run(
             cfg,
@@ -837,6 +846,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     }
     let client = lattice_agent::client::ClientConfig {
         endpoints: args.orchestrator.clone(),
+        tls: args.tls.build(&args.orchestrator)?,
         agent_id: args
             .agent_id
             .clone()

@@ -46,6 +46,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `timeout_ms` accepted.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The endpoint name of the in-process connection to this server's gRPC service.
+pub const LOCAL_ENDPOINT: &str = "http://in-process.local";
+
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>>;
 
 enum Outcome {
@@ -58,6 +61,8 @@ enum Outcome {
 pub struct TaskGateway {
     endpoints: Vec<String>,
     token: Option<String>,
+    /// Set, sessions reach the orchestrator in-process rather than over the network.
+    connector: Option<lattice_agent::client::Connector>,
     /// A session with no task waiting for this long is closed, so tenants that come
     /// and go cannot fill the table for good.
     idle: Duration,
@@ -87,9 +92,17 @@ impl TaskGateway {
         TaskGateway {
             endpoints,
             token,
+            connector: None,
             idle,
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sessions open their streams with `connector` (an in-process connection to
+    /// this server's gRPC service) instead of dialling the endpoints.
+    pub fn with_connector(mut self, connector: lattice_agent::client::Connector) -> TaskGateway {
+        self.connector = Some(connector);
+        self
     }
 
     /// Tenants with an open session (tests and the hostile-client suite read it).
@@ -122,6 +135,7 @@ impl TaskGateway {
         }
         let (client, mut events) = AgentClient::connect(ClientConfig {
             endpoints: self.endpoints.clone(),
+            connector: self.connector.clone(),
             agent_id: format!(
                 "rest-{}-{}",
                 lattice_inference::repository::echo(tenant),
