@@ -200,6 +200,11 @@ pub async fn run(
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Deflate);
 
+    if let (Some(agents), Some(log)) = (&state.agents, state.gateway.audit()) {
+        agents
+            .orchestrator
+            .set_task_audit(Arc::new(audit::tasks::TaskRecords(log.clone())));
+    }
     // In-process connections to the gRPC port: the REST task gateway's hop.
     let (local_tx, local_rx) = tokio::sync::mpsc::channel(16);
     if state.agents.is_some() {

@@ -359,6 +359,12 @@ pub async fn offer(
         capability: req.capability,
         payload: payload.to_string().into_bytes(),
         max_attempts: 0,
+        // The caller the gateway verified, for the task's audit record.
+        on_behalf_of: headers
+            .get(crate::gateway::USER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
     });
     let opts = SendOptions {
         priority,

@@ -937,3 +937,145 @@ async fn the_jetstream_sink_survives_a_nats_restart() {
     assert!(records.iter().all(|r| r.tenant_id == "acme" && r.status == 200));
     server.stop().await;
 }
+
+/// One audit record per agent task, whoever offered it: each task a requester's
+/// stream offers (done, failed or refused) and each REST task has exactly one
+/// record, with its tenant, verified user, capability and final status; the
+/// stream and the REST request keep their own records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_task_has_exactly_one_audit_record() {
+    use lattice_agent::{
+        client::{ClientConfig, SendOptions},
+        worker::{self, Requester, WorkerConfig},
+    };
+    use lattice_proto::agent::{agent_message, TaskOffer};
+    let repo = repo_copy(&["magika"]);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"task-audit-secret-task-audit-sec".to_vec();
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[oct_jwk("k", &secret)]);
+    let audit_dir = dir.path().join("audit");
+    let server = start_with(
+        repo.path(),
+        GatewayConfig {
+            auth: Some(AuthConfig {
+                jwt_keys: Some(jwks),
+                ..AuthConfig::default()
+            }),
+            audit: Some(AuditConfig {
+                sink: SinkConfig::File {
+                    dir: audit_dir.clone(),
+                    fsync_every: Duration::from_millis(200),
+                },
+                retention: lattice_server::audit::DEFAULT_RETENTION,
+                queue: 65_536,
+            }),
+            ..GatewayConfig::default()
+        },
+        true,
+    )
+    .await;
+    let client = |user: &str, caps: &[&str]| ClientConfig {
+        endpoints: vec![format!("http://{}", server.grpc)],
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+        tenant: "acme".into(),
+        auth_token: Some(hs("k", &secret, &claims("acme", user, "agent", 600))),
+        metadata: vec![("x-tenant-id".into(), "acme".into())],
+        ..ClientConfig::default()
+    };
+    tokio::spawn(worker::run(
+        WorkerConfig {
+            client: client("worker-1", &["tools"]),
+        },
+        std::future::pending(),
+    ));
+    let mut requester = Requester::connect(client("bob", &[]));
+    requester.client.established().await.unwrap();
+    // Done, failed (an unknown tool) and refused (its deadline already passed); and
+    // one that claims to be made for another user, which only the server's own hop
+    // may do: it is bob's.
+    let offers = [
+        ("t-ok-1", json!({"tool": "calculator", "arguments": {"expression": "1 + 1"}}), 0i64, ""),
+        ("t-ok-2", json!({"tool": "calculator", "arguments": {"expression": "2 * 3"}}), 0, ""),
+        ("t-fail", json!({"tool": "no-such-tool", "arguments": {}}), 0, ""),
+        ("t-late", json!({"tool": "calculator", "arguments": {"expression": "1"}}), 1, ""),
+        ("t-spoof", json!({"tool": "calculator", "arguments": {"expression": "1"}}), 0, "mallory"),
+    ];
+    for (id, payload, deadline_us, on_behalf_of) in &offers {
+        requester
+            .client
+            .send(
+                agent_message::Body::Offer(TaskOffer {
+                    task_id: id.to_string(),
+                    capability: "tools".into(),
+                    payload: payload.to_string().into_bytes(),
+                    max_attempts: 1,
+                    on_behalf_of: on_behalf_of.to_string(),
+                }),
+                SendOptions {
+                    correlation_id: id.to_string(),
+                    deadline_us: *deadline_us,
+                    ..SendOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let mut codes = std::collections::HashMap::new();
+    for _ in &offers {
+        let r = tokio::time::timeout(Duration::from_secs(30), requester.next_result())
+            .await
+            .expect("every task ends")
+            .unwrap();
+        codes.insert(r.task_id.clone(), r.status.map_or(0, |s| s.code));
+    }
+    // And one REST task, by alice.
+    let rest_token = hs("k", &secret, &claims("acme", "alice", "agent", 600));
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/agents/tasks"))
+        .bearer_auth(&rest_token)
+        .header("x-tenant-id", "acme")
+        .json(&json!({"capability": "tools", "tool": "calculator", "arguments": {"expression": "6 * 7"},
+                      "task_id": "t-rest", "timeout_ms": 20000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    server.state.gateway.flush_audit().await;
+    let records = lattice_server::audit::file::read_all(&audit_dir, None).unwrap();
+    let tasks: Vec<_> = records.iter().filter(|r| r.protocol == "agent-task").collect();
+    let mut per_id = std::collections::HashMap::new();
+    for r in &tasks {
+        *per_id.entry(r.task_id.clone().unwrap()).or_insert(0) += 1;
+    }
+    let mut want: Vec<&str> = offers.iter().map(|o| o.0).collect();
+    want.push("t-rest");
+    for id in &want {
+        assert_eq!(per_id.get(*id), Some(&1), "records of {id}: {per_id:?}");
+    }
+    assert_eq!(tasks.len(), want.len(), "{per_id:?}");
+    for r in &tasks {
+        let id = r.task_id.as_deref().unwrap();
+        assert_eq!(r.tenant_id, "acme");
+        assert_eq!(r.capability.as_deref(), Some("tools"));
+        assert_eq!(r.api, lattice_server::audit::tasks::TASK_API);
+        if id == "t-rest" {
+            assert_eq!(r.user_id, "alice");
+            assert_eq!(r.status, 200);
+        } else {
+            assert_eq!(r.user_id, "bob", "{r:?}");
+            assert_eq!(r.grpc_status, Some(codes[id]), "{id}");
+            assert_eq!(r.status, lattice_server::audit::grpc_to_http(codes[id]));
+        }
+    }
+    assert_eq!(codes["t-ok-1"], 0);
+    assert_ne!(codes["t-fail"], 0);
+    assert_eq!(codes["t-late"], Code::DeadlineExceeded as i32);
+    // The REST request has its own record beside its task's.
+    assert!(records
+        .iter()
+        .any(|r| r.protocol == "http" && r.api == "/v1/agents/tasks" && r.status == 200));
+    server.state.gateway.flush_audit().await;
+    server.stop().await;
+}

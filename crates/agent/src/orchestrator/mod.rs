@@ -102,6 +102,36 @@ impl Default for OrchestratorConfig {
     }
 }
 
+/// How one task ended, for the audit log: one per task offered, refused ones
+/// included.
+#[derive(Clone, Debug)]
+pub struct TaskOutcome {
+    pub task_id: String,
+    pub tenant: String,
+    pub user: String,
+    pub capability: String,
+    /// The gRPC code of the task's final status (0: done).
+    pub code: i32,
+    pub attempts: u32,
+    /// The worker session that produced the result, if one did.
+    pub worker: String,
+    /// Unix microseconds of the offer and of the outcome.
+    pub offered_us: i64,
+    pub finished_us: i64,
+}
+
+/// Receives every task's outcome; called under the orchestrator's lock, so it must
+/// only hand the outcome on (the audit log queues it without waiting).
+pub trait TaskAudit: Send + Sync {
+    fn task_finished(&self, outcome: TaskOutcome);
+}
+
+/// The gateway's verified user on a stream (it overwrites what the caller sent).
+pub const USER_ID_METADATA: &str = "x-user-id";
+/// Set to `1` by the gateway on the server's own streams (and on every stream with
+/// authentication off): their offers may name the user they are made for.
+pub const DELEGATE_METADATA: &str = "x-lattice-delegate";
+
 /// Cheap-to-clone handle; also the tonic service.
 #[derive(Clone)]
 pub struct Orchestrator {
@@ -117,6 +147,8 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     /// Cancelled on shutdown: streams get a Drain frame and end.
     draining: CancellationToken,
+    /// Where task outcomes go, once set.
+    task_audit: std::sync::OnceLock<Arc<dyn TaskAudit>>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<AgentResponse, Status>> + Send>>;
@@ -137,6 +169,7 @@ impl Orchestrator {
                 tools,
                 state: Mutex::new(State::default()),
                 draining: CancellationToken::new(),
+                task_audit: std::sync::OnceLock::new(),
             }),
         };
         if orch.inner.cfg.adopt_all_on_start {
@@ -157,6 +190,11 @@ impl Orchestrator {
                 .unwrap_or_default()
         }));
         Ok(orch)
+    }
+
+    /// Sends every task's outcome to `audit` from now on; a second call is ignored.
+    pub fn set_task_audit(&self, audit: Arc<dyn TaskAudit>) {
+        let _ = self.inner.task_audit.set(audit);
     }
 
     pub fn tools(&self) -> &ToolGateway {
@@ -267,8 +305,22 @@ impl AgentCoordination for Orchestrator {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("default")
             .to_string();
+        let user = request
+            .metadata()
+            .get(USER_ID_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .filter(|u| u.len() <= 128)
+            .unwrap_or("")
+            .to_string();
+        let delegate = request
+            .metadata()
+            .get(DELEGATE_METADATA)
+            .is_some_and(|v| v.as_bytes() == b"1");
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant));
+        tokio::spawn(
+            self.clone()
+                .serve_stream(request.into_inner(), tx, tenant, stream::Caller { user, delegate }),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

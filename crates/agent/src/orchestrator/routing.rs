@@ -113,6 +113,11 @@ pub(super) fn on_offer(
         traceparent,
         result: None,
         offered_us: now_us(),
+        user: if s.meta.delegate && !offer.on_behalf_of.is_empty() {
+            offer.on_behalf_of.chars().take(128).collect()
+        } else {
+            s.meta.user.clone()
+        },
     };
     s.outstanding += 1;
     let refusal = if s.outstanding > 2 * inner.cfg.requester_window as usize {
@@ -277,6 +282,19 @@ pub(super) fn finish(
     }
     let worker = std::mem::take(&mut task.rec.worker);
     task.rec.set_state(TaskState::Done);
+    if let Some(audit) = inner.task_audit.get() {
+        audit.task_finished(super::TaskOutcome {
+            task_id: task_id.to_string(),
+            tenant: task.rec.tenant.clone(),
+            user: task.rec.user.clone(),
+            capability: task.rec.capability.clone(),
+            code: status.code,
+            attempts: task.rec.attempts,
+            worker: worker.clone(),
+            offered_us: task.rec.offered_us,
+            finished_us: now_us(),
+        });
+    }
     let result = TaskResult {
         task_id: task_id.to_string(),
         output: output.to_vec(),
