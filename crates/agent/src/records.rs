@@ -42,9 +42,6 @@ pub struct SessionMeta {
     /// The user the gateway verified on the stream (empty without one).
     #[prost(string, tag = "10")]
     pub user: String,
-    /// The stream may name the user of each task it offers (`on_behalf_of`).
-    #[prost(bool, tag = "11")]
-    pub delegate: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]

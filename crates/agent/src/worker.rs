@@ -230,7 +230,6 @@ impl Requester {
                     capability: capability.to_string(),
                     payload: payload.to_string().into_bytes(),
                     max_attempts: 0,
-                    ..Default::default()
                 }),
                 SendOptions {
                     priority,

@@ -206,7 +206,6 @@ fn frame(i: u64) -> AgentMessage {
             capability: "bench".into(),
             payload: br#"{"tool":"echo","arguments":{"value":1}}"#.to_vec(),
             max_attempts: 0,
-            ..Default::default()
         })),
         ..AgentMessage::default()
     }
@@ -219,7 +218,6 @@ fn bench_offer(id: String) -> (agent_message::Body, SendOptions) {
         capability: "bench".into(),
         payload: b"{}".to_vec(),
         max_attempts: 0,
-        ..Default::default()
     };
     let opts = SendOptions {
         priority: 2,

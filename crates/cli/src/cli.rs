@@ -324,7 +324,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LATTICE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
     pub http2_max_concurrent_streams: u32,
     /// Seconds a `POST /v1/agents/tasks` session with no task waiting is kept before
-    /// it is closed; the table holds 256 tenants.
+    /// it is closed; the table holds 256 (tenant, user) sessions.
     #[arg(long, env = "LATTICE_TASK_SESSION_IDLE_SECS", default_value_t = 60)]
     pub task_session_idle_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM before the process exits.

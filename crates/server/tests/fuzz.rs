@@ -152,7 +152,6 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     capability: "tools".into(),
                     payload: br#"{"tool":"echo","arguments":{"value":1}}"#.to_vec(),
                     max_attempts: 2,
-                    ..Default::default()
                 }),
                 agent_message::Body::Credit(lattice_proto::agent::Credit {
                     ..Default::default()

@@ -620,6 +620,98 @@ async fn limits_refuse_with_an_honest_wait_on_both_protocols() {
     server.stop().await;
 }
 
+/// The per-tenant concurrency cap over real sockets: while a tenant holds its cap in
+/// open requests (inference streams, which hold their slot until they end), its
+/// next request is refused on both protocols with 429 / RESOURCE_EXHAUSTED, another
+/// tenant still passes, and ending one request frees a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_holds_per_tenant() {
+    let repo = repo_copy(&["magika"]);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let cap = 3;
+    // Buckets far above the test's traffic: only the cap can refuse.
+    std::fs::write(
+        &policy,
+        format!(
+            "[tenants.acme]\nmax_concurrent = {cap}\nfast = {{ burst = 1000, per_second = 1000 }}\n\
+             steady = {{ burst = 1000, per_second = 1000 }}\n"
+        ),
+    )
+    .unwrap();
+    let server = start_with(
+        repo.path(),
+        GatewayConfig {
+            policy: Some(policy),
+            limits: true,
+            ..GatewayConfig::default()
+        },
+        false,
+    )
+    .await;
+    let open_stream = |tenant: &'static str| {
+        let server = &server;
+        async move {
+            let mut client = server.grpc_client().await;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.metadata_mut().insert("x-tenant-id", tenant.parse().unwrap());
+            let opened = client.model_stream_infer(req).await;
+            (tx, opened)
+        }
+    };
+    // `cap` streams, each answered once: all admitted and open.
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        let (tx, opened) = open_stream("acme").await;
+        let mut answers = opened.expect("admitted under the cap").into_inner();
+        tx.send(grpc_infer("magika")).await.unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(30), answers.message())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        assert!(a.error_message.is_empty(), "{}", a.error_message);
+        held.push((tx, answers));
+    }
+    let http = reqwest::Client::new();
+    // The next request of the tenant: refused, on REST and on gRPC, unary or stream.
+    let (status, body) = rest_infer(&server, &http, &[("x-tenant-id", "acme")]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.to_string().contains(&cap.to_string()), "{body}");
+    let s = grpc_call(&server, &[("x-tenant-id", "acme")]).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    let (_tx, opened) = open_stream("acme").await;
+    assert_eq!(opened.unwrap_err().code(), Code::ResourceExhausted);
+    // Another tenant is not affected.
+    assert_eq!(rest_infer(&server, &http, &[("x-tenant-id", "globex")]).await.0, 200);
+    assert!(grpc_call(&server, &[("x-tenant-id", "globex")]).await.is_ok());
+    // One stream ends: its slot is free again.
+    let (tx, mut answers) = held.pop().unwrap();
+    drop(tx);
+    while answers.message().await.ok().flatten().is_some() {}
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = rest_infer(&server, &http, &[("x-tenant-id", "acme")]).await;
+        if status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "the slot was not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = server.repo().metrics().encode();
+    assert!(
+        text.contains(r#"lattice_gateway_refusals_total{tenant="acme",reason="concurrency"}"#),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("refusals"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(held);
+    server.stop().await;
+}
+
 /// Canary: the tag header wins, users stay on their version, and the split shows in
 /// the per-version metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -989,19 +1081,21 @@ async fn every_agent_task_has_exactly_one_audit_record() {
         },
         std::future::pending(),
     ));
-    let mut requester = Requester::connect(client("bob", &[]));
+    // Bob's stream claims to act for mallory: only the server's own hop may.
+    let mut bob = client("bob", &[]);
+    bob.metadata
+        .push(("x-lattice-on-behalf-of".into(), "mallory".into()));
+    bob.metadata.push(("x-lattice-delegate".into(), "1".into()));
+    let mut requester = Requester::connect(bob);
     requester.client.established().await.unwrap();
-    // Done, failed (an unknown tool) and refused (its deadline already passed); and
-    // one that claims to be made for another user, which only the server's own hop
-    // may do: it is bob's.
+    // Done, failed (an unknown tool) and refused (its deadline already passed).
     let offers = [
-        ("t-ok-1", json!({"tool": "calculator", "arguments": {"expression": "1 + 1"}}), 0i64, ""),
-        ("t-ok-2", json!({"tool": "calculator", "arguments": {"expression": "2 * 3"}}), 0, ""),
-        ("t-fail", json!({"tool": "no-such-tool", "arguments": {}}), 0, ""),
-        ("t-late", json!({"tool": "calculator", "arguments": {"expression": "1"}}), 1, ""),
-        ("t-spoof", json!({"tool": "calculator", "arguments": {"expression": "1"}}), 0, "mallory"),
+        ("t-ok-1", json!({"tool": "calculator", "arguments": {"expression": "1 + 1"}}), 0i64),
+        ("t-ok-2", json!({"tool": "calculator", "arguments": {"expression": "2 * 3"}}), 0),
+        ("t-fail", json!({"tool": "no-such-tool", "arguments": {}}), 0),
+        ("t-late", json!({"tool": "calculator", "arguments": {"expression": "1"}}), 1),
     ];
-    for (id, payload, deadline_us, on_behalf_of) in &offers {
+    for (id, payload, deadline_us) in &offers {
         requester
             .client
             .send(
@@ -1010,7 +1104,6 @@ async fn every_agent_task_has_exactly_one_audit_record() {
                     capability: "tools".into(),
                     payload: payload.to_string().into_bytes(),
                     max_attempts: 1,
-                    on_behalf_of: on_behalf_of.to_string(),
                 }),
                 SendOptions {
                     correlation_id: id.to_string(),

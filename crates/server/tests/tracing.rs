@@ -175,7 +175,6 @@ async fn spans_continue_the_callers_trace_over_rest_and_grpc() {
                 capability: "models".into(),
                 payload: payload.to_string().into_bytes(),
                 max_attempts: 0,
-                ..Default::default()
             }),
             SendOptions {
                 traceparent: format!("00-{trace_id}-{agent_parent}-01"),

@@ -129,8 +129,11 @@ pub trait TaskAudit: Send + Sync {
 /// The gateway's verified user on a stream (it overwrites what the caller sent).
 pub const USER_ID_METADATA: &str = "x-user-id";
 /// Set to `1` by the gateway on the server's own streams (and on every stream with
-/// authentication off): their offers may name the user they are made for.
+/// authentication off), which may then name the user they act for.
 pub const DELEGATE_METADATA: &str = "x-lattice-delegate";
+/// The user a delegating stream acts for (the REST task gateway opens one session
+/// per tenant and user).
+pub const ON_BEHALF_OF_METADATA: &str = "x-lattice-on-behalf-of";
 
 /// Cheap-to-clone handle; also the tonic service.
 #[derive(Clone)]
@@ -305,22 +308,24 @@ impl AgentCoordination for Orchestrator {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("default")
             .to_string();
-        let user = request
-            .metadata()
-            .get(USER_ID_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .filter(|u| u.len() <= 128)
-            .unwrap_or("")
-            .to_string();
-        let delegate = request
-            .metadata()
-            .get(DELEGATE_METADATA)
-            .is_some_and(|v| v.as_bytes() == b"1");
+        let md = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|u| u.len() <= 128)
+                .unwrap_or("")
+                .to_string()
+        };
+        let delegate = md(DELEGATE_METADATA) == "1";
+        let on_behalf_of = md(ON_BEHALF_OF_METADATA);
+        let user = if delegate && !on_behalf_of.is_empty() {
+            on_behalf_of
+        } else {
+            md(USER_ID_METADATA)
+        };
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(
-            self.clone()
-                .serve_stream(request.into_inner(), tx, tenant, stream::Caller { user, delegate }),
-        );
+        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant, user));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

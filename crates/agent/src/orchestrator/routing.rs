@@ -113,11 +113,7 @@ pub(super) fn on_offer(
         traceparent,
         result: None,
         offered_us: now_us(),
-        user: if s.meta.delegate && !offer.on_behalf_of.is_empty() {
-            offer.on_behalf_of.chars().take(128).collect()
-        } else {
-            s.meta.user.clone()
-        },
+        user: s.meta.user.clone(),
     };
     s.outstanding += 1;
     let refusal = if s.outstanding > 2 * inner.cfg.requester_window as usize {

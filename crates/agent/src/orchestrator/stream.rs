@@ -26,19 +26,13 @@ use super::{code_name, Inner, Orchestrator};
 
 use super::{routing::*, state::*};
 
-/// Who the gateway says opened a stream.
-pub(super) struct Caller {
-    pub user: String,
-    pub delegate: bool,
-}
-
 impl Orchestrator {
     pub(super) async fn attach(
         &self,
         hello: Hello,
         agent_id: String,
         tenant: String,
-        caller: Caller,
+        user: String,
     ) -> Result<(String, u64), Status> {
         if hello.protocol_version != wire::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -99,8 +93,7 @@ impl Orchestrator {
         s.control.clear();
         s.meta.agent_id = agent_id;
         s.meta.tenant = tenant;
-        s.meta.user = caller.user;
-        s.meta.delegate = caller.delegate;
+        s.meta.user = user;
         s.meta.capabilities = hello.capabilities.clone();
         s.meta.max_in_flight = hello.max_in_flight.max(1);
         s.meta.last_active_us = now_us();
@@ -165,7 +158,7 @@ impl Orchestrator {
         mut inbound: Streaming<AgentMessage>,
         tx: mpsc::Sender<Result<AgentResponse, Status>>,
         tenant: String,
-        caller: Caller,
+        user: String,
     ) {
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
         let hello = match first {
@@ -197,7 +190,7 @@ impl Orchestrator {
         } else {
             hello.tenant.clone()
         };
-        let (sid, epoch) = match self.attach(hello, agent_id, tenant, caller).await {
+        let (sid, epoch) = match self.attach(hello, agent_id, tenant, user).await {
             Ok(v) => v,
             Err(status) => {
                 let _ = tx.send(Err(status)).await;
