@@ -16,10 +16,10 @@ use lattice_proto::agent::{
     Drain, Envelope, Goodbye, Heartbeat, Hello, Resume, ResumeResult,
 };
 use parking_lot::Mutex;
+use tokio::io::DuplexStream;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tokio::io::DuplexStream;
 use tonic::{
     metadata::MetadataValue,
     transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri},

@@ -754,8 +754,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         addr(&listeners.http),
         addr(&listeners.grpc),
         addr(&listeners.metrics),
-        gateway.describe(),
-        tls.describe()
+        tls.describe(),
+        gateway.describe()
     );
     if !gateway.auth_enabled() {
         tracing::warn!("authentication is OFF (--auth off): every caller reaches every API; local use only");

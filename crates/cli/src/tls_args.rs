@@ -75,10 +75,18 @@ pub struct ClientTlsArgs {
     #[arg(long, env = "LATTICE_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// PEM client certificate chain, for a port with mutual TLS.
-    #[arg(long = "tls-client-cert", env = "LATTICE_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    #[arg(
+        long = "tls-client-cert",
+        env = "LATTICE_TLS_CLIENT_CERT",
+        requires = "tls_client_key"
+    )]
     pub tls_client_cert: Option<PathBuf>,
     /// PEM key of the client certificate.
-    #[arg(long = "tls-client-key", env = "LATTICE_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    #[arg(
+        long = "tls-client-key",
+        env = "LATTICE_TLS_CLIENT_KEY",
+        requires = "tls_client_cert"
+    )]
     pub tls_client_key: Option<PathBuf>,
     /// Name the orchestrator's certificate must carry, when it is not the URL's host.
     #[arg(long, env = "LATTICE_TLS_DOMAIN")]

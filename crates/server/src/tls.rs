@@ -227,9 +227,9 @@ impl Acceptors {
                 .with_safe_default_protocol_versions()
                 .map_err(|e| e.to_string())?;
             let builder = match (&client_ca, mutual) {
-                (Some(ca), true) => builder.with_client_cert_verifier(Arc::new(ReloadingClientVerifier {
-                    current: ca.clone(),
-                })),
+                (Some(ca), true) => {
+                    builder.with_client_cert_verifier(Arc::new(ReloadingClientVerifier { current: ca.clone() }))
+                }
                 _ => builder.with_no_client_auth(),
             };
             let mut config = builder.with_cert_resolver(resolver.clone());

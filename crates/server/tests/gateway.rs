@@ -1083,17 +1083,28 @@ async fn every_agent_task_has_exactly_one_audit_record() {
     ));
     // Bob's stream claims to act for mallory: only the server's own hop may.
     let mut bob = client("bob", &[]);
-    bob.metadata
-        .push(("x-lattice-on-behalf-of".into(), "mallory".into()));
+    bob.metadata.push(("x-lattice-on-behalf-of".into(), "mallory".into()));
     bob.metadata.push(("x-lattice-delegate".into(), "1".into()));
     let mut requester = Requester::connect(bob);
     requester.client.established().await.unwrap();
     // Done, failed (an unknown tool) and refused (its deadline already passed).
     let offers = [
-        ("t-ok-1", json!({"tool": "calculator", "arguments": {"expression": "1 + 1"}}), 0i64),
-        ("t-ok-2", json!({"tool": "calculator", "arguments": {"expression": "2 * 3"}}), 0),
+        (
+            "t-ok-1",
+            json!({"tool": "calculator", "arguments": {"expression": "1 + 1"}}),
+            0i64,
+        ),
+        (
+            "t-ok-2",
+            json!({"tool": "calculator", "arguments": {"expression": "2 * 3"}}),
+            0,
+        ),
         ("t-fail", json!({"tool": "no-such-tool", "arguments": {}}), 0),
-        ("t-late", json!({"tool": "calculator", "arguments": {"expression": "1"}}), 1),
+        (
+            "t-late",
+            json!({"tool": "calculator", "arguments": {"expression": "1"}}),
+            1,
+        ),
     ];
     for (id, payload, deadline_us) in &offers {
         requester
@@ -1128,8 +1139,10 @@ async fn every_agent_task_has_exactly_one_audit_record() {
         .post(server.url("/v1/agents/tasks"))
         .bearer_auth(&rest_token)
         .header("x-tenant-id", "acme")
-        .json(&json!({"capability": "tools", "tool": "calculator", "arguments": {"expression": "6 * 7"},
-                      "task_id": "t-rest", "timeout_ms": 20000}))
+        .json(
+            &json!({"capability": "tools", "tool": "calculator", "arguments": {"expression": "6 * 7"},
+                      "task_id": "t-rest", "timeout_ms": 20000}),
+        )
         .send()
         .await
         .unwrap();
