@@ -486,6 +486,34 @@ async fn the_agent_plane_is_behind_the_same_check() {
     req.metadata_mut().insert("x-tenant-id", "acme".parse().unwrap());
     let s = raw.negotiate_task(req).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // An agent token for acme whose hello names another tenant: refused, so a
+    // stream cannot act for a tenant its credential is not for.
+    let (tx, rx) = tokio::sync::mpsc::channel::<lattice_proto::agent::AgentMessage>(1);
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", bearer(&agent_token).parse().unwrap());
+    req.metadata_mut().insert("x-tenant-id", "acme".parse().unwrap());
+    tx.send(lattice_proto::agent::AgentMessage {
+        agent_id: "intruder".into(),
+        env: Some(lattice_agent::wire::envelope("")),
+        body: Some(lattice_proto::agent::agent_message::Body::Hello(
+            lattice_proto::agent::Hello {
+                protocol_version: lattice_agent::wire::PROTOCOL_VERSION,
+                tenant: "globex".into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut answers = raw.negotiate_task(req).await.unwrap().into_inner();
+    let s = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer to the hello")
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("globex"), "{s:?}");
 
     // REST tasks: the caller's token is checked; the hop to the orchestrator is the
     // server's own.

@@ -302,12 +302,12 @@ impl AgentCoordination for Orchestrator {
                 "orchestrator is draining; reconnect to another replica",
             ));
         }
-        let tenant = request
-            .metadata()
-            .get("x-tenant")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("default")
-            .to_string();
+        let named = request.metadata().get("x-tenant").and_then(|v| v.to_str().ok());
+        // The tenant the stream's metadata names binds its hello unless the stream
+        // may act for others: behind the gateway with authentication on, that
+        // metadata is the verified tenant, and a hello naming another is refused.
+        let tenant_bound = named.is_some();
+        let tenant = named.unwrap_or("default").to_string();
         let md = |name: &str| {
             request
                 .metadata()
@@ -325,6 +325,10 @@ impl AgentCoordination for Orchestrator {
             md(USER_ID_METADATA)
         };
         let (tx, rx) = mpsc::channel(256);
+        let tenant = stream::StreamTenant {
+            tenant,
+            bound: tenant_bound && !delegate,
+        };
         tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant, user));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -26,6 +26,12 @@ use super::{code_name, Inner, Orchestrator};
 
 use super::{routing::*, state::*};
 
+/// The tenant a stream's metadata names, and whether its hello must name the same.
+pub(super) struct StreamTenant {
+    pub tenant: String,
+    pub bound: bool,
+}
+
 impl Orchestrator {
     pub(super) async fn attach(
         &self,
@@ -157,7 +163,7 @@ impl Orchestrator {
         self,
         mut inbound: Streaming<AgentMessage>,
         tx: mpsc::Sender<Result<AgentResponse, Status>>,
-        tenant: String,
+        tenant: StreamTenant,
         user: String,
     ) {
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
@@ -185,8 +191,17 @@ impl Orchestrator {
             },
         };
         let (hello, agent_id) = hello;
-        let tenant = if hello.tenant.is_empty() {
-            tenant
+        let tenant = if hello.tenant.is_empty() || hello.tenant == tenant.tenant {
+            tenant.tenant
+        } else if tenant.bound {
+            let _ = tx
+                .send(Err(Status::permission_denied(format!(
+                    "the hello names tenant '{}', but the stream is for tenant '{}': name the same tenant in both",
+                    hello.tenant.chars().take(128).collect::<String>(),
+                    tenant.tenant.chars().take(128).collect::<String>()
+                ))))
+                .await;
+            return;
         } else {
             hello.tenant.clone()
         };
