@@ -985,7 +985,8 @@ impl LatticeProcess {
             .arg(&args.model_repository)
             .arg("--ort-library")
             .arg(ort)
-            .args(["--log", "warn"])
+            // rustls warns per connection about wrk's IP-address SNI.
+            .args(["--log", "warn,rustls=error"])
             // The serving benchmark needs no agent plane, and two servers must not
             // contend for one embedded store file.
             .args(["--agents", "off"])
