@@ -9,27 +9,96 @@
 //! (100 ms initial, 5 s cap). [`AgentClient::send`] waits while the outbox is full,
 //! so a stalled orchestrator holds the application back instead of growing memory.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, future::Future, io, pin::Pin, sync::Arc, time::Duration};
 
 use lattice_proto::agent::{
     agent_coordination_client::AgentCoordinationClient, agent_message, agent_response, AgentMessage, AgentResponse,
     Drain, Envelope, Goodbye, Heartbeat, Hello, Resume, ResumeResult,
 };
 use parking_lot::Mutex;
+use tokio::io::DuplexStream;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{metadata::MetadataValue, transport::Endpoint, Request};
+use tonic::{
+    metadata::MetadataValue,
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Uri},
+    Request,
+};
 
 use crate::{
     session::{Inbox, Outbox, Verdict},
     wire::{self, now_us},
 };
 
+/// TLS to the orchestrator, for `https://` endpoints.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// PEM CA certificates the orchestrator's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate chain and key presented to a port that requires client
+    /// certificates (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the orchestrator's certificate must carry, when it differs from
+    /// the endpoint's host.
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("ClientTls")
+            .field("identity", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    fn tonic(&self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            c = c.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
+        }
+        c
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<DuplexStream>> + Send>>;
+
+/// Opens an in-process connection to an orchestrator served in the same process
+/// (the server's REST task gateway), in place of dialling the endpoint.
+#[derive(Clone)]
+pub struct Connector(Arc<dyn Fn() -> ConnectFuture + Send + Sync>);
+
+impl Connector {
+    pub fn new<F, Fut>(f: F) -> Connector
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = io::Result<DuplexStream>> + Send + 'static,
+    {
+        Connector(Arc::new(move || Box::pin(f())))
+    }
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Orchestrator URLs (`http://host:port`), tried in turn.
+    /// Orchestrator URLs (`http://host:port`, or `https://` with [`ClientConfig::tls`]),
+    /// tried in turn.
     pub endpoints: Vec<String>,
+    /// TLS settings for `https://` endpoints.
+    pub tls: Option<ClientTls>,
+    /// Set, connections are opened by it instead of over the network.
+    pub connector: Option<Connector>,
     pub agent_id: String,
     pub tenant: String,
     /// Capabilities served as a worker; empty for a requester.
@@ -53,6 +122,8 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             endpoints: vec!["http://127.0.0.1:8001".into()],
+            tls: None,
+            connector: None,
             agent_id: format!("agent-{}", std::process::id()),
             tenant: "default".into(),
             capabilities: Vec::new(),
@@ -351,16 +422,28 @@ async fn run_once(
     ever: &mut bool,
 ) -> Result<Ended, (bool, String)> {
     let err = |e: &dyn std::fmt::Display| (false, e.to_string());
-    let channel = Endpoint::from_shared(endpoint.to_string())
+    let mut ep = Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| err(&e))?
         .connect_timeout(inner.cfg.handshake_timeout)
         .tcp_nodelay(true)
         // Below common load-balancer idle timeouts (AWS ELB 60 s).
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(|e| err(&e))?;
+        .keep_alive_while_idle(true);
+    if let Some(tls) = &inner.cfg.tls {
+        ep = ep.tls_config(tls.tonic()).map_err(|e| err(&e))?;
+    }
+    let channel = match &inner.cfg.connector {
+        None => ep.connect().await,
+        Some(c) => {
+            let c = c.clone();
+            ep.connect_with_connector(tower::service_fn(move |_: Uri| {
+                let open = (c.0)();
+                async move { open.await.map(hyper_util::rt::TokioIo::new) }
+            }))
+            .await
+        }
+    }
+    .map_err(|e| err(&e))?;
     let mut client = AgentCoordinationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(256);
     let resume = inner.session.lock().as_ref().map(|(sid, epoch)| Resume {

@@ -39,6 +39,9 @@ pub struct SessionMeta {
     /// after a restart, even when every frame was acknowledged.
     #[prost(uint64, tag = "9")]
     pub out_seq: u64,
+    /// The user the gateway verified on the stream (empty without one).
+    #[prost(string, tag = "10")]
+    pub user: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
@@ -81,4 +84,7 @@ pub struct TaskRecord {
     pub result: Option<TaskResult>,
     #[prost(int64, tag = "14")]
     pub offered_us: i64,
+    /// The requester's user, for the audit record of the task.
+    #[prost(string, tag = "15")]
+    pub user: String,
 }

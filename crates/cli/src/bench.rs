@@ -54,6 +54,9 @@ pub enum Target {
     /// HTTP and gRPC: before / after in one run.
     BaselineHttp,
     BaselineGrpc,
+    /// `lattice serve` with TLS on the REST port (gateway off), loaded by wrk over
+    /// kept-alive HTTPS connections; compared with `lattice-http` in the same run.
+    LatticeHttpTls,
     #[value(name = "gunicorn-2w")]
     #[serde(rename = "gunicorn-2w")]
     Gunicorn2w,
@@ -72,6 +75,7 @@ impl Target {
             Target::LatticeHttpGateway => "lattice-http-gateway",
             Target::BaselineHttp => "baseline-http",
             Target::BaselineGrpc => "baseline-grpc",
+            Target::LatticeHttpTls => "lattice-http-tls",
             Target::Gunicorn2w => "gunicorn-2w",
             Target::Uvicorn2w => "uvicorn-2w",
         }
@@ -189,7 +193,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             .baseline_bin
             .clone()
             .ok_or_else(|| Failure::Usage("the baseline targets need --baseline-bin".into()))?;
-        Some(LatticeProcess::start_bin(&bin, &args, &ort, &[]).context("starting the baseline lattice serve")?)
+        Some(LatticeProcess::start_bin(&bin, &args, &ort, &[], None).context("starting the baseline lattice serve")?)
     } else {
         None
     };
@@ -265,6 +269,24 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     } else {
         None
     };
+    let mut tls = if needs(|t| *t == Target::LatticeHttpTls) {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).context("a test certificate")?;
+        let (cert_path, key_path) = (gateway_dir.path().join("tls.crt"), gateway_dir.path().join("tls.key"));
+        std::fs::write(&cert_path, cert.cert.pem()).context("writing the certificate")?;
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).context("writing the key")?;
+        let (cert_path, key_path) = (cert_path.display().to_string(), key_path.display().to_string());
+        Some(
+            LatticeProcess::start_with_ca(
+                &args,
+                &ort,
+                &["--tls-cert", &cert_path, "--tls-key", &key_path, "--tls-ports", "http"],
+                Some(cert.cert.der().clone()),
+            )
+            .context("starting lattice serve")?,
+        )
+    } else {
+        None
+    };
     for (name, l) in [("lattice serve", &lattice), ("baseline lattice serve", &baseline)] {
         if let Some(l) = l {
             println!(
@@ -292,16 +314,24 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             let startup_ms;
             let pid;
             let client = match target {
-                Target::LatticeHttpNoTelemetry | Target::LatticeHttpTraced | Target::LatticeHttpGateway => {
+                Target::LatticeHttpNoTelemetry
+                | Target::LatticeHttpTraced
+                | Target::LatticeHttpGateway
+                | Target::LatticeHttpTls => {
                     let l = match target {
                         Target::LatticeHttpTraced => traced.as_ref(),
                         Target::LatticeHttpGateway => gated.as_ref(),
+                        Target::LatticeHttpTls => tls.as_ref(),
                         _ => bare.as_ref(),
                     }
                     .expect("started above");
                     startup_ms = l.ready_ms;
                     pid = l.child.id();
-                    LoadClient::http(&l.http, &w, args.load_generator)
+                    if target == Target::LatticeHttpTls {
+                        LoadClient::https(&l.http, &w)?
+                    } else {
+                        LoadClient::http(&l.http, &w, args.load_generator)
+                    }
                 }
                 Target::LatticeHttp | Target::LatticeGrpc | Target::BaselineHttp | Target::BaselineGrpc => {
                     let l = match target {
@@ -372,6 +402,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         bare.take(),
         traced.take(),
         gated.take(),
+        tls.take(),
     ]
     .into_iter()
     .flatten()
@@ -460,6 +491,14 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
         }
         if let Some((ratio, rounds)) = median(cpu(on).zip(cpu(off)).map(|(on, off)| off / on).collect()) {
             println!("|   | gateway on / off (HTTP), server CPU per request off / on, median of {rounds} rounds | {ratio:.3} | | | | | |");
+        }
+        // What TLS costs on kept-alive connections (record encryption, not handshakes).
+        let on = Target::LatticeHttpTls;
+        if let Some((ratio, rounds)) = median(rps(on).zip(rps(off)).map(|(on, off)| on / off).collect()) {
+            println!("|   | TLS on / off (HTTP), throughput, median of {rounds} rounds | {ratio:.3} | | | | | |");
+        }
+        if let Some((ratio, rounds)) = median(cpu(on).zip(cpu(off)).map(|(on, off)| off / on).collect()) {
+            println!("|   | TLS on / off (HTTP), server CPU per request off / on, median of {rounds} rounds | {ratio:.3} | | | | | |");
         }
     }
 }
@@ -795,6 +834,13 @@ impl LoadClient {
         }
     }
 
+    /// HTTPS, with wrk (which does not check the server's certificate); the
+    /// built-in client speaks plain HTTP only.
+    fn https(addr: &str, w: &Workload) -> anyhow::Result<LoadClient> {
+        let url = format!("https://{addr}/v2/models/{}/infer", w.model);
+        wrk_client(&url, &w.http_body).context("the TLS target needs wrk")
+    }
+
     async fn grpc(addr: &str, w: &Workload) -> anyhow::Result<LoadClient> {
         // A few HTTP/2 connections, as a pool of gRPC clients would hold.
         let mut channels = Vec::new();
@@ -1066,10 +1112,26 @@ struct LatticeProcess {
 
 impl LatticeProcess {
     fn start(args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
-        LatticeProcess::start_bin(&std::env::current_exe()?, args, ort, extra)
+        LatticeProcess::start_bin(&std::env::current_exe()?, args, ort, extra, None)
     }
 
-    fn start_bin(bin: &Path, args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
+    /// `ca`: the REST port speaks TLS with a certificate this CA signed.
+    fn start_with_ca(
+        args: &BenchArgs,
+        ort: &Path,
+        extra: &[&str],
+        ca: Option<rustls::pki_types::CertificateDer<'static>>,
+    ) -> anyhow::Result<LatticeProcess> {
+        LatticeProcess::start_bin(&std::env::current_exe()?, args, ort, extra, ca)
+    }
+
+    fn start_bin(
+        bin: &Path,
+        args: &BenchArgs,
+        ort: &Path,
+        extra: &[&str],
+        ca: Option<rustls::pki_types::CertificateDer<'static>>,
+    ) -> anyhow::Result<LatticeProcess> {
         let t0 = Instant::now();
         let mut child = Command::new(bin)
             .args([
@@ -1087,7 +1149,8 @@ impl LatticeProcess {
             .arg(&args.model_repository)
             .arg("--ort-library")
             .arg(ort)
-            .args(["--log", "warn"])
+            // rustls warns per connection about wrk's IP-address SNI.
+            .args(["--log", "warn,rustls=error"])
             // The serving benchmark needs no agent plane, and two servers must not
             // contend for one embedded store file.
             .args(["--agents", "off"])
@@ -1120,7 +1183,10 @@ impl LatticeProcess {
                 .with_context(|| format!("no {k} in {line:?}"))
         };
         let (http, grpc) = (field("http=")?, field("grpc=")?);
-        wait_ready(&http, Duration::from_secs(60))?;
+        match ca {
+            None => wait_ready(&http, Duration::from_secs(60))?,
+            Some(ca) => wait_ready_tls(&http, ca, Duration::from_secs(60))?,
+        }
         started.http = http;
         started.grpc = grpc;
         started.listen_ms = listen_ms;
@@ -1168,6 +1234,41 @@ async fn otlp_sink() -> anyhow::Result<std::net::SocketAddr> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     Ok(addr)
+}
+
+/// As [`wait_ready`], over TLS to a server whose certificate `ca` signed.
+fn wait_ready_tls(addr: &str, ca: rustls::pki_types::CertificateDer<'static>, within: Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca)?;
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string();
+    let deadline = Instant::now() + within;
+    loop {
+        let attempt = || -> anyhow::Result<bool> {
+            let sock = std::net::TcpStream::connect(addr)?;
+            sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let conn = rustls::ClientConnection::new(cfg.clone(), host.clone().try_into()?)?;
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let req = format!("GET /v2/health/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            tls.write_all(req.as_bytes())?;
+            let mut buf = [0u8; 12];
+            tls.read_exact(&mut buf)?;
+            Ok(buf.starts_with(b"HTTP/1.1 200"))
+        };
+        if matches!(attempt(), Ok(true)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{addr} not ready over TLS within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn wait_ready(addr: &str, within: Duration) -> anyhow::Result<()> {

@@ -164,6 +164,8 @@ pub struct AgentArgs {
     /// `--log-format json`.
     #[arg(long, env = "LATTICE_LOG", default_value = "info")]
     pub log: String,
+    #[command(flatten)]
+    pub tls: crate::tls_args::ClientTlsArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -322,7 +324,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LATTICE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
     pub http2_max_concurrent_streams: u32,
     /// Seconds a `POST /v1/agents/tasks` session with no task waiting is kept before
-    /// it is closed; the table holds 256 tenants.
+    /// it is closed; the table holds 256 (tenant, user) sessions.
     #[arg(long, env = "LATTICE_TASK_SESSION_IDLE_SECS", default_value_t = 60)]
     pub task_session_idle_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM before the process exits.
@@ -378,6 +380,8 @@ pub struct ServeArgs {
     pub warmup_stagger_ms: u64,
     #[command(flatten)]
     pub gateway: crate::gateway_args::GatewayArgs,
+    #[command(flatten)]
+    pub tls: crate::tls_args::TlsArgs,
     #[command(flatten)]
     pub agents: AgentPlaneArgs,
     #[command(flatten)]
@@ -783,14 +787,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         lattice_server::gateway::Gateway::start(&args.gateway.build()?, repo.metrics().clone(), shutdown.clone())
             .await
             .map_err(Failure::Usage)?;
+    let tls = match args.tls.build()? {
+        Some(cfg) => lattice_server::tls::Acceptors::start(&cfg, shutdown.clone()).map_err(Failure::Usage)?,
+        None => lattice_server::tls::Acceptors::default(),
+    };
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     // One machine-readable line: tests and scripts read the bound ports from it. It
     // also says, plainly, whether authentication is off (local use only).
     println!(
-        "lattice listening http={} grpc={} metrics={} {}",
+        "lattice listening http={} grpc={} metrics={} {} {}",
         addr(&listeners.http),
         addr(&listeners.grpc),
         addr(&listeners.metrics),
+        tls.describe(),
         gateway.describe()
     );
     if !gateway.auth_enabled() {
@@ -862,7 +871,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         state = state.with_agents(agents);
     }
     state.shutdown = shutdown;
-    state = state.with_gateway(gateway);
+    state = state.with_gateway(gateway).with_tls(tls);
     if let Some((cfg, http)) = args.pod_cost.build()? {
         tokio::spawn(lattice_server::podcost::run(
             cfg,
@@ -891,6 +900,7 @@ pub async fn agent(args: AgentArgs) -> Result<(), Failure> {
     }
     let client = lattice_agent::client::ClientConfig {
         endpoints: args.orchestrator.clone(),
+        tls: args.tls.build(&args.orchestrator)?,
         agent_id: args
             .agent_id
             .clone()

@@ -4,6 +4,7 @@ mod bench;
 mod bench_agents;
 mod cli;
 mod gateway_args;
+mod tls_args;
 
 use std::process::ExitCode;
 

@@ -9,6 +9,13 @@
 //! connection waits for its next request); a REST body may stall no longer than
 //! that between frames and take no longer than `body_read_timeout` in all. HTTP/2
 //! advertises a stream limit.
+//!
+//! A port with TLS ([`crate::tls`]) does the handshake in the connection's own
+//! task, bounded by `header_read_timeout`, so a client that stalls its handshake
+//! cannot hold the accept loop; the connection holds its slot from accept on, so
+//! the cap counts connections mid-handshake as well. The gRPC port also takes
+//! in-process connections ([`Io::Local`]): the REST task gateway's hop to the
+//! orchestrator, which needs neither a socket nor the port's TLS.
 
 use std::{
     convert::Infallible,
@@ -31,11 +38,12 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
 };
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tower::ServiceExt;
 
 /// Limits of one listening port; the defaults are the serve flags' defaults.
@@ -128,14 +136,15 @@ impl Drop for RequestGuard {
 /// when idle.
 pub struct Conn<T> {
     io: T,
-    _permit: OwnedSemaphorePermit,
+    /// The port's connection slot; in-process connections hold none.
+    _permit: Option<OwnedSemaphorePermit>,
     activity: Arc<Activity>,
     timer: Pin<Box<Sleep>>,
     idle: Duration,
 }
 
 impl<T> Conn<T> {
-    fn new(io: T, permit: OwnedSemaphorePermit, activity: Arc<Activity>, idle: Duration) -> Self {
+    fn new(io: T, permit: Option<OwnedSemaphorePermit>, activity: Arc<Activity>, idle: Duration) -> Self {
         Conn {
             io,
             _permit: permit,
@@ -219,11 +228,89 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Conn<T> {
     }
 }
 
-impl tonic::transport::server::Connected for Conn<TcpStream> {
+// === Io ===
+
+/// The byte stream under a connection: plain TCP, TLS over TCP, or in-process.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Local(DuplexStream),
+}
+
+impl Io {
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Io::Plain(s) => Some(s),
+            Io::Tls(s) => Some(s.get_ref().0),
+            Io::Local(_) => None,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Io::Local($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+            Io::Local(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn<Io> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        let tcp = self.io.tcp();
+        tonic::transport::server::TcpConnectInfo {
+            local_addr: tcp.and_then(|s| s.local_addr().ok()),
+            remote_addr: tcp.and_then(|s| s.peer_addr().ok()),
+        }
     }
 }
 
@@ -255,22 +342,71 @@ async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> (TcpStream, O
     }
 }
 
-/// The gRPC port's connections, for tonic's `serve_with_incoming_shutdown`.
-pub fn incoming(listener: TcpListener, limits: Limits) -> impl Stream<Item = Result<Conn<TcpStream>, Infallible>> {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    futures::stream::unfold((listener, slots), move |(listener, slots)| async move {
-        let (stream, permit) = accept(&listener, &slots).await;
-        let conn = Conn::new(stream, permit, Activity::new(), limits.idle_timeout);
-        Some((Ok(conn), (listener, slots)))
-    })
-    .boxed()
+/// The TLS handshake, when the port has TLS, within `timeout`. A failed one (a
+/// plain-text client, an untrusted or missing client certificate, a stall) ends
+/// that connection only.
+async fn handshake(stream: TcpStream, tls: Option<&TlsAcceptor>, timeout: Duration) -> Option<Io> {
+    let Some(tls) = tls else {
+        return Some(Io::Plain(stream));
+    };
+    let peer = stream.peer_addr().ok();
+    match tokio::time::timeout(timeout, tls.accept(stream)).await {
+        Ok(Ok(s)) => Some(Io::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(?peer, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
-/// Serves the REST router until `shutdown`, then lets open connections finish.
+/// Handshakes finished but not yet taken by the gRPC server.
+const HANDSHAKE_QUEUE: usize = 64;
+
+/// The gRPC port's connections, for tonic's `serve_with_incoming_shutdown`: those
+/// accepted on `listener` (after the TLS handshake, with `tls`), and in-process
+/// ones sent on `local`. Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    local: mpsc::Receiver<DuplexStream>,
+) -> impl Stream<Item = Result<Conn<Io>, Infallible>> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (tx, rx) = mpsc::channel::<Conn<Io>>(HANDSHAKE_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let (stream, permit) = tokio::select! {
+                accepted = accept(&listener, &slots) => accepted,
+                () = tx.closed() => return,
+            };
+            let tx = tx.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Some(io) = handshake(stream, tls.as_ref(), limits.header_read_timeout).await {
+                    let conn = Conn::new(io, Some(permit), Activity::new(), limits.idle_timeout);
+                    let _ = tx.send(conn).await;
+                }
+            });
+        }
+    });
+    let local = tokio_stream::wrappers::ReceiverStream::new(local)
+        .map(move |d| Conn::new(Io::Local(d), None, Activity::new(), limits.idle_timeout));
+    futures::stream::select(tokio_stream::wrappers::ReceiverStream::new(rx), local)
+        .map(Ok)
+        .boxed()
+}
+
+/// Serves the REST router (or the metrics router) until `shutdown`, then lets open
+/// connections finish.
 pub async fn serve_http(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -284,6 +420,7 @@ pub async fn serve_http(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .keep_alive_interval(limits.ping_interval());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // A request body that stalls for the header-read timeout fails its request: the
     // request counts as in flight, which keeps the idle timer off its connection.
@@ -301,29 +438,34 @@ pub async fn serve_http(
             accepted = accept(&listener, &slots) => accepted,
             () = &mut shutdown => break,
         };
-        let activity = Activity::new();
-        // The peer address, for the audit log (as tonic gives it to gRPC requests).
-        let peer = stream.peer_addr().ok();
-        let io = TokioIo::new(Conn::new(stream, permit, activity.clone(), limits.idle_timeout));
+        let watcher = graceful.watcher();
         let router = router.clone();
-        let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let guard = RequestGuard::new(activity.clone());
-            let router = router.clone();
-            let mut req = req.map(axum::body::Body::new);
-            if let Some(peer) = peer {
-                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-            }
-            async move {
-                let resp = router.oneshot(req).await;
-                drop(guard);
-                resp
-            }
-        });
-        let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
-        let conn = graceful.watch(conn.into_owned());
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            // The peer address, for the audit log (as tonic gives it to gRPC requests).
+            let peer = stream.peer_addr().ok();
+            let Some(io) = handshake(stream, tls.as_ref(), limits.header_read_timeout).await else {
+                return;
+            };
+            let activity = Activity::new();
+            let io = TokioIo::new(Conn::new(io, Some(permit), activity.clone(), limits.idle_timeout));
+            let service = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let guard = RequestGuard::new(activity.clone());
+                let router = router.clone();
+                let mut req = req.map(axum::body::Body::new);
+                if let Some(peer) = peer {
+                    req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                }
+                async move {
+                    let resp = router.oneshot(req).await;
+                    drop(guard);
+                    resp
+                }
+            });
+            let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
             // A client that resets or times out ends its own connection only.
-            let _ = conn.await;
+            let _ = watcher.watch(conn.into_owned()).await;
         });
     }
     drop(listener);

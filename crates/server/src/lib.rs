@@ -27,11 +27,12 @@ pub mod scaler;
 pub mod scaling;
 pub mod shm;
 pub mod tasks;
+pub mod tls;
 pub mod tools_api;
 pub mod watch;
 
 use std::{
-    future::{Future, IntoFuture},
+    future::Future,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -121,6 +122,8 @@ pub struct AppState {
     pub scaling: scaling::SharedSignals,
     /// Registered system shared-memory regions, shared by both protocols.
     pub shm: shm::Registry,
+    /// TLS of the ports that have it ([`tls`]); none by default.
+    pub tls: tls::Acceptors,
 }
 
 fn repo_metrics(repo: &ModelRepository) -> Arc<lattice_observability::Metrics> {
@@ -136,6 +139,7 @@ impl AppState {
             tasks: None,
             scaling: Arc::default(),
             shm: shm::Registry::new(cfg.shm.clone()),
+            tls: tls::Acceptors::default(),
             cfg: Arc::new(cfg),
             ready: Arc::new(AtomicBool::new(false)),
             shutdown: CancellationToken::new(),
@@ -144,6 +148,11 @@ impl AppState {
 
     pub fn with_agents(mut self, agents: AgentPlane) -> AppState {
         self.agents = Some(agents);
+        self
+    }
+
+    pub fn with_tls(mut self, tls: tls::Acceptors) -> AppState {
+        self.tls = tls;
         self
     }
 
@@ -200,36 +209,50 @@ pub async fn run(
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Deflate);
 
-    if let Some(agents) = &state.agents {
-        // REST tasks enter through the orchestrator's gRPC port, as any agent's do.
-        let mut addr = listeners.grpc.local_addr()?;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
-        }
+    if let (Some(agents), Some(log)) = (&state.agents, state.gateway.audit()) {
+        agents
+            .orchestrator
+            .set_task_audit(Arc::new(audit::tasks::TaskRecords(log.clone())));
+    }
+    // In-process connections to the gRPC port: the REST task gateway's hop.
+    let (local_tx, local_rx) = tokio::sync::mpsc::channel(16);
+    if state.agents.is_some() {
+        // REST tasks enter through the orchestrator's gRPC service, as any agent's
+        // do, over an in-process connection: it needs neither the port's TLS nor a
+        // client certificate, and is not counted against the port's connections.
         // With authentication on, the hop carries the server's internal key, which
         // may act for the tenant the gateway verified on the REST request.
         let token = state
             .gateway
             .internal_key()
             .map(str::to_string)
-            .or_else(|| agents.token.clone());
-        let gateway = Arc::new(tasks::TaskGateway::new(
-            vec![format!("http://{addr}")],
+            .or_else(|| state.agents.as_ref().and_then(|a| a.token.clone()));
+        let gateway = tasks::TaskGateway::new(
+            vec![tasks::LOCAL_ENDPOINT.to_string()],
             token,
             state.cfg.task_session_idle,
-        ));
+        )
+        .with_connector(lattice_agent::client::Connector::new(move || {
+            let tx = local_tx.clone();
+            async move {
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                tx.send(server)
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the gRPC server has stopped"))?;
+                Ok(client)
+            }
+        }));
+        let gateway = Arc::new(gateway);
         gateway.start_sweeper(state.shutdown.clone());
         state.tasks = Some(gateway);
+    } else {
+        drop(local_tx);
     }
     let grpc_token = token.clone();
     // Nagle's algorithm would hold small gRPC frames back ~40 ms behind delayed ACKs.
     // The builder's tcp_nodelay only covers listeners tonic binds itself.
     let limits = state.cfg.connections;
-    let grpc_incoming = conn::incoming(listeners.grpc, limits);
+    let grpc_incoming = conn::incoming(listeners.grpc, limits, state.tls.grpc.clone(), local_rx);
     let grpc_server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(limits.http2_max_concurrent_streams)
@@ -267,14 +290,17 @@ pub async fn run(
         listeners.http,
         http::router(state.clone()).layer(state.gateway.layer(gateway::Protocol::Http)),
         limits,
+        state.tls.http.clone(),
         http_token.cancelled_owned(),
     ));
     let metrics_token = token.clone();
-    let metrics_server = tokio::spawn(
-        axum::serve(listeners.metrics, exposition::router(state.clone()))
-            .with_graceful_shutdown(metrics_token.cancelled_owned())
-            .into_future(),
-    );
+    let metrics_server = tokio::spawn(conn::serve_http(
+        listeners.metrics,
+        exposition::router(state.clone()),
+        limits,
+        state.tls.metrics.clone(),
+        metrics_token.cancelled_owned(),
+    ));
 
     // Scaling signals exist only while the replica is ready: a warming or draining
     // pod must look missing to the autoscaler, not idle.

@@ -2,11 +2,12 @@
 //! and answers with its result.
 //!
 //! The handler is a requester agent like any other: it holds one session per tenant
-//! on the orchestrator's gRPC stream (`AgentCoordination.NegotiateTask`) and offers
-//! tasks there, so a REST call takes the same path as a task from a gRPC agent:
-//! priority lanes, credits, retries, resend and dedupe across reconnects. By default
-//! the orchestrator is this process's own gRPC port; the hop is a real gRPC call, which
-//! is what lets the trace of a REST request continue into the agents (REST span →
+//! and user on the orchestrator's gRPC stream (`AgentCoordination.NegotiateTask`) and
+//! offers tasks there, so a REST call takes the same path as a task from a gRPC agent:
+//! priority lanes, credits, retries, resend and dedupe across reconnects. The
+//! orchestrator is this process's own gRPC service, reached over an in-process
+//! connection (no socket, no TLS); the hop is a real gRPC call, which is what lets
+//! the trace of a REST request continue into the agents (REST span →
 //! `agent.offer` → orchestrator `agent.task` → worker `agent.run` → `tool.call`).
 //!
 //! Body: `{"capability", "tool", "arguments"?, "priority"? (0..=5 or a name),
@@ -40,13 +41,17 @@ use tokio::sync::oneshot;
 use tonic::Code;
 
 use crate::{error::ApiError, AppState};
+use lattice_agent::orchestrator::ON_BEHALF_OF_METADATA;
 
-/// Tenants with a live session at once; each costs one stream to the orchestrator.
+/// Tenant and user pairs with a live session at once; each costs one stream to the orchestrator.
 const MAX_TENANT_SESSIONS: usize = 256;
 /// Time a task may take when the request does not say.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest `timeout_ms` accepted.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The endpoint name of the in-process connection to this server's gRPC service.
+pub const LOCAL_ENDPOINT: &str = "http://in-process.local";
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>>;
 
@@ -56,10 +61,14 @@ enum Outcome {
     Lost,
 }
 
-/// One requester session per tenant, opened on first use and closed once idle.
+/// One requester session per tenant and user (the session names the user the
+/// gateway verified, for the audit records of its tasks), opened on first use and
+/// closed once idle.
 pub struct TaskGateway {
     endpoints: Vec<String>,
     token: Option<String>,
+    /// Set, sessions reach the orchestrator in-process rather than over the network.
+    connector: Option<lattice_agent::client::Connector>,
     /// A session with no task waiting for this long is closed, so tenants that come
     /// and go cannot fill the table for good.
     idle: Duration,
@@ -89,20 +98,32 @@ impl TaskGateway {
         TaskGateway {
             endpoints,
             token,
+            connector: None,
             idle,
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Tenants with an open session (tests and the hostile-client suite read it).
+    /// Sessions open their streams with `connector` (an in-process connection to
+    /// this server's gRPC service) instead of dialling the endpoints.
+    pub fn with_connector(mut self, connector: lattice_agent::client::Connector) -> TaskGateway {
+        self.connector = Some(connector);
+        self
+    }
+
+    /// Tenant and user pairs with an open session (tests and the hostile-client suite read it).
     pub fn session_count(&self) -> usize {
         self.sessions.lock().len()
     }
 
-    fn session(&self, tenant: &str) -> Result<Arc<TenantRequester>, ApiError> {
+    /// The session of `tenant`'s `user` (the caller the gateway verified; its
+    /// tasks' audit records name it).
+    fn session(&self, tenant: &str, user: &str) -> Result<Arc<TenantRequester>, ApiError> {
         let now = Instant::now();
+        // A header value holds no newline, so the key is unambiguous.
+        let key = format!("{tenant}\n{user}");
         let mut sessions = self.sessions.lock();
-        if let Some(s) = sessions.get(tenant) {
+        if let Some(s) = sessions.get(&key) {
             *s.used.lock() = now;
             return Ok(s.clone());
         }
@@ -124,6 +145,7 @@ impl TaskGateway {
         }
         let (client, mut events) = AgentClient::connect(ClientConfig {
             endpoints: self.endpoints.clone(),
+            connector: self.connector.clone(),
             agent_id: format!(
                 "rest-{}-{}",
                 lattice_inference::repository::echo(tenant),
@@ -131,8 +153,12 @@ impl TaskGateway {
             ),
             tenant: tenant.to_string(),
             auth_token: self.token.clone(),
-            // The gateway in front of the orchestrator checks the tenant.
-            metadata: vec![(crate::auth::TENANT_ID_HEADER.to_string(), tenant.to_string())],
+            // The gateway in front of the orchestrator checks the tenant; the user
+            // is taken from this hop only when it is the server's own.
+            metadata: vec![
+                (crate::auth::TENANT_ID_HEADER.to_string(), tenant.to_string()),
+                (ON_BEHALF_OF_METADATA.to_string(), user.to_string()),
+            ],
             ..ClientConfig::default()
         });
         let waiting: Waiters = Arc::default();
@@ -157,7 +183,7 @@ impl TaskGateway {
             }
         });
         let session = Arc::new(TenantRequester { client, waiting, used });
-        sessions.insert(tenant.to_string(), session.clone());
+        sessions.insert(key, session.clone());
         Ok(session)
     }
 
@@ -356,7 +382,11 @@ pub async fn offer(
         (tracing::Span::none(), tp)
     };
 
-    let session = gateway.session(&tenant)?;
+    let user = headers
+        .get(crate::gateway::USER_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let session = gateway.session(&tenant, user)?;
     let (tx, rx) = oneshot::channel();
     if session.waiting.lock().insert(task_id.clone(), tx).is_some() {
         return Err(ApiError::Task {

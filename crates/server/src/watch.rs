@@ -50,37 +50,69 @@ where
     T: Send + Sync + 'static,
     E: std::fmt::Display + 'static,
 {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let value = parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    load_and_watch_files(vec![path.to_path_buf()], move |files| parse(&files[0]), stop)
+}
+
+/// As [`load_and_watch`], for a value made of several files (a certificate and its
+/// key): `parse` gets their bytes in the order of `paths`, again whenever any of
+/// them changes. A half-done update (the certificate written, its key not yet)
+/// fails to parse, keeps the previous value, and is parsed again when the next
+/// file lands.
+pub fn load_and_watch_files<T, E, P>(
+    paths: Vec<PathBuf>,
+    parse: P,
+    stop: CancellationToken,
+) -> Result<Arc<Watched<T>>, String>
+where
+    T: Send + Sync + 'static,
+    E: std::fmt::Display + 'static,
+    P: Fn(&[Vec<u8>]) -> Result<T, E> + Send + 'static,
+{
+    let names = || {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut bytes = Vec::with_capacity(paths.len());
+    for p in &paths {
+        bytes.push(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?);
+    }
+    let value = parse(&bytes).map_err(|e| format!("{}: {e}", names()))?;
     let watched = Watched::new(value);
     let w = watched.clone();
-    let path: PathBuf = path.to_path_buf();
+    let shown = names();
     tokio::spawn(async move {
         let mut last = bytes;
         let mut tick = tokio::time::interval(RELOAD_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        'poll: loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.cancelled() => return,
             }
-            let Ok(bytes) = tokio::fs::read(&path).await else {
-                // Mid-swap, or removed: keep what we have.
-                continue;
-            };
-            if bytes == last {
+            let mut now = Vec::with_capacity(paths.len());
+            for p in &paths {
+                match tokio::fs::read(p).await {
+                    Ok(b) => now.push(b),
+                    // Mid-swap, or removed: keep what we have.
+                    Err(_) => continue 'poll,
+                }
+            }
+            if now == last {
                 continue;
             }
-            match parse(&bytes) {
+            match parse(&now) {
                 Ok(v) => {
                     w.set(v);
-                    tracing::info!(path = %path.display(), "reloaded");
+                    tracing::info!(path = %shown, "reloaded");
                 }
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "reload failed; the previous version stays in force")
+                    tracing::error!(path = %shown, error = %e, "reload failed; the previous version stays in force")
                 }
             }
-            last = bytes;
+            last = now;
         }
     });
     Ok(watched)

@@ -486,6 +486,34 @@ async fn the_agent_plane_is_behind_the_same_check() {
     req.metadata_mut().insert("x-tenant-id", "acme".parse().unwrap());
     let s = raw.negotiate_task(req).await.unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    // An agent token for acme whose hello names another tenant: refused, so a
+    // stream cannot act for a tenant its credential is not for.
+    let (tx, rx) = tokio::sync::mpsc::channel::<lattice_proto::agent::AgentMessage>(1);
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", bearer(&agent_token).parse().unwrap());
+    req.metadata_mut().insert("x-tenant-id", "acme".parse().unwrap());
+    tx.send(lattice_proto::agent::AgentMessage {
+        agent_id: "intruder".into(),
+        env: Some(lattice_agent::wire::envelope("")),
+        body: Some(lattice_proto::agent::agent_message::Body::Hello(
+            lattice_proto::agent::Hello {
+                protocol_version: lattice_agent::wire::PROTOCOL_VERSION,
+                tenant: "globex".into(),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut answers = raw.negotiate_task(req).await.unwrap().into_inner();
+    let s = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer to the hello")
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("globex"), "{s:?}");
 
     // REST tasks: the caller's token is checked; the hop to the orchestrator is the
     // server's own.
@@ -657,6 +685,98 @@ async fn limits_refuse_with_an_honest_wait_on_both_protocols() {
     for _ in 0..10 {
         assert_eq!(rest_infer(&server, &http, &acme).await.0, 200);
     }
+    server.stop().await;
+}
+
+/// The per-tenant concurrency cap over real sockets: while a tenant holds its cap in
+/// open requests (inference streams, which hold their slot until they end), its
+/// next request is refused on both protocols with 429 / RESOURCE_EXHAUSTED, another
+/// tenant still passes, and ending one request frees a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_holds_per_tenant() {
+    let repo = repo_copy(&["magika"]);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let cap = 3;
+    // Buckets far above the test's traffic: only the cap can refuse.
+    std::fs::write(
+        &policy,
+        format!(
+            "[tenants.acme]\nmax_concurrent = {cap}\nfast = {{ burst = 1000, per_second = 1000 }}\n\
+             steady = {{ burst = 1000, per_second = 1000 }}\n"
+        ),
+    )
+    .unwrap();
+    let server = start_with(
+        repo.path(),
+        GatewayConfig {
+            policy: Some(policy),
+            limits: true,
+            ..GatewayConfig::default()
+        },
+        false,
+    )
+    .await;
+    let open_stream = |tenant: &'static str| {
+        let server = &server;
+        async move {
+            let mut client = server.grpc_client().await;
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.metadata_mut().insert("x-tenant-id", tenant.parse().unwrap());
+            let opened = client.model_stream_infer(req).await;
+            (tx, opened)
+        }
+    };
+    // `cap` streams, each answered once: all admitted and open.
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        let (tx, opened) = open_stream("acme").await;
+        let mut answers = opened.expect("admitted under the cap").into_inner();
+        tx.send(grpc_infer("magika")).await.unwrap();
+        let a = tokio::time::timeout(Duration::from_secs(30), answers.message())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        assert!(a.error_message.is_empty(), "{}", a.error_message);
+        held.push((tx, answers));
+    }
+    let http = reqwest::Client::new();
+    // The next request of the tenant: refused, on REST and on gRPC, unary or stream.
+    let (status, body) = rest_infer(&server, &http, &[("x-tenant-id", "acme")]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.to_string().contains(&cap.to_string()), "{body}");
+    let s = grpc_call(&server, &[("x-tenant-id", "acme")]).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    let (_tx, opened) = open_stream("acme").await;
+    assert_eq!(opened.unwrap_err().code(), Code::ResourceExhausted);
+    // Another tenant is not affected.
+    assert_eq!(rest_infer(&server, &http, &[("x-tenant-id", "globex")]).await.0, 200);
+    assert!(grpc_call(&server, &[("x-tenant-id", "globex")]).await.is_ok());
+    // One stream ends: its slot is free again.
+    let (tx, mut answers) = held.pop().unwrap();
+    drop(tx);
+    while answers.message().await.ok().flatten().is_some() {}
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = rest_infer(&server, &http, &[("x-tenant-id", "acme")]).await;
+        if status == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "the slot was not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = server.repo().metrics().encode();
+    assert!(
+        text.contains(r#"lattice_gateway_refusals_total{tenant="acme",reason="concurrency"}"#),
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("refusals"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    drop(held);
     server.stop().await;
 }
 
@@ -975,5 +1095,161 @@ async fn the_jetstream_sink_survives_a_nats_restart() {
     want.sort();
     assert_eq!(ids, want, "every record exactly once");
     assert!(records.iter().all(|r| r.tenant_id == "acme" && r.status == 200));
+    server.stop().await;
+}
+
+/// One audit record per agent task, whoever offered it: each task a requester's
+/// stream offers (done, failed or refused) and each REST task has exactly one
+/// record, with its tenant, verified user, capability and final status; the
+/// stream and the REST request keep their own records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_task_has_exactly_one_audit_record() {
+    use lattice_agent::{
+        client::{ClientConfig, SendOptions},
+        worker::{self, Requester, WorkerConfig},
+    };
+    use lattice_proto::agent::{agent_message, TaskOffer};
+    let repo = repo_copy(&["magika"]);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = b"task-audit-secret-task-audit-sec".to_vec();
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[oct_jwk("k", &secret)]);
+    let audit_dir = dir.path().join("audit");
+    let server = start_with(
+        repo.path(),
+        GatewayConfig {
+            auth: Some(AuthConfig {
+                jwt_keys: Some(jwks),
+                ..AuthConfig::default()
+            }),
+            audit: Some(AuditConfig {
+                sink: SinkConfig::File {
+                    dir: audit_dir.clone(),
+                    fsync_every: Duration::from_millis(200),
+                },
+                retention: lattice_server::audit::DEFAULT_RETENTION,
+                queue: 65_536,
+            }),
+            ..GatewayConfig::default()
+        },
+        true,
+    )
+    .await;
+    let client = |user: &str, caps: &[&str]| ClientConfig {
+        endpoints: vec![format!("http://{}", server.grpc)],
+        capabilities: caps.iter().map(|c| c.to_string()).collect(),
+        tenant: "acme".into(),
+        auth_token: Some(hs("k", &secret, &claims("acme", user, "agent", 600))),
+        metadata: vec![("x-tenant-id".into(), "acme".into())],
+        ..ClientConfig::default()
+    };
+    tokio::spawn(worker::run(
+        WorkerConfig {
+            client: client("worker-1", &["tools"]),
+        },
+        std::future::pending(),
+    ));
+    // Bob's stream claims to act for mallory: only the server's own hop may.
+    let mut bob = client("bob", &[]);
+    bob.metadata.push(("x-lattice-on-behalf-of".into(), "mallory".into()));
+    bob.metadata.push(("x-lattice-delegate".into(), "1".into()));
+    let mut requester = Requester::connect(bob);
+    requester.client.established().await.unwrap();
+    // Done, failed (an unknown tool) and refused (its deadline already passed).
+    let offers = [
+        (
+            "t-ok-1",
+            json!({"tool": "calculator", "arguments": {"expression": "1 + 1"}}),
+            0i64,
+        ),
+        (
+            "t-ok-2",
+            json!({"tool": "calculator", "arguments": {"expression": "2 * 3"}}),
+            0,
+        ),
+        ("t-fail", json!({"tool": "no-such-tool", "arguments": {}}), 0),
+        (
+            "t-late",
+            json!({"tool": "calculator", "arguments": {"expression": "1"}}),
+            1,
+        ),
+    ];
+    for (id, payload, deadline_us) in &offers {
+        requester
+            .client
+            .send(
+                agent_message::Body::Offer(TaskOffer {
+                    task_id: id.to_string(),
+                    capability: "tools".into(),
+                    payload: payload.to_string().into_bytes(),
+                    max_attempts: 1,
+                }),
+                SendOptions {
+                    correlation_id: id.to_string(),
+                    deadline_us: *deadline_us,
+                    ..SendOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let mut codes = std::collections::HashMap::new();
+    for _ in &offers {
+        let r = tokio::time::timeout(Duration::from_secs(30), requester.next_result())
+            .await
+            .expect("every task ends")
+            .unwrap();
+        codes.insert(r.task_id.clone(), r.status.map_or(0, |s| s.code));
+    }
+    // And one REST task, by alice.
+    let rest_token = hs("k", &secret, &claims("acme", "alice", "agent", 600));
+    let r = reqwest::Client::new()
+        .post(server.url("/v1/agents/tasks"))
+        .bearer_auth(&rest_token)
+        .header("x-tenant-id", "acme")
+        .json(
+            &json!({"capability": "tools", "tool": "calculator", "arguments": {"expression": "6 * 7"},
+                      "task_id": "t-rest", "timeout_ms": 20000}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    server.state.gateway.flush_audit().await;
+    let records = lattice_server::audit::file::read_all(&audit_dir, None).unwrap();
+    let tasks: Vec<_> = records.iter().filter(|r| r.protocol == "agent-task").collect();
+    let mut per_id = std::collections::HashMap::new();
+    for r in &tasks {
+        *per_id.entry(r.task_id.clone().unwrap()).or_insert(0) += 1;
+    }
+    let mut want: Vec<&str> = offers.iter().map(|o| o.0).collect();
+    want.push("t-rest");
+    for id in &want {
+        assert_eq!(per_id.get(*id), Some(&1), "records of {id}: {per_id:?}");
+    }
+    assert_eq!(tasks.len(), want.len(), "{per_id:?}");
+    for r in &tasks {
+        let id = r.task_id.as_deref().unwrap();
+        assert_eq!(r.tenant_id, "acme");
+        assert_eq!(r.capability.as_deref(), Some("tools"));
+        assert_eq!(r.api, lattice_server::audit::tasks::TASK_API);
+        if id == "t-rest" {
+            assert_eq!(r.user_id, "alice");
+            assert_eq!(r.status, 200);
+        } else {
+            assert_eq!(r.user_id, "bob", "{r:?}");
+            assert_eq!(r.grpc_status, Some(codes[id]), "{id}");
+            assert_eq!(r.status, lattice_server::audit::grpc_to_http(codes[id]));
+        }
+    }
+    assert_eq!(codes["t-ok-1"], 0);
+    assert_ne!(codes["t-fail"], 0);
+    assert_eq!(codes["t-late"], Code::DeadlineExceeded as i32);
+    // The REST request has its own record beside its task's.
+    assert!(records
+        .iter()
+        .any(|r| r.protocol == "http" && r.api == "/v1/agents/tasks" && r.status == 200));
+    server.state.gateway.flush_audit().await;
     server.stop().await;
 }

@@ -23,7 +23,10 @@ use crate::{
     wire::new_msg_id,
 };
 
-use super::state::{Breaker, Effect, Now, Pending, Phase, Session, State, Step, Task};
+use super::{
+    state::{Breaker, Effect, Now, Pending, Phase, Session, State, Step, Task},
+    TaskOutcome,
+};
 
 /// The gRPC status codes the machine answers with (google.rpc.Code numbers).
 pub(super) mod code {
@@ -45,6 +48,8 @@ pub(super) struct Attach {
     pub(super) result: ResumeResult,
     pub(super) agent_id: String,
     pub(super) tenant: String,
+    /// The user the gateway verified on the stream (empty without one).
+    pub(super) user: String,
     pub(super) capabilities: Vec<String>,
     pub(super) max_in_flight: u32,
     /// From `Hello.resume`: the last seq the agent processed and the tasks it
@@ -206,6 +211,7 @@ impl State {
         s.control.clear();
         s.meta.agent_id = a.agent_id;
         s.meta.tenant = a.tenant;
+        s.meta.user = a.user;
         s.meta.capabilities = a.capabilities;
         s.meta.max_in_flight = a.max_in_flight.max(1);
         s.meta.last_active_us = now.wall_us;
@@ -298,6 +304,7 @@ impl State {
                 self.rules.max_attempts
             },
             tenant: s.meta.tenant.clone(),
+            user: s.meta.user.clone(),
             traceparent,
             offered_us: now.wall_us,
             phase: Phase::Queued,
@@ -442,6 +449,17 @@ impl State {
             self.queued = self.queued.saturating_sub(1);
         }
         let worker = task.worker().unwrap_or_default().to_string();
+        step.effects.push(Effect::Outcome(TaskOutcome {
+            task_id: task_id.to_string(),
+            tenant: task.tenant.clone(),
+            user: task.user.clone(),
+            capability: task.capability.clone(),
+            code: status.code,
+            attempts: task.attempts,
+            worker: worker.clone(),
+            offered_us: task.offered_us,
+            finished_us: now.wall_us,
+        }));
         let result = TaskResult {
             task_id: task_id.to_string(),
             output: output.to_vec(),
@@ -785,6 +803,7 @@ mod tests {
             result: ResumeResult::Fresh,
             agent_id: sid.into(),
             tenant: "t".into(),
+            user: format!("u-{sid}"),
             capabilities: caps.iter().map(|c| c.to_string()).collect(),
             max_in_flight,
             resume: None,
@@ -891,6 +910,7 @@ mod tests {
         st: State,
         frames: HashMap<String, Vec<String>>,
         effects: Vec<Effect>,
+        outcomes: Vec<crate::orchestrator::TaskOutcome>,
         ops: Vec<Op>,
     }
 
@@ -901,6 +921,7 @@ mod tests {
             st: State::new(r),
             frames: HashMap::new(),
             effects: Vec::new(),
+            outcomes: Vec::new(),
             ops: Vec::new(),
         };
         let t0 = Instant::now();
@@ -923,8 +944,13 @@ mod tests {
                 };
                 run.frames.entry(sid.clone()).or_default().push(text);
             }
-            run.effects
-                .extend(step.effects.into_iter().filter(|e| !matches!(e, Effect::Resent(_))));
+            for effect in step.effects {
+                match effect {
+                    Effect::Resent(_) => {}
+                    Effect::Outcome(o) => run.outcomes.push(o),
+                    other => run.effects.push(other),
+                }
+            }
             run.ops.extend(step.ops);
         }
         run
@@ -1304,6 +1330,25 @@ mod tests {
                 assert_eq!(got, *want, "{}: frames to {sid}", case.name);
             }
             assert_eq!(run.effects, case.effects, "{}: effects", case.name);
+            // Every finished task has exactly one outcome for the audit log, with
+            // the code its requester got.
+            let finished = run
+                .effects
+                .iter()
+                .filter(|e| matches!(e, Effect::Finished { .. }))
+                .count();
+            assert_eq!(
+                run.outcomes.len(),
+                finished,
+                "{}: one outcome per finished task",
+                case.name
+            );
+            for o in &run.outcomes {
+                if let Some(Want::Done(code)) = case.tasks.iter().find(|(id, _)| *id == o.task_id).map(|(_, w)| w) {
+                    assert_eq!(o.code, *code, "{}: outcome of {}", case.name, o.task_id);
+                }
+                assert!(o.user.starts_with("u-"), "{}: the requester's user", case.name);
+            }
             // The queued count is what the tasks say.
             let queued = run.st.tasks.values().filter(|t| t.is_queued()).count();
             assert_eq!(run.st.queued, queued, "{}: queued count", case.name);
@@ -1377,6 +1422,7 @@ mod tests {
                 attempts: 1,
                 max_attempts: 2,
                 tenant: "x".into(),
+                user: "u".into(),
                 traceparent: "tp".into(),
                 offered_us: 9,
                 phase: phase.clone(),

@@ -113,6 +113,39 @@ impl Default for OrchestratorConfig {
     }
 }
 
+/// How one task ended, for the audit log: one per task offered, refused ones
+/// included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskOutcome {
+    pub task_id: String,
+    pub tenant: String,
+    pub user: String,
+    pub capability: String,
+    /// The gRPC code of the task's final status (0: done).
+    pub code: i32,
+    pub attempts: u32,
+    /// The worker session that produced the result, if one did.
+    pub worker: String,
+    /// Unix microseconds of the offer and of the outcome.
+    pub offered_us: i64,
+    pub finished_us: i64,
+}
+
+/// Receives every task's outcome; called under the orchestrator's lock, so it must
+/// only hand the outcome on (the audit log queues it without waiting).
+pub trait TaskAudit: Send + Sync {
+    fn task_finished(&self, outcome: TaskOutcome);
+}
+
+/// The gateway's verified user on a stream (it overwrites what the caller sent).
+pub const USER_ID_METADATA: &str = "x-user-id";
+/// Set to `1` by the gateway on the server's own streams (and on every stream with
+/// authentication off), which may then name the user they act for.
+pub const DELEGATE_METADATA: &str = "x-lattice-delegate";
+/// The user a delegating stream acts for (the REST task gateway opens one session
+/// per tenant and user).
+pub const ON_BEHALF_OF_METADATA: &str = "x-lattice-on-behalf-of";
+
 /// Cheap-to-clone handle; also the tonic service.
 #[derive(Clone)]
 pub struct Orchestrator {
@@ -128,6 +161,8 @@ pub(crate) struct Inner {
     state: Mutex<Routing>,
     /// Cancelled on shutdown: streams get a Drain frame and end.
     draining: CancellationToken,
+    /// Where task outcomes go, once set.
+    task_audit: std::sync::OnceLock<Arc<dyn TaskAudit>>,
 }
 
 /// The state machine's state and, beside it, what only the async shell needs: the
@@ -197,6 +232,7 @@ impl Orchestrator {
                     wakers: HashMap::new(),
                 }),
                 draining: CancellationToken::new(),
+                task_audit: std::sync::OnceLock::new(),
             }),
         };
         if orch.inner.cfg.adopt_all_on_start {
@@ -216,6 +252,11 @@ impl Orchestrator {
                 .unwrap_or_default()
         }));
         Ok(orch)
+    }
+
+    /// Sends every task's outcome to `audit` from now on; a second call is ignored.
+    pub fn set_task_audit(&self, audit: Arc<dyn TaskAudit>) {
+        let _ = self.inner.task_audit.set(audit);
     }
 
     pub fn tools(&self) -> &ToolGateway {
@@ -351,6 +392,11 @@ impl Inner {
                 tracing::warn!(task = task_id, attempts, reason = %why, "task dead-lettered")
             }
             Effect::Evicted { session } => tracing::info!(session, "idle session evicted"),
+            Effect::Outcome(outcome) => {
+                if let Some(audit) = self.task_audit.get() {
+                    audit.task_finished(outcome);
+                }
+            }
         }
     }
 }
@@ -378,14 +424,34 @@ impl AgentCoordination for Orchestrator {
                 "orchestrator is draining; reconnect to another replica",
             ));
         }
-        let tenant = request
-            .metadata()
-            .get("x-tenant")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("default")
-            .to_string();
+        let named = request.metadata().get("x-tenant").and_then(|v| v.to_str().ok());
+        // The tenant the stream's metadata names binds its hello unless the stream
+        // may act for others: behind the gateway with authentication on, that
+        // metadata is the verified tenant, and a hello naming another is refused.
+        let tenant_bound = named.is_some();
+        let tenant = named.unwrap_or("default").to_string();
+        let md = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .filter(|u| u.len() <= 128)
+                .unwrap_or("")
+                .to_string()
+        };
+        let delegate = md(DELEGATE_METADATA) == "1";
+        let on_behalf_of = md(ON_BEHALF_OF_METADATA);
+        let user = if delegate && !on_behalf_of.is_empty() {
+            on_behalf_of
+        } else {
+            md(USER_ID_METADATA)
+        };
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant));
+        let tenant = stream::StreamTenant {
+            tenant,
+            bound: tenant_bound && !delegate,
+        };
+        tokio::spawn(self.clone().serve_stream(request.into_inner(), tx, tenant, user));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

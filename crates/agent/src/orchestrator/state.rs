@@ -103,6 +103,8 @@ pub(super) struct Task {
     pub(super) attempts: u32,
     pub(super) max_attempts: u32,
     pub(super) tenant: String,
+    /// The requester's user, for the task's audit record.
+    pub(super) user: String,
     pub(super) traceparent: String,
     pub(super) offered_us: i64,
     pub(super) phase: Phase,
@@ -146,6 +148,7 @@ impl Task {
             attempts: rec.attempts,
             max_attempts: rec.max_attempts,
             tenant: rec.tenant,
+            user: rec.user,
             traceparent: rec.traceparent,
             offered_us: rec.offered_us,
             phase,
@@ -173,6 +176,7 @@ impl Task {
             traceparent: self.traceparent.clone(),
             result,
             offered_us: self.offered_us,
+            user: self.user.clone(),
         }
     }
 }
@@ -299,6 +303,8 @@ pub(super) enum Effect {
     Evicted {
         session: String,
     },
+    /// How a task ended, for the audit log (one per task, refused ones included).
+    Outcome(super::TaskOutcome),
 }
 
 /// Changes made by one or more transitions under the state lock, submitted as one

@@ -28,8 +28,20 @@ use super::{
     Inner, Orchestrator,
 };
 
+/// The tenant a stream's metadata names, and whether its hello must name the same.
+pub(super) struct StreamTenant {
+    pub tenant: String,
+    pub bound: bool,
+}
+
 impl Orchestrator {
-    pub(super) async fn attach(&self, hello: Hello, agent_id: String, tenant: String) -> Result<(String, u64), Status> {
+    pub(super) async fn attach(
+        &self,
+        hello: Hello,
+        agent_id: String,
+        tenant: String,
+        user: String,
+    ) -> Result<(String, u64), Status> {
         if hello.protocol_version != wire::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "protocol version {} is not supported (this orchestrator speaks {})",
@@ -69,6 +81,7 @@ impl Orchestrator {
             result,
             agent_id,
             tenant,
+            user,
             capabilities: hello.capabilities,
             max_in_flight: hello.max_in_flight,
             resume: resume.map(|r| (r.last_received_seq, r.running_task_ids)),
@@ -89,7 +102,8 @@ impl Orchestrator {
         self,
         mut inbound: Streaming<AgentMessage>,
         tx: mpsc::Sender<Result<AgentResponse, Status>>,
-        tenant: String,
+        tenant: StreamTenant,
+        user: String,
     ) {
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.message()).await;
         let hello = match first {
@@ -116,12 +130,21 @@ impl Orchestrator {
             },
         };
         let (hello, agent_id) = hello;
-        let tenant = if hello.tenant.is_empty() {
-            tenant
+        let tenant = if hello.tenant.is_empty() || hello.tenant == tenant.tenant {
+            tenant.tenant
+        } else if tenant.bound {
+            let _ = tx
+                .send(Err(Status::permission_denied(format!(
+                    "the hello names tenant '{}', but the stream is for tenant '{}': name the same tenant in both",
+                    hello.tenant.chars().take(128).collect::<String>(),
+                    tenant.tenant.chars().take(128).collect::<String>()
+                ))))
+                .await;
+            return;
         } else {
             hello.tenant.clone()
         };
-        let (sid, epoch) = match self.attach(hello, agent_id, tenant).await {
+        let (sid, epoch) = match self.attach(hello, agent_id, tenant, user).await {
             Ok(v) => v,
             Err(status) => {
                 let _ = tx.send(Err(status)).await;

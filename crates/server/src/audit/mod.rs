@@ -1,5 +1,5 @@
-//! The audit log: one record per request (refused ones included) and per REST agent
-//! task, written off the request path.
+//! The audit log: one record per request (refused ones included) and per agent task
+//! offered to the orchestrator ([`tasks`]), written off the request path.
 //!
 //! Requests hand their record to a bounded channel with `try_send` and never wait:
 //! when the channel is full (the sink is slower than the traffic, or NATS is down
@@ -12,6 +12,7 @@
 
 pub mod file;
 pub mod nats;
+pub mod tasks;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -50,6 +51,12 @@ pub struct Record {
     pub refusal: Option<String>,
     /// The request headers that matter for an investigation; never a credential.
     pub headers: BTreeMap<String, String>,
+    /// Set on a task's record (protocol `agent-task`): the task and the capability
+    /// it asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capability: Option<String>,
 }
 
 pub(crate) enum Msg {

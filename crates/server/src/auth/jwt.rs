@@ -52,6 +52,8 @@ pub struct Claims {
     /// OAuth 2 style: space-separated.
     pub scope: Option<String>,
     pub scopes: Option<Vec<String>>,
+    /// Expiry, Unix seconds (required: verification refuses a token without it).
+    pub exp: Option<i64>,
 }
 
 impl Claims {

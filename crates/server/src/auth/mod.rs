@@ -161,7 +161,22 @@ pub struct AuthConfig {
     pub audience: Option<String>,
 }
 
+/// Verified JWTs kept at most; past it, expired ones are dropped, then all.
+const JWT_CACHE_MAX: usize = 16_384;
+
+/// JWTs already verified, by the sha256 of the token, each until its `exp`: a
+/// client sends the same token with every request, and an RS256 or ES256
+/// signature check costs far more than the rest of the gateway. Valid only for the
+/// key set they were verified with; a reload empties it, so a key removed in a
+/// rotation stops every token it signed at once.
+#[derive(Default)]
+struct JwtCache {
+    keys: Option<Arc<jwt::KeySet>>,
+    verified: std::collections::HashMap<[u8; 32], (Principal, i64)>,
+}
+
 pub struct Authenticator {
+    jwt_cache: parking_lot::Mutex<JwtCache>,
     jwt: Option<Arc<Watched<jwt::KeySet>>>,
     api_keys: Option<Arc<Watched<apikeys::ApiKeys>>>,
     audience: Option<String>,
@@ -202,6 +217,7 @@ impl Authenticator {
             },
         )]);
         Ok(Authenticator {
+            jwt_cache: parking_lot::Mutex::default(),
             jwt,
             api_keys,
             audience: cfg.audience.clone(),
@@ -263,7 +279,40 @@ impl Authenticator {
             .as_ref()
             .ok_or_else(|| AuthError::Invalid("this server accepts API keys only (no --jwt-keys)".into()))?
             .get();
+        let hash = apikeys::sha256(token.as_bytes());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        {
+            let mut cache = self.jwt_cache.lock();
+            if !cache.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, &keys)) {
+                cache.verified.clear();
+                cache.keys = Some(keys.clone());
+            }
+            if let Some((p, exp)) = cache.verified.get(&hash) {
+                if now < *exp {
+                    return Ok(p.clone());
+                }
+            }
+        }
         let claims = keys.verify(token, self.audience.as_deref())?;
+        let principal = Self::jwt_principal(&claims)?;
+        if let Some(exp) = claims.exp {
+            let mut cache = self.jwt_cache.lock();
+            if cache.keys.as_ref().is_some_and(|k| Arc::ptr_eq(k, &keys)) {
+                if cache.verified.len() >= JWT_CACHE_MAX {
+                    cache.verified.retain(|_, (_, e)| now < *e);
+                    if cache.verified.len() >= JWT_CACHE_MAX {
+                        cache.verified.clear();
+                    }
+                }
+                cache.verified.insert(hash, (principal.clone(), exp));
+            }
+        }
+        Ok(principal)
+    }
+
+    fn jwt_principal(claims: &jwt::Claims) -> Result<Principal, AuthError> {
         let tenant = claims
             .tenant_id
             .clone()

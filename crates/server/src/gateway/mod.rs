@@ -396,10 +396,29 @@ where
                 }
             },
         };
-        // Everything behind the layer sees the verified tenant.
+        // Everything behind the layer sees the verified tenant and user (the
+        // orchestrator writes them into each task's audit record).
         if let Ok(v) = HeaderValue::from_str(&identity.tenant) {
             req.headers_mut().insert(crate::limit::TENANT_HEADER, v.clone());
             req.headers_mut().insert(auth::TENANT_ID_HEADER, v);
+        }
+        // The server's own hop (and, with authentication off, anyone, as with
+        // x-user-id) may name the user of each task it offers.
+        if gw.auth.is_none() || identity.method == "internal" {
+            req.headers_mut().insert(
+                lattice_agent::orchestrator::DELEGATE_METADATA,
+                HeaderValue::from_static("1"),
+            );
+        } else {
+            req.headers_mut().remove(lattice_agent::orchestrator::DELEGATE_METADATA);
+        }
+        match HeaderValue::from_str(&identity.user) {
+            Ok(v) if !identity.user.is_empty() => {
+                req.headers_mut().insert(USER_ID_HEADER, v);
+            }
+            _ => {
+                req.headers_mut().remove(USER_ID_HEADER);
+            }
         }
         let ctx = RequestContext {
             tenant: identity.tenant,
@@ -626,6 +645,8 @@ impl Finish {
             bytes_out,
             refusal: p.refusal.map(str::to_string),
             headers: p.headers,
+            task_id: None,
+            capability: None,
         });
     }
 }

@@ -106,6 +106,8 @@ pub struct Options {
     pub agents: bool,
     pub agent_token: Option<String>,
     pub scaling: lattice_server::scaling::ScalingConfig,
+    /// TLS of the ports.
+    pub tls: Option<lattice_server::tls::TlsConfig>,
 }
 
 impl Default for Options {
@@ -117,6 +119,7 @@ impl Default for Options {
             agents: false,
             agent_token: None,
             scaling: lattice_server::scaling::ScalingConfig::default(),
+            tls: None,
         }
     }
 }
@@ -195,6 +198,10 @@ pub async fn start(repo: &Path, opts: Options) -> TestServer {
             .await
             .expect("gateway");
     state = state.with_gateway(gateway);
+    if let Some(tls) = &opts.tls {
+        let acceptors = lattice_server::tls::Acceptors::start(tls, state.shutdown.clone()).expect("TLS files");
+        state = state.with_tls(acceptors);
+    }
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(lattice_server::run(state.clone(), listeners, opts.load_models, async {
         let _ = rx.await;
