@@ -10,4 +10,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
 
-LATTICE_BIN="$PWD/target/debug/lattice" .venv/bin/python -m pytest tests/python -q
+LATTICE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/lattice" .venv/bin/python -m pytest tests/python -q
