@@ -285,8 +285,13 @@ impl State {
         now: Now,
         step: &mut Step,
     ) {
-        if offer.task_id.is_empty() || self.tasks.contains_key(&offer.task_id) {
-            // A resend of a task we hold (or a nameless one we cannot track).
+        if offer.task_id.is_empty() {
+            // A nameless task cannot be tracked.
+            return;
+        }
+        if self.tasks.contains_key(&offer.task_id) {
+            // A resend of a task we hold, or a retry from a new session.
+            self.retake(sid, &offer.task_id, now, step);
             return;
         }
         let Some(s) = self.sessions.get_mut(sid) else { return };
@@ -356,6 +361,41 @@ impl State {
         self.enqueue(&task.capability, task.priority, id.clone(), now.at);
         self.tasks.insert(id, task);
         self.dispatch(now, step);
+    }
+
+    /// An offer of a task held for another session of the same tenant and user: the
+    /// caller lost its session (its process restarted, or a resume found a gap) and
+    /// retried with the same task id. The task follows the caller: its result goes to
+    /// the new session now if it has one, else when it finishes; it does not run
+    /// again. A resend on the same session, or an id another caller holds, changes
+    /// nothing.
+    fn retake(&mut self, sid: &str, task_id: &str, now: Now, step: &mut Step) {
+        let (Some(task), Some(s)) = (self.tasks.get(task_id), self.sessions.get(sid)) else {
+            return;
+        };
+        if task.requester == sid || task.tenant != s.meta.tenant || task.user != s.meta.user {
+            return;
+        }
+        let previous = task.requester.clone();
+        step.ops.push(Op::Del {
+            coll: coll::tasks(&previous),
+            key: task_id.to_string(),
+        });
+        let task = self.tasks.get_mut(task_id).expect("checked above");
+        task.requester = sid.to_string();
+        step.put_task(task);
+        let result = match &task.phase {
+            Phase::Done { result } => Some(result.clone()),
+            _ => None,
+        };
+        if let Some(p) = self.sessions.get_mut(&previous) {
+            p.outstanding = p.outstanding.saturating_sub(1);
+        }
+        let s = self.sessions.get_mut(sid).expect("checked above");
+        s.outstanding += 1;
+        if let Some(result) = result {
+            push_frame(s, step, envelope(task_id, now), agent_response::Body::Result(result));
+        }
     }
 
     fn result(&mut self, sid: &str, result: TaskResult, now: Now, step: &mut Step) {
@@ -575,14 +615,17 @@ impl State {
                 key: seq_key(seq),
             });
             if let Some(agent_response::Body::Result(r)) = p.frame.body {
-                if let Some(t) = self.tasks.remove(&r.task_id) {
+                // Only the session the task belongs to ends it: one retaken by a
+                // retry waits for its new requester's acknowledgement.
+                if self.tasks.get(&r.task_id).is_some_and(|t| t.requester == sid) {
+                    self.tasks.remove(&r.task_id);
                     step.ops.push(Op::Del {
-                        coll: coll::tasks(&t.requester),
+                        coll: coll::tasks(sid),
                         key: r.task_id,
                     });
-                }
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    s.outstanding = s.outstanding.saturating_sub(1);
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.outstanding = s.outstanding.saturating_sub(1);
+                    }
                 }
             }
         }
@@ -821,6 +864,14 @@ mod tests {
             resume: Some((0, running.iter().map(|r| r.to_string()).collect())),
             ..a
         })
+    }
+
+    /// A new session whose stream was verified as `user`.
+    fn attach_as(sid: &str, user: &str) -> Event {
+        let Event::Attach(a) = attach(sid, &[], 1) else {
+            unreachable!()
+        };
+        Event::Attach(Attach { user: user.into(), ..a })
     }
 
     /// A new stream of an existing session.
@@ -1147,6 +1198,52 @@ mod tests {
                         code: code::CANCELLED,
                         took_us: 4_000,
                     },
+                ],
+            },
+            Case {
+                name: "a finished task offered again by a new session of its caller answers at once; another caller's offer is ignored",
+                rules: no_change,
+                script: vec![
+                    (0, w(&["echo"])),
+                    (0, attach("r", &[], 1)),
+                    (0, offer("r", "t1", "echo", 2)),
+                    (5, result("w", "t1", code::OK)),
+                    (6, attach_as("r-after-restart", "u-r")),
+                    (7, offer("r-after-restart", "t1", "echo", 2)),
+                    (8, attach_as("x", "u-x")),
+                    (8, offer("x", "t1", "echo", 2)),
+                    (9, offer("r-after-restart", "t1", "echo", 2)),
+                    (10, ack("r", 1)),
+                    (11, ack("r-after-restart", 1)),
+                ],
+                tasks: vec![("t1", Want::Gone)],
+                frames: vec![
+                    ("w", vec!["assign t1 #1"]),
+                    ("r", vec!["result t1 0"]),
+                    ("r-after-restart", vec!["result t1 0"]),
+                    ("x", vec![]),
+                ],
+                effects: vec![
+                    Effect::Dispatched { waited_us: 0 },
+                    Effect::Finished { code: code::OK, took_us: 5_000 },
+                ],
+            },
+            Case {
+                name: "a running task offered again by a new session of its caller sends its result there, once",
+                rules: no_change,
+                script: vec![
+                    (0, w(&["echo"])),
+                    (0, attach("r", &[], 1)),
+                    (0, offer("r", "t1", "echo", 2)),
+                    (1, attach_as("r2", "u-r")),
+                    (2, offer("r2", "t1", "echo", 2)),
+                    (3, result("w", "t1", code::OK)),
+                ],
+                tasks: vec![("t1", Want::Done(code::OK))],
+                frames: vec![("w", vec!["assign t1 #1"]), ("r", vec![]), ("r2", vec!["result t1 0"])],
+                effects: vec![
+                    Effect::Dispatched { waited_us: 0 },
+                    Effect::Finished { code: code::OK, took_us: 3_000 },
                 ],
             },
             Case {
