@@ -14,8 +14,10 @@
 //! "timeout_ms"?, "task_id"?}` for the built-in tool-running worker, or
 //! `{"capability", "payload", ...}` with any JSON `payload`, which reaches a worker
 //! of that capability as offered (serialised JSON). A caller-chosen `task_id` makes a
-//! retried request the same task (the orchestrator dedupes offers and workers key
-//! their side effects by it).
+//! retried request the same task: it does not run again, and a retry after this
+//! process restarted gets the stored result at once (the orchestrator moves a held
+//! task to the new session of the same tenant and user); workers key their side
+//! effects by it.
 
 use std::{
     collections::HashMap,
