@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from conftest import LATTICE_BIN, ROOT, _log_tail, _read_listening_line
@@ -65,6 +66,17 @@ class Serve:
         self.http = addrs["http"]
         self.starts += 1
         self.log = log
+        # The listening line comes before recovery and warm-up end; callers that
+        # send work at once would get 503 "server is not ready", as a pod does
+        # before its readiness probe passes.
+        wait_for(self._ready, 60, "readiness of lattice serve", [self.proc])
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     @property
     def endpoint(self) -> str:
