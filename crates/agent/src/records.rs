@@ -50,6 +50,10 @@ pub enum TaskState {
     Queued = 0,
     Assigned = 1,
     Done = 2,
+    /// Published to the shared queue (several replicas over Redis): any replica
+    /// with a worker of its capability takes it, and its result comes back
+    /// through the result stream named by `route`.
+    Shared = 3,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -87,4 +91,9 @@ pub struct TaskRecord {
     /// The requester's user, for the audit record of the task.
     #[prost(string, tag = "15")]
     pub user: String,
+    /// The requester session the task was first offered by: a replica that runs
+    /// it for a requester attached elsewhere delivers the result to this
+    /// session's result stream (a retake moves `requester`, never `route`).
+    #[prost(string, tag = "16")]
+    pub route: String,
 }

@@ -424,3 +424,77 @@ async fn connections_cut_at_random_lose_and_duplicate_nothing() {
     assert!(orch.child.wait().unwrap().success());
     check_counters(&RedbBackend::open(&store).unwrap(), N).await;
 }
+
+/// Which replica a split run kills (and restarts) a third of the way through.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kill {
+    None,
+    Requesters,
+    Workers,
+}
+
+/// A requester attached only to replica A and workers attached only to replica B:
+/// every task crosses the shared queue (taken by B, its result delivered back to
+/// A through the requester's result stream). With a `kill -9` of either replica
+/// mid-run (restarted behind the same proxy), nothing is lost and no side effect
+/// runs twice.
+async fn split_replicas(kill: Kill) {
+    const N: usize = 1_500;
+    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
+    let empty = tempfile::tempdir().unwrap();
+    let flags = ["--store-prefix", prefix.as_str()];
+    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let to_a = Proxy::start(a.grpc).await;
+    let to_b = Proxy::start(b.grpc).await;
+    let mut agents = Agents::spawn(3, &to_b.url());
+    let mut req = requester(vec![to_a.url()]);
+    req.client.established().await.unwrap();
+    let offering = offer_all(&req, N);
+    let mut done = HashSet::new();
+    let mut killed = false;
+    while done.len() < N {
+        if kill != Kill::None && !killed && done.len() >= N / 3 {
+            killed = true;
+            let (victim, proxy) = match kill {
+                Kill::Requesters => (&mut a, &to_a),
+                _ => (&mut b, &to_b),
+            };
+            signal(&victim.child, "-KILL");
+            let _ = victim.child.wait();
+            proxy.cut_all();
+            *victim = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+            proxy.point_to(victim.grpc);
+        }
+        next_unique_ok(&mut req, &mut done).await;
+    }
+    offering.await.unwrap();
+    // No late duplicates either.
+    assert!(tokio::time::timeout(Duration::from_millis(500), req.next_result())
+        .await
+        .is_err());
+    req.client.close(false).await;
+    agents.stop();
+    for o in [&mut a, &mut b] {
+        signal(&o.child, "-TERM");
+        assert!(o.child.wait().unwrap().success());
+    }
+    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    check_counters(&backend, N).await;
+    backend.clear().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_on_one_replica_is_served_by_workers_on_another() {
+    split_replicas(Kill::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_replicas_survive_a_kill_of_the_requesters_replica() {
+    split_replicas(Kill::Requesters).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_replicas_survive_a_kill_of_the_workers_replica() {
+    split_replicas(Kill::Workers).await;
+}

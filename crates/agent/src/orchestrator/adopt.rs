@@ -55,10 +55,21 @@ impl Orchestrator {
         for (_, rec) in tasks {
             let rec = TaskRecord::decode(rec)?;
             session.outstanding += 1;
-            if st.tasks.contains_key(&rec.task_id) {
+            if let Some(held) = st.tasks.get_mut(&rec.task_id) {
+                // Taken from the shared queue for this requester before it came
+                // here: its result now goes to the session, not the route.
+                if held.requester == sid {
+                    held.remote = false;
+                }
                 continue;
             }
             let mut task = Task::from_record(rec, Some(now.at));
+            if st.rules.shared && matches!(task.phase, Phase::Queued | Phase::Assigned { .. }) {
+                // Taken from the shared queue by the replica that held the session:
+                // that replica (or the one that takes the entry over from it)
+                // delivers the result to the route's stream.
+                task.phase = Phase::Shared;
+            }
             match &mut task.phase {
                 Phase::Queued => st.enqueue(&task.capability, task.priority, task.id.clone(), now.at),
                 Phase::Assigned { worker, orphaned_since } => {
@@ -67,7 +78,7 @@ impl Orchestrator {
                         *orphaned_since = None;
                     }
                 }
-                Phase::Done { .. } => {}
+                Phase::Done { .. } | Phase::Shared => {}
             }
             st.tasks.insert(task.id.clone(), task);
         }

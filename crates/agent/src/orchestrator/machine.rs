@@ -18,13 +18,13 @@ use lattice_proto::{
 use prost::Message;
 
 use crate::{
-    records::{coll, SessionMeta},
+    records::{coll, SessionMeta, TaskRecord},
     store::{seq_key, Op},
     wire::new_msg_id,
 };
 
 use super::{
-    state::{Breaker, Effect, Now, Pending, Phase, Session, State, Step, Task},
+    state::{Breaker, Effect, Entry, Now, Pending, Phase, Session, State, Step, Task},
     TaskOutcome,
 };
 
@@ -108,6 +108,25 @@ pub(super) enum Event {
     /// Timers: vanished workers' tasks, queued deadlines, idle sessions.
     Sweep,
     Dispatch,
+    /// An entry this replica took from the shared queue (new, or taken over from a
+    /// replica that stopped renewing it).
+    Take(Box<Take>),
+    /// A result another replica delivered to the route's result stream.
+    Delivered {
+        route: String,
+        entry: String,
+        result: TaskResult,
+    },
+}
+
+/// An entry taken from the shared queue.
+#[derive(Debug, Clone)]
+pub(super) struct Take {
+    pub(super) priority: u32,
+    pub(super) entry: String,
+    /// Times the entry was handed out, this time included: the attempts so far.
+    pub(super) deliveries: u32,
+    pub(super) record: TaskRecord,
 }
 
 fn status(code: i32, message: impl Into<String>) -> Status {
@@ -188,7 +207,101 @@ impl State {
             }
             Event::Sweep => self.sweep(now, step),
             Event::Dispatch => self.dispatch(now, step),
+            Event::Take(take) => self.take(*take, now, step),
+            Event::Delivered { route, entry, result } => self.delivered(route, entry, result, now, step),
         }
+    }
+
+    /// A task from the shared queue joins this replica's lanes: the requester's
+    /// own copy when it is held here, else a remote one (never persisted here).
+    fn take(&mut self, take: Take, now: Now, step: &mut Step) {
+        let entry = Entry {
+            priority: take.priority,
+            id: take.entry,
+        };
+        let rec = take.record;
+        let retire = |step: &mut Step, entry: Entry| {
+            step.ops.push(Op::Retire {
+                capability: rec.capability.clone(),
+                priority: entry.priority,
+                entry: entry.id,
+            });
+        };
+        let attempts = take.deliveries.saturating_sub(1);
+        if let Some(task) = self.tasks.get_mut(&rec.task_id) {
+            match &task.phase {
+                // Answered already (a duplicate entry, or a result that beat it).
+                Phase::Done { .. } => retire(step, entry),
+                Phase::Shared => {
+                    task.phase = Phase::Queued;
+                    task.attempts = task.attempts.max(attempts);
+                    task.entry = Some(entry);
+                    step.put_task(task);
+                    let (cap, prio, id) = (task.capability.clone(), task.priority, task.id.clone());
+                    self.enqueue(&cap, prio, id, now.at);
+                }
+                // Held here already: the same entry taken over from ourselves, or a
+                // second entry for it (an offer published twice).
+                Phase::Queued | Phase::Assigned { .. } => {
+                    if task.entry.as_ref().is_some_and(|e| e.id != entry.id) {
+                        retire(step, entry);
+                    } else {
+                        task.entry = Some(entry);
+                    }
+                }
+            }
+            self.dispatch(now, step);
+            return;
+        }
+        if self.sessions.get(&rec.requester).is_some_and(|s| s.attached.is_some()) {
+            // The requester is attached here and holds no such task: it has its
+            // result already (an entry published twice, or taken over after the
+            // task finished). Running it again would answer twice.
+            retire(step, entry);
+            return;
+        }
+        let mut task = Task::from_record(rec, None);
+        task.attempts = attempts;
+        task.remote = true;
+        task.entry = Some(entry);
+        let id = task.id.clone();
+        if attempts >= task.max_attempts {
+            // Handed out as often as it may run (each replica that took it stopped
+            // renewing it): dead-letter it, as after a worker's last failure.
+            task.phase = Phase::Assigned {
+                worker: String::new(),
+                orphaned_since: None,
+            };
+            self.tasks.insert(id.clone(), task);
+            self.requeue(&id, "the replicas that took it stopped renewing it".into(), now, step);
+            return;
+        }
+        task.phase = Phase::Queued;
+        self.enqueue(&task.capability, task.priority, id.clone(), now.at);
+        self.tasks.insert(id, task);
+        self.dispatch(now, step);
+    }
+
+    /// A result from another replica: the first result wins, as from a worker.
+    fn delivered(&mut self, route: String, entry: String, result: TaskResult, now: Now, step: &mut Step) {
+        step.ops.push(Op::Delivered { route, entry });
+        let task_id = result.task_id.clone();
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        if task.is_done() {
+            return;
+        }
+        if task.phase == Phase::Shared {
+            task.phase = Phase::Assigned {
+                worker: result.worker_id.clone(),
+                orphaned_since: None,
+            };
+            task.attempts = task.attempts.max(result.attempts);
+        }
+        let status = result.status.unwrap_or_else(|| status(code::OK, ""));
+        self.finish(&task_id, status, Bytes::from(result.output), now, step);
+        self.dispatch(now, step);
     }
 
     fn attach(&mut self, a: Attach, now: Now, step: &mut Step) {
@@ -313,6 +426,9 @@ impl State {
             traceparent,
             offered_us: now.wall_us,
             phase: Phase::Queued,
+            route: sid.to_string(),
+            entry: None,
+            remote: false,
         };
         s.outstanding += 1;
         let window = self.rules.requester_window as usize;
@@ -357,6 +473,20 @@ impl State {
             self.finish(&id, refusal, Bytes::new(), now, step);
             return;
         }
+        if self.rules.shared {
+            let task = Task {
+                phase: Phase::Shared,
+                ..task
+            };
+            step.put_task(&task);
+            step.ops.push(Op::Publish {
+                capability: task.capability.clone(),
+                priority: task.priority,
+                record: Bytes::from(task.to_record().encode_to_vec()),
+            });
+            self.tasks.insert(id, task);
+            return;
+        }
         step.put_task(&task);
         self.enqueue(&task.capability, task.priority, id.clone(), now.at);
         self.tasks.insert(id, task);
@@ -383,6 +513,8 @@ impl State {
         });
         let task = self.tasks.get_mut(task_id).expect("checked above");
         task.requester = sid.to_string();
+        // Its requester is here now: the record is this replica's to keep.
+        task.remote = false;
         step.put_task(task);
         let result = match &task.phase {
             Phase::Done { result } => Some(result.clone()),
@@ -403,12 +535,30 @@ impl State {
         if let Some(w) = self.sessions.get_mut(sid) {
             w.in_flight.remove(&task_id);
         }
-        if self.tasks.get(&task_id).is_none_or(Task::is_done) {
-            // Unknown, or finished: the first result won.
-            return;
-        }
         let code = result.status.as_ref().map_or(code::OK, |s| s.code);
         let retryable = matches!(code, code::UNAVAILABLE | code::INTERNAL | code::UNKNOWN | code::ABORTED);
+        match self.tasks.get(&task_id) {
+            None if self.rules.shared && !retryable && !result.route.is_empty() => {
+                // A task this replica does not hold (it took the entry before a
+                // restart, or the worker resumed here from another replica): the
+                // answer goes to the requester's route all the same, where the
+                // first result wins. A retryable failure is dropped: the entry
+                // lapses and runs again.
+                let result = TaskResult {
+                    worker_id: sid.to_string(),
+                    ..result
+                };
+                step.ops.push(Op::Deliver {
+                    route: result.route.clone(),
+                    result: Bytes::from(result.encode_to_vec()),
+                });
+                return;
+            }
+            // Unknown, or finished: the first result won.
+            None => return,
+            Some(t) if t.is_done() => return,
+            Some(_) => {}
+        }
         if let Some(w) = self.sessions.get_mut(sid) {
             if retryable {
                 w.breaker.failures += 1;
@@ -513,9 +663,30 @@ impl State {
         // restart resends it rather than rerunning the task.
         task.payload = Bytes::new();
         step.put_task(task);
+        if let Some(entry) = task.entry.take() {
+            step.ops.push(Op::Retire {
+                capability: task.capability.clone(),
+                priority: entry.priority,
+                entry: entry.id,
+            });
+        }
         let requester = task.requester.clone();
+        let remote = task.remote;
+        let attached_here = self.sessions.get(&requester).is_some_and(|r| r.attached.is_some());
+        if remote || (self.rules.shared && !attached_here) {
+            // The requester's stream is on another replica (or none yet): the
+            // result goes where whichever replica holds it reads.
+            step.ops.push(Op::Deliver {
+                route: task.route.clone(),
+                result: Bytes::from(result.encode_to_vec()),
+            });
+        }
         if let Some(w) = self.sessions.get_mut(&worker) {
             w.in_flight.remove(task_id);
+        }
+        if remote {
+            self.tasks.remove(task_id);
+            return;
         }
         if let Some(r) = self.sessions.get_mut(&requester) {
             push_frame(r, step, envelope(task_id, now), agent_response::Body::Result(result));
@@ -660,7 +831,9 @@ impl State {
         let mut expired: Vec<String> = self
             .tasks
             .values()
-            .filter(|t| t.is_queued() && t.deadline_us > 0 && t.deadline_us <= now.wall_us)
+            .filter(|t| {
+                (t.is_queued() || t.phase == Phase::Shared) && t.deadline_us > 0 && t.deadline_us <= now.wall_us
+            })
             .map(|t| t.id.clone())
             .collect();
         expired.sort_unstable();
@@ -837,6 +1010,7 @@ mod tests {
             breaker_cooldown: Duration::from_secs(10),
             reassign_after: Duration::from_secs(10),
             session_idle_timeout: Duration::from_secs(300),
+            shared: false,
         }
     }
 
@@ -939,6 +1113,7 @@ mod tests {
     #[derive(Debug, PartialEq)]
     enum Want {
         Queued,
+        Shared,
         Assigned(&'static str),
         Done(i32),
         Gone,
@@ -1013,6 +1188,7 @@ mod tests {
             Some(Phase::Queued) => Want::Queued,
             Some(Phase::Assigned { worker, .. }) => Want::Assigned(Box::leak(worker.clone().into_boxed_str())),
             Some(Phase::Done { result }) => Want::Done(result.status.as_ref().map_or(0, |s| s.code)),
+            Some(Phase::Shared) => Want::Shared,
         }
     }
 
@@ -1498,6 +1674,7 @@ mod tests {
     fn a_record_round_trips_through_the_phase() {
         for phase in [
             Phase::Queued,
+            Phase::Shared,
             Phase::Assigned {
                 worker: "w".into(),
                 orphaned_since: None,
@@ -1523,10 +1700,259 @@ mod tests {
                 traceparent: "tp".into(),
                 offered_us: 9,
                 phase: phase.clone(),
+                route: "r0".into(),
+                entry: None,
+                remote: false,
             };
             let back = crate::orchestrator::state::Task::from_record(task.to_record(), None);
             assert_eq!(back.phase, phase);
             assert_eq!(back.to_record(), task.to_record());
+        }
+    }
+
+    /// A task record as the requester's replica publishes it.
+    fn published(id: &str, requester: &str) -> crate::records::TaskRecord {
+        crate::records::TaskRecord {
+            task_id: id.into(),
+            requester: requester.into(),
+            route: requester.into(),
+            capability: "echo".into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            priority: 2,
+            max_attempts: 2,
+            tenant: "t".into(),
+            user: format!("u-{requester}"),
+            state: crate::records::TaskState::Shared as i32,
+            ..Default::default()
+        }
+    }
+
+    fn take(id: &str, requester: &str, entry: &str, deliveries: u32) -> Event {
+        Event::Take(Box::new(super::Take {
+            priority: 2,
+            entry: entry.into(),
+            deliveries,
+            record: published(id, requester),
+        }))
+    }
+
+    /// A worker's result naming the requester's route, as every assignment does.
+    fn routed_result(sid: &str, id: &str, route: &str, code: i32) -> Event {
+        let Event::Result { sid, result } = result(sid, id, code) else {
+            unreachable!()
+        };
+        Event::Result {
+            sid,
+            result: TaskResult {
+                route: route.into(),
+                ..result
+            },
+        }
+    }
+
+    fn delivered(route: &str, entry: &str, id: &str, code: i32) -> Event {
+        Event::Delivered {
+            route: route.into(),
+            entry: entry.into(),
+            result: TaskResult {
+                task_id: id.into(),
+                output: b"out".to_vec(),
+                status: Some(super::status(code, "")),
+                worker_id: "far".into(),
+                attempts: 1,
+                ..TaskResult::default()
+            },
+        }
+    }
+
+    /// The shared-queue ops of a run, as "publish t", "retire e", "deliver r t",
+    /// "delivered r e".
+    fn queue_ops(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .filter_map(|op| match op {
+                Op::Publish { record, .. } => {
+                    let rec = <crate::records::TaskRecord as prost::Message>::decode(record.clone()).unwrap();
+                    Some(format!("publish {}", rec.task_id))
+                }
+                Op::Retire { entry, .. } => Some(format!("retire {entry}")),
+                Op::Deliver { route, result } => {
+                    let r = <TaskResult as prost::Message>::decode(result.clone()).unwrap();
+                    Some(format!("deliver {route} {}", r.task_id))
+                }
+                Op::Delivered { route, entry } => Some(format!("delivered {route} {entry}")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    struct SharedCase {
+        name: &'static str,
+        script: Vec<Event>,
+        tasks: Vec<(&'static str, Want)>,
+        frames: Vec<(&'static str, Vec<&'static str>)>,
+        queue: Vec<&'static str>,
+    }
+
+    #[test]
+    fn shared_dispatch() {
+        let shared = |r: &mut Rules| r.shared = true;
+        let cases = vec![
+            SharedCase {
+                name: "an offer is published, not queued here, even with a worker here",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    attach("r", &[], 1),
+                    offer("r", "t1", "echo", 2),
+                ],
+                tasks: vec![("t1", Want::Shared)],
+                frames: vec![("w", vec![])],
+                queue: vec!["publish t1"],
+            },
+            SharedCase {
+                name: "taken back by the requester's replica: runs here, the result retires the entry",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    attach("r", &[], 1),
+                    offer("r", "t1", "echo", 2),
+                    take("t1", "r", "1-0", 1),
+                    result("w", "t1", code::OK),
+                ],
+                tasks: vec![("t1", Want::Done(code::OK))],
+                frames: vec![("w", vec!["assign t1 #1"]), ("r", vec!["result t1 0"])],
+                queue: vec!["publish t1", "retire 1-0"],
+            },
+            SharedCase {
+                name: "a remote requester's task runs here; its result goes to the route and is forgotten",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    take("t1", "far", "1-0", 1),
+                    result("w", "t1", code::OK),
+                ],
+                tasks: vec![("t1", Want::Gone)],
+                frames: vec![("w", vec!["assign t1 #1"])],
+                queue: vec!["retire 1-0", "deliver far t1"],
+            },
+            SharedCase {
+                name: "a retryable failure of a remote task runs again here, then is dead-lettered to the route",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    take("t1", "far", "1-0", 1),
+                    result("w", "t1", code::UNAVAILABLE),
+                    result("w", "t1", code::UNAVAILABLE),
+                ],
+                tasks: vec![("t1", Want::Gone)],
+                frames: vec![("w", vec!["assign t1 #1", "assign t1 #2"])],
+                queue: vec!["retire 1-0", "deliver far t1"],
+            },
+            SharedCase {
+                name: "an entry handed out max_attempts times is dead-lettered, not run",
+                script: vec![attach("w", &["echo"], 1), take("t1", "far", "1-0", 3)],
+                tasks: vec![("t1", Want::Gone)],
+                frames: vec![("w", vec![])],
+                queue: vec!["retire 1-0", "deliver far t1"],
+            },
+            SharedCase {
+                name: "a delivered result answers the waiting requester; a second one is only cleared",
+                script: vec![
+                    attach("r", &[], 1),
+                    offer("r", "t1", "echo", 2),
+                    delivered("r", "5-0", "t1", code::OK),
+                    delivered("r", "6-0", "t1", code::INTERNAL),
+                ],
+                tasks: vec![("t1", Want::Done(code::OK))],
+                frames: vec![("r", vec!["result t1 0"])],
+                queue: vec!["publish t1", "delivered r 5-0", "delivered r 6-0"],
+            },
+            SharedCase {
+                name: "a requester detached here gets its result through the route too",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    attach("r", &[], 1),
+                    offer("r", "t1", "echo", 2),
+                    take("t1", "r", "1-0", 1),
+                    detach("r", 1),
+                    result("w", "t1", code::OK),
+                ],
+                tasks: vec![("t1", Want::Done(code::OK))],
+                frames: vec![("r", vec!["result t1 0"])],
+                queue: vec!["publish t1", "retire 1-0", "deliver r t1"],
+            },
+            SharedCase {
+                name: "a second entry for a task held here is retired; a result already in retires the first",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    take("t1", "far", "1-0", 1),
+                    take("t1", "far", "2-0", 1),
+                ],
+                tasks: vec![("t1", Want::Assigned("w"))],
+                frames: vec![("w", vec!["assign t1 #1"])],
+                queue: vec!["retire 2-0"],
+            },
+            SharedCase {
+                name: "a result for a task not held here goes to its route; a retryable failure is dropped",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    routed_result("w", "t9", "far", code::OK),
+                    routed_result("w", "t8", "far", code::UNAVAILABLE),
+                ],
+                tasks: vec![("t9", Want::Gone), ("t8", Want::Gone)],
+                frames: vec![("w", vec![])],
+                queue: vec!["deliver far t9"],
+            },
+            SharedCase {
+                name: "a waiting task's deadline passes: it answers DEADLINE_EXCEEDED here",
+                script: vec![
+                    attach("r", &[], 1),
+                    offer_until("r", "t1", "echo", 2, 1_700_000_000_000_000 + 1_500),
+                    Event::Sweep,
+                ],
+                tasks: vec![("t1", Want::Done(code::DEADLINE_EXCEEDED))],
+                frames: vec![("r", vec!["result t1 4"])],
+                queue: vec!["publish t1"],
+            },
+        ];
+        for case in cases {
+            let mut r = rules();
+            shared(&mut r);
+            let mut st = State::new(r);
+            let t0 = Instant::now();
+            let mut ops = Vec::new();
+            let mut frames: HashMap<String, Vec<String>> = HashMap::new();
+            for (i, event) in case.script.into_iter().enumerate() {
+                let now = Now {
+                    at: t0 + Duration::from_millis(i as u64),
+                    wall_us: 1_700_000_000_000_000 + i as i64 * 1000,
+                };
+                let step = st.apply(event, now);
+                for (sid, seq) in &step.pushed {
+                    let Some(s) = st.sessions.get(sid) else { continue };
+                    let (_, p) = s.outbox.pending().find(|(q, _)| q == seq).expect("pushed frame kept");
+                    let text = match p.frame.body.as_ref().expect("a body") {
+                        Body::Assign(a) => format!("assign {} #{}", a.task_id, a.attempt),
+                        Body::Result(r) => format!("result {} {}", r.task_id, r.status.as_ref().map_or(0, |s| s.code)),
+                        other => format!("{other:?}"),
+                    };
+                    frames.entry(sid.clone()).or_default().push(text);
+                }
+                ops.extend(step.ops);
+            }
+            for (id, want) in &case.tasks {
+                assert_eq!(&want_of(&st, id), want, "{}: task {id}", case.name);
+            }
+            for (sid, want) in &case.frames {
+                let got = frames.get(*sid).cloned().unwrap_or_default();
+                assert_eq!(got, *want, "{}: frames to {sid}", case.name);
+            }
+            assert_eq!(queue_ops(&ops), case.queue, "{}: queue ops", case.name);
+            // Remote tasks are never written to the requester's records here.
+            assert!(
+                !ops.iter()
+                    .any(|op| matches!(op, Op::Put { coll: c, .. } if c == &coll::tasks("far"))),
+                "{}: a remote requester's records",
+                case.name
+            );
+            let queued = st.tasks.values().filter(|t| t.is_queued()).count();
+            assert_eq!(st.queued, queued, "{}: queued count", case.name);
         }
     }
 }

@@ -54,6 +54,7 @@ use crate::{
 
 mod adopt;
 mod machine;
+mod shared;
 mod state;
 mod stream;
 mod sweeper;
@@ -91,6 +92,9 @@ pub struct OrchestratorConfig {
     pub adopt_all_on_start: bool,
     /// When set, streams must carry `authorization: Bearer <token>`.
     pub auth_token: Option<String>,
+    /// On a store that replicas share (Redis), dispatch through its shared queue:
+    /// any worker on any replica takes any task of its capability.
+    pub shared_dispatch: bool,
 }
 
 impl Default for OrchestratorConfig {
@@ -109,6 +113,7 @@ impl Default for OrchestratorConfig {
             breaker_cooldown: Duration::from_secs(10),
             adopt_all_on_start: true,
             auth_token: None,
+            shared_dispatch: true,
         }
     }
 }
@@ -163,6 +168,9 @@ pub(crate) struct Inner {
     draining: CancellationToken,
     /// Where task outcomes go, once set.
     task_audit: std::sync::OnceLock<Arc<dyn TaskAudit>>,
+    /// Woken on every change while dispatch is shared: the loops that take tasks
+    /// and read results look again at what this replica has room for and awaits.
+    shared_wake: Option<Arc<Notify>>,
 }
 
 /// The state machine's state and, beside it, what only the async shell needs: the
@@ -209,6 +217,7 @@ impl Orchestrator {
         tools: ToolGateway,
         metrics: Arc<Metrics>,
     ) -> Result<Orchestrator, StoreError> {
+        let queue = store.queue().filter(|_| cfg.shared_dispatch).cloned();
         let rules = Rules {
             max_attempts: cfg.max_attempts,
             max_queued: cfg.max_queued,
@@ -219,6 +228,7 @@ impl Orchestrator {
             breaker_cooldown: cfg.breaker_cooldown,
             reassign_after: cfg.reassign_after,
             session_idle_timeout: cfg.session_idle_timeout,
+            shared: queue.is_some(),
         };
         let orch = Orchestrator {
             inner: Arc::new(Inner {
@@ -233,6 +243,7 @@ impl Orchestrator {
                 }),
                 draining: CancellationToken::new(),
                 task_audit: std::sync::OnceLock::new(),
+                shared_wake: queue.as_ref().map(|_| Arc::new(Notify::new())),
             }),
         };
         if orch.inner.cfg.adopt_all_on_start {
@@ -245,6 +256,9 @@ impl Orchestrator {
             orch.inner.commit(&mut st, step);
         }
         tokio::spawn(sweep_task(Arc::downgrade(&orch.inner)));
+        if let Some(queue) = queue {
+            shared::spawn(&orch.inner, queue);
+        }
         let weak = Arc::downgrade(&orch.inner);
         metrics.set_agent_source(Box::new(move || {
             weak.upgrade()
@@ -363,6 +377,9 @@ impl Inner {
         }
         for effect in step.effects {
             self.carry_out(effect);
+        }
+        if let Some(w) = &self.shared_wake {
+            w.notify_one();
         }
         ticket
     }

@@ -31,6 +31,9 @@ pub(super) struct Rules {
     pub(super) breaker_cooldown: Duration,
     pub(super) reassign_after: Duration,
     pub(super) session_idle_timeout: Duration,
+    /// Offers go to the shared queue (replicas over Redis) rather than this
+    /// replica's lanes; the lanes hold what this replica took from it.
+    pub(super) shared: bool,
 }
 
 /// The two clocks a transition reads, sampled once by the caller: a monotonic
@@ -89,6 +92,17 @@ pub(super) enum Phase {
     Done {
         result: TaskResult,
     },
+    /// In the shared queue: a replica with a worker for it takes it, and the
+    /// result comes back to this one (directly, or through the route's stream).
+    Shared,
+}
+
+/// Where a task this replica took from the shared queue sits there: retired when
+/// the task finishes, renewed while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Entry {
+    pub(super) priority: u32,
+    pub(super) id: String,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +122,13 @@ pub(super) struct Task {
     pub(super) traceparent: String,
     pub(super) offered_us: i64,
     pub(super) phase: Phase,
+    /// The session whose result stream gets results from other replicas.
+    pub(super) route: String,
+    /// Taken from the shared queue by this replica.
+    pub(super) entry: Option<Entry>,
+    /// Taken for a requester this replica does not hold: never persisted here, and
+    /// forgotten once its result is delivered.
+    pub(super) remote: bool,
 }
 
 impl Task {
@@ -137,6 +158,12 @@ impl Task {
             TaskState::Done => Phase::Done {
                 result: rec.result.unwrap_or_default(),
             },
+            TaskState::Shared => Phase::Shared,
+        };
+        let route = if rec.route.is_empty() {
+            rec.requester.clone()
+        } else {
+            rec.route
         };
         Task {
             id: rec.task_id,
@@ -152,6 +179,9 @@ impl Task {
             traceparent: rec.traceparent,
             offered_us: rec.offered_us,
             phase,
+            route,
+            entry: None,
+            remote: false,
         }
     }
 
@@ -160,6 +190,7 @@ impl Task {
             Phase::Queued => (TaskState::Queued, String::new(), None),
             Phase::Assigned { worker, .. } => (TaskState::Assigned, worker.clone(), None),
             Phase::Done { result } => (TaskState::Done, String::new(), Some(result.clone())),
+            Phase::Shared => (TaskState::Shared, String::new(), None),
         };
         TaskRecord {
             task_id: self.id.clone(),
@@ -177,6 +208,7 @@ impl Task {
             result,
             offered_us: self.offered_us,
             user: self.user.clone(),
+            route: self.route.clone(),
         }
     }
 }
@@ -339,6 +371,11 @@ impl Step {
     }
 
     pub(super) fn put_task(&mut self, task: &Task) {
+        if task.remote {
+            // Its requester's replica holds the record; the shared queue holds the
+            // entry this replica works on.
+            return;
+        }
         self.ops.push(Op::Put {
             coll: coll::tasks(&task.requester),
             key: task.id.clone(),

@@ -205,8 +205,10 @@ impl Orchestrator {
         if let Body::Result(r) = &body {
             // The requester's session may not be loaded here yet (this replica took
             // over from another): load it first.
+            // With shared dispatch the result is delivered to the route instead: a
+            // session is held only by the replica its agent is attached to.
             let known = self.inner.state.lock().tasks.contains_key(&r.task_id);
-            if !known && !r.route.is_empty() {
+            if !known && !r.route.is_empty() && self.inner.shared_wake.is_none() {
                 let _ = self.adopt(&r.route).await;
             }
         }

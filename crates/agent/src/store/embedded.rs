@@ -51,6 +51,11 @@ fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> StoreResul
                     .unwrap_or(0);
                 table.insert(k.as_str(), (cur + by).to_string().as_bytes())?;
             }
+            // Shared dispatch runs only on a store with a shared queue (Redis); one
+            // process on an embedded store dispatches from memory.
+            Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } => {
+                debug_assert!(false, "a shared-queue op reached the embedded store: {op:?}");
+            }
         }
     }
     Ok(())

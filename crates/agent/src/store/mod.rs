@@ -10,6 +10,7 @@
 //! submitted: a `kill -9` loses only frames nobody was told about.
 
 mod embedded;
+mod redis_queue;
 mod redis_store;
 
 use std::{sync::Arc, time::Duration};
@@ -20,6 +21,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 
 pub use embedded::RedbBackend;
+pub use redis_queue::{Delivery, Pulled, SharedQueue};
 pub use redis_store::RedisBackend;
 
 /// One write. Collections are ordered maps of string keys (a redb key range, a
@@ -40,6 +42,30 @@ pub enum Op {
         coll: String,
         key: String,
         by: i64,
+    },
+    /// Shared dispatch only (Redis): appends a task record to its capability's
+    /// priority stream in the shared queue.
+    Publish {
+        capability: String,
+        priority: u32,
+        record: Bytes,
+    },
+    /// Shared dispatch only: the entry a replica took is done; it leaves the queue.
+    Retire {
+        capability: String,
+        priority: u32,
+        entry: String,
+    },
+    /// Shared dispatch only: a result for a requester attached elsewhere, appended
+    /// to its route's result stream.
+    Deliver {
+        route: String,
+        result: Bytes,
+    },
+    /// Shared dispatch only: a delivered result was applied; it leaves the stream.
+    Delivered {
+        route: String,
+        entry: String,
     },
 }
 
@@ -73,6 +99,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("redis at {0}: no connection within 5 s")]
     ConnectTimeout(String),
+    #[error("a shared-queue op cannot be part of a compare-and-apply")]
+    QueueOpInScript,
     #[error("unexpected reply from the compare-and-apply script: {0}")]
     ScriptReply(String),
     #[error("a stored record does not decode: {0}")]
@@ -138,6 +166,8 @@ impl std::str::FromStr for StoreUrl {
 pub struct Store {
     backend: Arc<dyn StoreBackend>,
     shared: Arc<Shared>,
+    /// The shared task queue, on a store that several replicas share (Redis).
+    queue: Option<SharedQueue>,
 }
 
 struct Shared {
@@ -151,11 +181,17 @@ impl Store {
     /// Opens the backend the URL names. `prefix` namespaces Redis keys, so tests and
     /// deployments can share one server.
     pub async fn open(url: &StoreUrl, prefix: &str) -> StoreResult<Store> {
-        let backend: Arc<dyn StoreBackend> = match url {
-            StoreUrl::Redb(path) => Arc::new(RedbBackend::open(path)?),
-            StoreUrl::Redis(url) => Arc::new(RedisBackend::connect(url, prefix).await?),
-        };
-        Ok(Store::new(backend))
+        match url {
+            StoreUrl::Redb(path) => Ok(Store::new(Arc::new(RedbBackend::open(path)?))),
+            StoreUrl::Redis(url) => {
+                let backend = Arc::new(RedisBackend::connect(url, prefix).await?);
+                let queue = SharedQueue::connect(url, prefix).await?;
+                Ok(Store {
+                    queue: Some(queue),
+                    ..Store::new(backend)
+                })
+            }
+        }
     }
 
     pub fn new(backend: Arc<dyn StoreBackend>) -> Store {
@@ -165,7 +201,11 @@ impl Store {
             durable: watch::channel(0).0,
         });
         tokio::spawn(commit_task(backend.clone(), shared.clone()));
-        Store { backend, shared }
+        Store {
+            backend,
+            shared,
+            queue: None,
+        }
     }
 
     /// Queues ops for the next group commit and returns their ticket. An empty
@@ -194,6 +234,11 @@ impl Store {
 
     pub fn backend(&self) -> &dyn StoreBackend {
         &*self.backend
+    }
+
+    /// The shared task queue, when replicas share this store.
+    pub fn queue(&self) -> Option<&SharedQueue> {
+        self.queue.as_ref()
     }
 }
 
@@ -247,8 +292,10 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
                     kept.push(op);
                 }
             }
-            // Counters add up; they are never dropped.
-            Op::Incr { .. } => kept.push(op),
+            // Counters add up and queue operations are events: never dropped.
+            Op::Incr { .. } | Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } => {
+                kept.push(op)
+            }
         }
     }
     kept.reverse();

@@ -8,7 +8,10 @@ use bytes::Bytes;
 use futures::{future::BoxFuture, FutureExt};
 use redis::{aio::ConnectionManager, AsyncCommands};
 
-use super::{Mismatch, Op, StoreBackend, StoreError, StoreResult};
+use super::{
+    redis_queue::{capabilities_key, queue_key, route_key, GROUP, RESULT_TTL},
+    Mismatch, Op, StoreBackend, StoreError, StoreResult,
+};
 
 pub struct RedisBackend {
     conn: ConnectionManager,
@@ -92,6 +95,41 @@ impl StoreBackend for RedisBackend {
                     Op::Incr { coll, key, by } => {
                         pipe.hincr(self.hash(coll), key, *by).ignore();
                     }
+                    Op::Publish {
+                        capability,
+                        priority,
+                        record,
+                    } => {
+                        pipe.cmd("XADD")
+                            .arg(queue_key(&self.prefix, capability, *priority))
+                            .arg("*")
+                            .arg("t")
+                            .arg(record.as_ref())
+                            .ignore();
+                        pipe.sadd(capabilities_key(&self.prefix), capability).ignore();
+                    }
+                    Op::Retire {
+                        capability,
+                        priority,
+                        entry,
+                    } => {
+                        let key = queue_key(&self.prefix, capability, *priority);
+                        pipe.cmd("XACK").arg(&key).arg(GROUP).arg(entry).ignore();
+                        pipe.cmd("XDEL").arg(&key).arg(entry).ignore();
+                    }
+                    Op::Deliver { route, result } => {
+                        let key = route_key(&self.prefix, route);
+                        pipe.cmd("XADD")
+                            .arg(&key)
+                            .arg("*")
+                            .arg("r")
+                            .arg(result.as_ref())
+                            .ignore();
+                        pipe.pexpire(&key, RESULT_TTL.as_millis() as i64).ignore();
+                    }
+                    Op::Delivered { route, entry } => {
+                        pipe.cmd("XDEL").arg(route_key(&self.prefix, route)).arg(entry).ignore();
+                    }
                 }
             }
             let mut conn = self.conn.clone();
@@ -142,6 +180,11 @@ impl StoreBackend for RedisBackend {
                     }
                     Op::Incr { coll, key, by } => {
                         inv.arg("I").arg(self.hash(&coll)).arg(key).arg(by);
+                    }
+                    // Compare-and-apply guards tool-cache and memory writes, which
+                    // never touch the shared queue.
+                    Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } => {
+                        return Err(StoreError::QueueOpInScript);
                     }
                 }
             }
