@@ -16,6 +16,7 @@ use clap::ValueEnum;
 
 use crate::Failure;
 
+/// A feature flag's value (`--auth on`, `--agents off`), shared by the subcommands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Switch {
     On,
