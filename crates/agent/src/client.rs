@@ -415,22 +415,47 @@ async fn supervise(inner: Arc<Inner>, events: mpsc::Sender<Event>) {
     inner.state.send_replace(LinkState::Disconnected);
 }
 
+/// Why one stream to an orchestrator ended or never started; the link reconnects
+/// either way, and logs this.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Refused(tonic::Status),
+    #[error("channel closed")]
+    Closed,
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("expected welcome, got {0:?}")]
+    NoWelcome(Option<agent_response::Body>),
+    #[error("no frame within three heartbeat intervals")]
+    Silent,
+    #[error("stream failed: {0}")]
+    Stream(tonic::Status),
+    #[error("stream ended")]
+    Ended,
+    #[error("bad frame from orchestrator: {0:?}")]
+    BadFrame(crate::session::Verdict),
+}
+
+/// `(established, why)`: `established` is true once the handshake succeeded.
 async fn run_once(
     inner: &Arc<Inner>,
     endpoint: &str,
     events: &mpsc::Sender<Event>,
     ever: &mut bool,
-) -> Result<Ended, (bool, String)> {
-    let err = |e: &dyn std::fmt::Display| (false, e.to_string());
+) -> Result<Ended, (bool, LinkError)> {
+    let err = |e: tonic::transport::Error| (false, LinkError::from(e));
     let mut ep = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| err(&e))?
+        .map_err(err)?
         .connect_timeout(inner.cfg.handshake_timeout)
         .tcp_nodelay(true)
         // Below common load-balancer idle timeouts (AWS ELB 60 s).
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     if let Some(tls) = &inner.cfg.tls {
-        ep = ep.tls_config(tls.tonic()).map_err(|e| err(&e))?;
+        ep = ep.tls_config(tls.tonic()).map_err(err)?;
     }
     let channel = match &inner.cfg.connector {
         None => ep.connect().await,
@@ -443,7 +468,7 @@ async fn run_once(
             .await
         }
     }
-    .map_err(|e| err(&e))?;
+    .map_err(err)?;
     let mut client = AgentCoordinationClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (req_tx, req_rx) = mpsc::channel::<AgentMessage>(256);
     let resume = inner.session.lock().as_ref().map(|(sid, epoch)| Resume {
@@ -464,7 +489,7 @@ async fn run_once(
         })),
         ..AgentMessage::default()
     };
-    req_tx.send(hello).await.map_err(|e| err(&e))?;
+    req_tx.send(hello).await.map_err(|_| (false, LinkError::Closed))?;
     let mut request = Request::new(ReceiverStream::new(req_rx));
     let md = request.metadata_mut();
     if let Some(token) = &inner.cfg.auth_token {
@@ -490,11 +515,11 @@ async fn run_once(
     };
     let (mut stream, first) = tokio::time::timeout(inner.cfg.handshake_timeout, handshake)
         .await
-        .map_err(|_| (false, "handshake timed out".to_string()))?
-        .map_err(|s| err(&s))?;
+        .map_err(|_| (false, LinkError::HandshakeTimeout))?
+        .map_err(|s| (false, LinkError::Refused(s)))?;
     let welcome = match first.and_then(|f| f.body) {
         Some(agent_response::Body::Welcome(w)) => w,
-        other => return Err((false, format!("expected welcome, got {other:?}"))),
+        other => return Err((false, LinkError::NoWelcome(other))),
     };
     let resumed = welcome.result == ResumeResult::Resumed as i32;
     let mut lost = Vec::new();
@@ -573,7 +598,7 @@ async fn receive(
     events: &mpsc::Sender<Event>,
     miss: Duration,
     last_echo: &Mutex<i64>,
-) -> Result<Ended, String> {
+) -> Result<Ended, LinkError> {
     loop {
         let next = tokio::select! {
             r = tokio::time::timeout(miss, stream.message()) => r,
@@ -581,9 +606,9 @@ async fn receive(
             () = inner.bye_sent.cancelled() => return Ok(Ended::Goodbye),
         };
         let frame = match next {
-            Err(_) => return Err("no frame within three heartbeat intervals".into()),
-            Ok(Err(s)) => return Err(format!("stream failed: {s}")),
-            Ok(Ok(None)) => return Err("stream ended".into()),
+            Err(_) => return Err(LinkError::Silent),
+            Ok(Err(s)) => return Err(LinkError::Stream(s)),
+            Ok(Ok(None)) => return Err(LinkError::Ended),
             Ok(Ok(Some(f))) => f,
         };
         let env = frame.env.clone().unwrap_or_default();
@@ -636,7 +661,7 @@ async fn receive(
                 *inner.delivered.lock() = inner.inbox.lock().hwm();
                 inner.wake.notify_one();
             }
-            Verdict::Skewed | Verdict::Gap { .. } => return Err(format!("bad frame from orchestrator: {verdict:?}")),
+            Verdict::Skewed | Verdict::Gap { .. } => return Err(LinkError::BadFrame(verdict)),
         }
     }
 }

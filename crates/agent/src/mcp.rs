@@ -32,7 +32,10 @@ use std::{
 use parking_lot::{Mutex, RwLock};
 use rmcp::{
     model::{CallToolRequestParams, PaginatedRequestParams, RequestMetaObject},
-    service::{MaybeSendFuture, NotificationContext, Peer, RoleClient, RunningService, ServiceError, ServiceExt},
+    service::{
+        ClientInitializeError, MaybeSendFuture, NotificationContext, Peer, RoleClient, RunningService, ServiceError,
+        ServiceExt,
+    },
     transport::{
         async_rw::AsyncRwTransport, streamable_http_client::StreamableHttpClientTransportConfig,
         StreamableHttpClientTransport,
@@ -147,10 +150,11 @@ pub enum ConfigError {
 impl McpConfig {
     /// Parses the file; `url_allowed` is the operator's rule for URLs a tool may
     /// reach (the same as `http_fetch`'s: http(s) origins, never the credentialed
-    /// Kubernetes API proxy), given the parsed URL, returning why not.
-    pub fn parse(
+    /// Kubernetes API proxy), given the parsed URL, returning why not (its error's
+    /// text becomes the reason in [`ConfigError::Url`]).
+    pub fn parse<E: std::fmt::Display>(
         bytes: &[u8],
-        url_allowed: &dyn Fn(&reqwest::Url) -> Result<(), String>,
+        url_allowed: &dyn Fn(&reqwest::Url) -> Result<(), E>,
     ) -> Result<McpConfig, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::Utf8)?;
         let file: ConfigFile = toml::from_str(text)?;
@@ -186,7 +190,7 @@ impl McpConfig {
                     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                         return Err(bad("must be an http(s) URL with a host".into()));
                     }
-                    url_allowed(&url).map_err(bad)?;
+                    url_allowed(&url).map_err(|e| bad(e.to_string()))?;
                 }
                 _ => return Err(ConfigError::Transport(s.name.clone())),
             }
@@ -693,7 +697,7 @@ async fn supervise(server: Arc<McpServer>) {
             Ok(Err(e)) => {
                 tracing::warn!(server = %name, error = %e, "MCP server failed to start");
                 *server.conn.write() = Conn::Down {
-                    error: cap(&e, 1024).to_string(),
+                    error: cap(&e.to_string(), 1024).to_string(),
                 };
             }
             Err(_) => {
@@ -773,7 +777,28 @@ async fn hold(server: &McpServer, live: Live, broken: &Notify) -> String {
     why
 }
 
-async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTool>>), String> {
+/// Why an MCP server could not be reached or listed; its text is the server's
+/// status (`Conn::Down`) and the log line.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("http client: {0}")]
+    HttpClient(reqwest::Error),
+    #[error("cannot start '{program}': {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("child has no stdio pipes")]
+    NoPipes,
+    /// Boxed: rmcp's error is large, and this one is rare.
+    #[error("initialize: {0}")]
+    Initialize(Box<ClientInitializeError>),
+    #[error("tools/list: {0}")]
+    List(ServiceError),
+    #[error("tools/list returned an empty page with a cursor")]
+    EmptyPage,
+    #[error("declares more than {MAX_TOOLS_PER_SERVER} tools")]
+    TooManyTools,
+}
+
+async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTool>>), ConnectError> {
     let relist = Arc::new(Notify::new());
     let client = Client { relist: relist.clone() };
     let live = if let Some(url) = &cfg.url {
@@ -783,13 +808,16 @@ async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTo
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| format!("http client: {e}"))?;
+            .map_err(ConnectError::HttpClient)?;
         let tcfg = StreamableHttpClientTransportConfig::with_uri(url.as_str())
             .max_concurrent_requests(cfg.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT))
             .max_json_response_size(MAX_MESSAGE_BYTES)
             .max_sse_event_size(MAX_MESSAGE_BYTES);
         let transport = StreamableHttpClientTransport::with_client(http, tcfg);
-        let service = client.serve(transport).await.map_err(|e| format!("initialize: {e}"))?;
+        let service = client
+            .serve(transport)
+            .await
+            .map_err(|e| ConnectError::Initialize(Box::new(e)))?;
         Live {
             service,
             child: None,
@@ -806,12 +834,18 @@ async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTo
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| format!("cannot start '{program}': {e}"))?;
+        let mut child = cmd.spawn().map_err(|source| ConnectError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
         let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
-            return Err("child has no stdio pipes".into());
+            return Err(ConnectError::NoPipes);
         };
         let transport = AsyncRwTransport::new_client(stdout, stdin).with_max_line_length(MAX_MESSAGE_BYTES);
-        let service = client.serve(transport).await.map_err(|e| format!("initialize: {e}"))?;
+        let service = client
+            .serve(transport)
+            .await
+            .map_err(|e| ConnectError::Initialize(Box::new(e)))?;
         Live {
             service,
             child: Some(child),
@@ -822,7 +856,7 @@ async fn connect(cfg: &ServerConfig) -> Result<(Live, BTreeMap<String, Arc<McpTo
     Ok((live, tools))
 }
 
-async fn list_tools(server: &str, peer: &Peer<RoleClient>) -> Result<BTreeMap<String, Arc<McpTool>>, String> {
+async fn list_tools(server: &str, peer: &Peer<RoleClient>) -> Result<BTreeMap<String, Arc<McpTool>>, ConnectError> {
     let mut out = BTreeMap::new();
     let mut cursor = None;
     // Each page adds at least one tool or ends, so the pages are bounded too.
@@ -830,13 +864,13 @@ async fn list_tools(server: &str, peer: &Peer<RoleClient>) -> Result<BTreeMap<St
         let page = peer
             .list_tools(Some(PaginatedRequestParams::default().with_cursor(cursor)))
             .await
-            .map_err(|e| format!("tools/list: {e}"))?;
+            .map_err(ConnectError::List)?;
         if page.tools.is_empty() && page.next_cursor.is_some() {
-            return Err("tools/list returned an empty page with a cursor".into());
+            return Err(ConnectError::EmptyPage);
         }
         for t in page.tools {
             if out.len() >= MAX_TOOLS_PER_SERVER {
-                return Err(format!("declares more than {MAX_TOOLS_PER_SERVER} tools"));
+                return Err(ConnectError::TooManyTools);
             }
             let name = t.name.to_string();
             let valid_name = !name.is_empty()
@@ -891,7 +925,7 @@ mod tests {
     fn parse(s: &str) -> Result<McpConfig, ConfigError> {
         McpConfig::parse(s.as_bytes(), &|u| {
             if u.port() == Some(8001) {
-                Err("is forbidden".into())
+                Err("is forbidden")
             } else {
                 Ok(())
             }

@@ -413,7 +413,7 @@ impl ToolGateway {
             Kind::Echo => Ok((json!({"value": args["value"]}), Vec::new())),
             Kind::Calculator => {
                 let expr = args["expression"].as_str().unwrap_or_default();
-                let v = calc::eval(expr).map_err(|e| (Code::InvalidArgument, e))?;
+                let v = calc::eval(expr).map_err(|e| (Code::InvalidArgument, e.to_string()))?;
                 Ok((json!({"value": v}), Vec::new()))
             }
             Kind::Counter => {
@@ -563,7 +563,22 @@ fn failed(code: Code, message: impl Into<String>) -> ToolResult {
 
 /// Arithmetic for the `calculator` tool: + - * / ^, parentheses, unary minus.
 mod calc {
-    pub fn eval(src: &str) -> Result<f64, String> {
+    /// Why an expression has no value; the message goes back to the caller.
+    #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+    pub enum CalcError {
+        #[error("unexpected '{found}' at {at}")]
+        Unexpected { found: char, at: usize },
+        #[error("expected ')' at {0}")]
+        Unclosed(usize),
+        #[error("bad number '{0}'")]
+        BadNumber(String),
+        #[error("unexpected end of expression")]
+        End,
+        #[error("result is not a finite number")]
+        NotFinite,
+    }
+
+    pub fn eval(src: &str) -> Result<f64, CalcError> {
         let mut p = Parser {
             s: src.as_bytes(),
             i: 0,
@@ -571,12 +586,15 @@ mod calc {
         let v = p.expr()?;
         p.ws();
         if p.i != p.s.len() {
-            return Err(format!("unexpected '{}' at {}", p.s[p.i] as char, p.i));
+            return Err(CalcError::Unexpected {
+                found: p.s[p.i] as char,
+                at: p.i,
+            });
         }
         if v.is_finite() {
             Ok(v)
         } else {
-            Err("result is not a finite number".into())
+            Err(CalcError::NotFinite)
         }
     }
 
@@ -597,7 +615,7 @@ mod calc {
             self.s.get(self.i).copied()
         }
 
-        fn expr(&mut self) -> Result<f64, String> {
+        fn expr(&mut self) -> Result<f64, CalcError> {
             let mut v = self.term()?;
             while let Some(op @ (b'+' | b'-')) = self.peek() {
                 self.i += 1;
@@ -607,7 +625,7 @@ mod calc {
             Ok(v)
         }
 
-        fn term(&mut self) -> Result<f64, String> {
+        fn term(&mut self) -> Result<f64, CalcError> {
             let mut v = self.power()?;
             while let Some(op @ (b'*' | b'/')) = self.peek() {
                 self.i += 1;
@@ -617,7 +635,7 @@ mod calc {
             Ok(v)
         }
 
-        fn power(&mut self) -> Result<f64, String> {
+        fn power(&mut self) -> Result<f64, CalcError> {
             let base = self.unary()?;
             if self.peek() == Some(b'^') {
                 self.i += 1;
@@ -627,7 +645,7 @@ mod calc {
             Ok(base)
         }
 
-        fn unary(&mut self) -> Result<f64, String> {
+        fn unary(&mut self) -> Result<f64, CalcError> {
             match self.peek() {
                 Some(b'-') => {
                     self.i += 1;
@@ -637,7 +655,7 @@ mod calc {
                     self.i += 1;
                     let v = self.expr()?;
                     if self.peek() != Some(b')') {
-                        return Err(format!("expected ')' at {}", self.i));
+                        return Err(CalcError::Unclosed(self.i));
                     }
                     self.i += 1;
                     Ok(v)
@@ -651,11 +669,15 @@ mod calc {
                     {
                         self.i += 1;
                     }
-                    let text = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
-                    text.parse().map_err(|_| format!("bad number '{text}'"))
+                    // Digits, '.', 'e' and 'E' only: ASCII, so the lossy view is exact.
+                    let text = String::from_utf8_lossy(&self.s[start..self.i]);
+                    text.parse().map_err(|_| CalcError::BadNumber(text.into_owned()))
                 }
-                Some(c) => Err(format!("unexpected '{}' at {}", c as char, self.i)),
-                None => Err("unexpected end of expression".into()),
+                Some(c) => Err(CalcError::Unexpected {
+                    found: c as char,
+                    at: self.i,
+                }),
+                None => Err(CalcError::End),
             }
         }
     }

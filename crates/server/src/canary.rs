@@ -22,13 +22,25 @@ pub struct CanaryRule {
     pub tags: HashMap<String, Vec<String>>,
 }
 
+/// A canary rule that routes nowhere.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CanaryError {
+    #[error("canary.{model}: split needs a version with a weight above 0")]
+    NoWeight { model: String },
+    #[error("canary.{model}: tag '{tag}' names no version")]
+    EmptyTag { model: String, tag: String },
+}
+
 impl CanaryRule {
-    pub fn validate(&self, model: &str) -> Result<(), String> {
+    pub fn validate(&self, model: &str) -> Result<(), CanaryError> {
         if self.split.is_empty() || self.split.values().all(|w| *w == 0) {
-            return Err(format!("canary.{model}: split needs a version with a weight above 0"));
+            return Err(CanaryError::NoWeight { model: model.into() });
         }
         if let Some((tag, _)) = self.tags.iter().find(|(_, v)| v.is_empty()) {
-            return Err(format!("canary.{model}: tag '{tag}' names no version"));
+            return Err(CanaryError::EmptyTag {
+                model: model.into(),
+                tag: tag.clone(),
+            });
         }
         Ok(())
     }

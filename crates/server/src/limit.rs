@@ -67,15 +67,25 @@ pub struct BucketSpec {
     pub per_second: f64,
 }
 
+/// A tenant's limits that cannot work (a bucket that never admits anything).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// The bucket (`fast` or `steady`) has no tokens or no refill.
+    #[error("{0}: burst and per_second must be above 0")]
+    EmptyBucket(&'static str),
+    #[error("max_concurrent must be above 0")]
+    NoConcurrency,
+}
+
 impl TenantLimits {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitError> {
         for (name, b) in [("fast", self.fast), ("steady", self.steady)] {
             if b.burst == 0 || !(b.per_second.is_finite() && b.per_second > 0.0) {
-                return Err(format!("{name}: burst and per_second must be above 0"));
+                return Err(LimitError::EmptyBucket(name));
             }
         }
         if self.max_concurrent == 0 {
-            return Err("max_concurrent must be above 0".into());
+            return Err(LimitError::NoConcurrency);
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ use rustls::{
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::watch::{load_and_watch_files, Watched};
+use crate::watch::{load_and_watch_files, WatchError, Watched};
 
 /// What `lattice serve` was given.
 #[derive(Clone, Debug)]
@@ -211,10 +211,19 @@ impl fmt::Debug for Acceptors {
     }
 }
 
+/// Why TLS could not start: the files, or rustls refusing the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsStartError {
+    #[error(transparent)]
+    Files(#[from] WatchError),
+    #[error("{0}")]
+    Config(#[from] rustls::Error),
+}
+
 impl Acceptors {
     /// Loads the files (an error here is a start-up error) and keeps them fresh
     /// until `stop`.
-    pub fn start(cfg: &TlsConfig, stop: CancellationToken) -> Result<Acceptors, String> {
+    pub fn start(cfg: &TlsConfig, stop: CancellationToken) -> Result<Acceptors, TlsStartError> {
         let pair = load_and_watch_files(vec![cfg.cert.clone(), cfg.key.clone()], parse_pair, stop.clone())?;
         let resolver: Arc<dyn ResolvesServerCert> = Arc::new(CertResolver { current: pair });
         let client_ca = cfg
@@ -222,10 +231,8 @@ impl Acceptors {
             .as_deref()
             .map(|p: &Path| load_and_watch_files(vec![p.to_path_buf()], parse_client_ca, stop))
             .transpose()?;
-        let build = |alpn: &[&[u8]], mutual: bool| -> Result<TlsAcceptor, String> {
-            let builder = ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?;
+        let build = |alpn: &[&[u8]], mutual: bool| -> Result<TlsAcceptor, TlsStartError> {
+            let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
             let builder = match (&client_ca, mutual) {
                 (Some(ca), true) => {
                     builder.with_client_cert_verifier(Arc::new(ReloadingClientVerifier { current: ca.clone() }))

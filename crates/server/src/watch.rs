@@ -15,6 +15,16 @@ use std::{
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
 
+/// Why a watched file could not be loaded at start-up (later failures only log).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// The files' parser refused them; `reason` is its message.
+    #[error("{paths}: {reason}")]
+    Parse { paths: String, reason: String },
+}
+
 /// How often watched files are read.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -45,7 +55,7 @@ pub fn load_and_watch<T, E>(
     path: &Path,
     parse: fn(&[u8]) -> Result<T, E>,
     stop: CancellationToken,
-) -> Result<Arc<Watched<T>>, String>
+) -> Result<Arc<Watched<T>>, WatchError>
 where
     T: Send + Sync + 'static,
     E: std::fmt::Display + 'static,
@@ -62,7 +72,7 @@ pub fn load_and_watch_files<T, E, P>(
     paths: Vec<PathBuf>,
     parse: P,
     stop: CancellationToken,
-) -> Result<Arc<Watched<T>>, String>
+) -> Result<Arc<Watched<T>>, WatchError>
 where
     T: Send + Sync + 'static,
     E: std::fmt::Display + 'static,
@@ -77,9 +87,15 @@ where
     };
     let mut bytes = Vec::with_capacity(paths.len());
     for p in &paths {
-        bytes.push(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?);
+        bytes.push(std::fs::read(p).map_err(|source| WatchError::Read {
+            path: p.display().to_string(),
+            source,
+        })?);
     }
-    let value = parse(&bytes).map_err(|e| format!("{}: {e}", names()))?;
+    let value = parse(&bytes).map_err(|e| WatchError::Parse {
+        paths: names(),
+        reason: e.to_string(),
+    })?;
     let watched = Watched::new(value);
     let w = watched.clone();
     let shown = names();

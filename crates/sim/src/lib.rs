@@ -112,7 +112,7 @@ pub fn run(
             total,
             desired: cluster.desired(),
             queue: outcome.queue_end,
-            p99_ms: report::quantile(&mut outcome.latencies_ms, 0.99),
+            p99_ms: lattice_stats::quantile(&mut outcome.latencies_ms, 0.99),
             violations: outcome.violations,
         });
         latencies.append(&mut outcome.latencies_ms);
@@ -147,8 +147,8 @@ pub fn run(
         replica_seconds,
         cold_starts: cluster.pod_starts(),
         scale_events,
-        p50_ms: report::quantile(&mut latencies, 0.5),
-        p99_ms: report::quantile(&mut latencies, 0.99),
+        p50_ms: lattice_stats::quantile(&mut latencies, 0.5),
+        p99_ms: lattice_stats::quantile(&mut latencies, 0.99),
         max_replicas,
     };
     Report {

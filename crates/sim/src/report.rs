@@ -148,27 +148,3 @@ pub fn summary_csv(reports: &[Report]) -> String {
 pub fn write_summary_csv(reports: &[Report], path: &Path) -> io::Result<()> {
     std::fs::write(path, summary_csv(reports))
 }
-
-/// The `q` quantile (0..=1) by nearest rank; NaN for no values. Reorders `values`.
-pub(crate) fn quantile(values: &mut [f32], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1;
-    let (_, v, _) = values.select_nth_unstable_by(rank, f32::total_cmp);
-    f64::from(*v)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::quantile;
-
-    #[test]
-    fn nearest_rank_quantiles() {
-        let mut v: Vec<f32> = (1..=100).map(|x| x as f32).collect();
-        assert_eq!(quantile(&mut v, 0.5), 50.0);
-        assert_eq!(quantile(&mut v, 0.99), 99.0);
-        assert_eq!(quantile(&mut v, 1.0), 100.0);
-        assert!(quantile(&mut [], 0.5).is_nan());
-    }
-}

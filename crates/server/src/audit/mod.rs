@@ -148,22 +148,36 @@ pub struct AuditConfig {
     pub queue: usize,
 }
 
+/// Why the audit log could not start: a start-up error, the server does not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditStartError {
+    #[error("--audit {dir}: {source}")]
+    Dir { dir: String, source: std::io::Error },
+    #[error("audit writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Nats(#[from] nats::NatsError),
+}
+
 /// Starts the sink's writer and returns the handle requests use.
 pub async fn start(
     cfg: &AuditConfig,
     metrics: &lattice_observability::Metrics,
     stop: tokio_util::sync::CancellationToken,
-) -> Result<AuditLog, String> {
+) -> Result<AuditLog, AuditStartError> {
     let counters = metrics.audit_counters();
     let (log, rx) = AuditLog::new(cfg.queue, counters.clone());
     let tick_every = match &cfg.sink {
         SinkConfig::File { dir, fsync_every } => {
-            let sink = file::FileSink::open(dir, cfg.retention, *fsync_every)
-                .map_err(|e| format!("--audit {}: {e}", dir.display()))?;
+            let sink =
+                file::FileSink::open(dir, cfg.retention, *fsync_every).map_err(|source| AuditStartError::Dir {
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
             std::thread::Builder::new()
                 .name("audit-file".into())
                 .spawn(move || sink.run(rx, counters))
-                .map_err(|e| format!("audit writer thread: {e}"))?;
+                .map_err(AuditStartError::Thread)?;
             *fsync_every
         }
         SinkConfig::Nats { url, stream } => {

@@ -19,16 +19,61 @@ use super::{safe_component, Msg, Record};
 const BATCH: usize = 512;
 const SUBJECT_PREFIX: &str = "lattice.audit";
 
+/// A failure of the JetStream side of the audit log; `url` is the server's.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("--audit {url}: no answer within 10 s")]
+    Timeout { url: String },
+    #[error("--audit {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("--audit {url}: stream {stream}: {source}")]
+    CreateStream {
+        url: String,
+        stream: String,
+        source: jetstream::context::CreateStreamError,
+    },
+}
+
+/// Why `lattice audit` could not read the stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        source: jetstream::context::GetStreamError,
+    },
+    /// Reading the stream once found: its info, the consumer, the messages.
+    #[error("{0}")]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ReadError {
+    fn read(e: impl std::error::Error + Send + Sync + 'static) -> ReadError {
+        ReadError::Read(Box::new(e))
+    }
+}
+
 pub struct NatsSink {
     js: jetstream::Context,
 }
 
 impl NatsSink {
-    pub async fn connect(url: &str, stream_name: &str, retention: Duration) -> Result<NatsSink, String> {
+    pub async fn connect(url: &str, stream_name: &str, retention: Duration) -> Result<NatsSink, NatsError> {
         let client = tokio::time::timeout(Duration::from_secs(10), async_nats::connect(url))
             .await
-            .map_err(|_| format!("--audit {url}: no answer within 10 s"))?
-            .map_err(|e| format!("--audit {url}: {e}"))?;
+            .map_err(|_| NatsError::Timeout { url: url.into() })?
+            .map_err(|source| NatsError::Connect {
+                url: url.into(),
+                source,
+            })?;
         let js = jetstream::new(client);
         js.get_or_create_stream(stream::Config {
             name: stream_name.to_string(),
@@ -39,7 +84,11 @@ impl NatsSink {
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("--audit {url}: stream {stream_name}: {e}"))?;
+        .map_err(|source| NatsError::CreateStream {
+            url: url.into(),
+            stream: stream_name.into(),
+            source,
+        })?;
         Ok(NatsSink { js })
     }
 
@@ -108,29 +157,32 @@ impl NatsSink {
 }
 
 /// Every record of the stream, for `lattice audit --nats`.
-pub async fn read_all(url: &str, stream_name: &str) -> Result<Vec<Record>, String> {
+pub async fn read_all(url: &str, stream_name: &str) -> Result<Vec<Record>, ReadError> {
     use futures::StreamExt;
-    let client = async_nats::connect(url).await.map_err(|e| format!("{url}: {e}"))?;
+    let client = async_nats::connect(url).await.map_err(|source| ReadError::Connect {
+        url: url.into(),
+        source,
+    })?;
     let js = jetstream::new(client);
-    let mut s = js
-        .get_stream(stream_name)
-        .await
-        .map_err(|e| format!("stream {stream_name}: {e}"))?;
-    let last = s.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let mut s = js.get_stream(stream_name).await.map_err(|source| ReadError::Stream {
+        stream: stream_name.into(),
+        source,
+    })?;
+    let last = s.info().await.map_err(ReadError::read)?.state.last_sequence;
     let consumer = s
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             ..Default::default()
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ReadError::read)?;
     let mut out = Vec::new();
     if last == 0 {
         return Ok(out);
     }
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(ReadError::read)?;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-        let m = m.map_err(|e| e.to_string())?;
+        let m = m.map_err(ReadError::read)?;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(last);
         if let Ok(r) = serde_json::from_slice::<Record>(&m.payload) {
             out.push(r);

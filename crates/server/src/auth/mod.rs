@@ -21,7 +21,7 @@ use std::{path::PathBuf, sync::Arc};
 use http::HeaderMap;
 use tokio_util::sync::CancellationToken;
 
-use crate::watch::{load_and_watch, Watched};
+use crate::watch::{load_and_watch, WatchError, Watched};
 
 pub const TENANT_ID_HEADER: &str = "x-tenant-id";
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -89,6 +89,15 @@ pub struct Identity {
     pub tenant: String,
     pub user: String,
     pub method: &'static str,
+}
+
+/// Why authentication could not start: a start-up error, the server does not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthStartError {
+    #[error("authentication is on but no key file is given: pass --jwt-keys and/or --api-keys (or --auth off for local use)")]
+    NoKeyFile,
+    #[error(transparent)]
+    KeyFile(#[from] WatchError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -188,9 +197,9 @@ pub struct Authenticator {
 impl Authenticator {
     /// Loads the key files (an error is a start-up error) and re-reads them until
     /// `stop`.
-    pub fn start(cfg: &AuthConfig, stop: CancellationToken) -> Result<Authenticator, String> {
+    pub fn start(cfg: &AuthConfig, stop: CancellationToken) -> Result<Authenticator, AuthStartError> {
         if cfg.jwt_keys.is_none() && cfg.api_keys.is_none() {
-            return Err("authentication is on but no key file is given: pass --jwt-keys and/or --api-keys (or --auth off for local use)".into());
+            return Err(AuthStartError::NoKeyFile);
         }
         let jwt = cfg
             .jwt_keys

@@ -35,10 +35,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     audit::{self, AuditConfig, AuditLog, Record},
-    auth::{self, AuthConfig, Authenticator, Scope},
+    auth::{self, AuthConfig, AuthStartError, Authenticator, Scope},
     error::ApiError,
     limit::{Limiter, Permit, Reason},
-    watch::{load_and_watch, Watched},
+    watch::{load_and_watch, WatchError, Watched},
 };
 
 pub const DEPLOYMENT_TAG_HEADER: &str = "x-deployment-tag";
@@ -148,8 +148,24 @@ fn classify(proto: Protocol, path: &str) -> Access {
     }
 }
 
+/// Why the gateway could not start (a start-up error: bad key or policy files, an
+/// audit sink out of reach).
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Auth(#[from] AuthStartError),
+    #[error(transparent)]
+    Policy(#[from] WatchError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditStartError),
+}
+
 impl Gateway {
-    pub async fn start(cfg: &GatewayConfig, metrics: Arc<Metrics>, stop: CancellationToken) -> Result<Gateway, String> {
+    pub async fn start(
+        cfg: &GatewayConfig,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Result<Gateway, GatewayError> {
         let auth = cfg
             .auth
             .as_ref()

@@ -19,7 +19,10 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use crate::{canary::CanaryRule, limit::TenantLimits};
+use crate::{
+    canary::{CanaryError, CanaryRule},
+    limit::{LimitError, TenantLimits},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,22 +39,23 @@ pub struct Policy {
 pub enum PolicyError {
     #[error("{0}")]
     Toml(#[from] toml::de::Error),
-    #[error("{0}")]
-    Invalid(String),
+    /// `scope` is `default_limits` or `tenants.<name>`.
+    #[error("{scope}: {source}")]
+    Limits { scope: String, source: LimitError },
+    #[error(transparent)]
+    Canary(#[from] CanaryError),
 }
 
 impl Policy {
     pub fn parse(bytes: &[u8]) -> Result<Policy, PolicyError> {
         let p: Policy = toml::from_str(&String::from_utf8_lossy(bytes))?;
-        p.default_limits
-            .validate()
-            .map_err(|e| PolicyError::Invalid(format!("default_limits: {e}")))?;
+        let limits = |scope: String| move |source| PolicyError::Limits { scope, source };
+        p.default_limits.validate().map_err(limits("default_limits".into()))?;
         for (t, l) in &p.tenants {
-            l.validate()
-                .map_err(|e| PolicyError::Invalid(format!("tenants.{t}: {e}")))?;
+            l.validate().map_err(limits(format!("tenants.{t}")))?;
         }
         for (m, r) in &p.canary {
-            r.validate(m).map_err(PolicyError::Invalid)?;
+            r.validate(m)?;
         }
         Ok(p)
     }

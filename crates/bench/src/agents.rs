@@ -22,7 +22,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Args;
 use futures::Stream;
 use lattice_agent::{
     client::{AgentClient, ClientConfig, Event, SendOptions},
@@ -37,6 +36,7 @@ use lattice_proto::{
     },
     bench::{echo_client::EchoClient, echo_server},
 };
+use lattice_stats::quantile;
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -44,24 +44,20 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cli::Failure;
+use crate::BenchError;
 
-#[derive(Args, Debug, Clone)]
-pub struct AgentBenchArgs {
+/// What to measure; `lattice bench-agents` documents each as a flag.
+#[derive(Debug, Clone)]
+pub struct Options {
     /// Seconds measured per scenario (after a 1 s warm-up).
-    #[arg(long, env = "LATTICE_BENCH_DURATION_SECS", default_value_t = 5)]
     pub duration_secs: u64,
     /// Stream counts to measure.
-    #[arg(long, env = "LATTICE_BENCH_STREAMS", value_delimiter = ',', default_value = "1,100")]
     pub streams: Vec<usize>,
     /// Frames (echo) or tasks (lattice) in flight per stream.
-    #[arg(long, env = "LATTICE_BENCH_WINDOW", default_value_t = 64)]
     pub window: usize,
     /// Worker sessions answering tasks.
-    #[arg(long, env = "LATTICE_BENCH_WORKERS", default_value_t = 4)]
     pub workers: usize,
     /// Where the JSON report goes.
-    #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
     pub out: std::path::PathBuf,
 }
 
@@ -73,9 +69,9 @@ struct Measured {
     p99_ms: f64,
 }
 
-pub async fn run(args: AgentBenchArgs) -> Result<(), Failure> {
+pub async fn run(args: Options) -> Result<(), BenchError> {
     if args.streams.is_empty() || args.window == 0 || args.workers == 0 {
-        return Err(Failure::Usage(
+        return Err(BenchError::Usage(
             "--streams, --window and --workers must be non-empty / at least 1".into(),
         ));
     }
@@ -227,21 +223,12 @@ fn bench_offer(id: String) -> (agent_message::Body, SendOptions) {
     (agent_message::Body::Offer(offer), opts)
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 fn summarize(streams: usize, frames_per_op: f64, ops: u64, mut lat: Vec<f64>, elapsed: Duration) -> Measured {
-    lat.sort_by(f64::total_cmp);
     Measured {
         streams,
         msgs_per_s: ops as f64 * frames_per_op / elapsed.as_secs_f64(),
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
+        p50_ms: quantile(&mut lat, 0.5),
+        p99_ms: quantile(&mut lat, 0.99),
     }
 }
 
@@ -424,7 +411,6 @@ async fn dispatch_latency(
         .iter()
         .filter_map(|(id, t)| assigned.get(id).map(|a| a.duration_since(*t).as_secs_f64() * 1e3))
         .collect();
-    lat.sort_by(f64::total_cmp);
     client.abort();
-    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99), lat.len()))
+    Ok((quantile(&mut lat, 0.5), quantile(&mut lat, 0.99), lat.len()))
 }

@@ -18,23 +18,23 @@ use std::{
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use lattice_inference::{
     backend::{
         onnx::{OnnxBackend, SessionOptions},
         Backend,
     },
-    config::{self, EngineConfig},
-    pipeline::TextPipeline,
-    DataType, Tensor,
+    config::EngineConfig,
+    DataType, ModelRepository, RepositoryOptions, Tensor,
 };
 use lattice_proto::inference::{
     self as pb, grpc_inference_service_client::GrpcInferenceServiceClient, model_infer_request::InferInputTensor,
 };
+use lattice_stats::quantile;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use crate::cli::Failure;
+use crate::BenchError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -82,55 +82,28 @@ impl Target {
     }
 }
 
-#[derive(Args, Debug)]
-pub struct BenchArgs {
+/// What to measure; `lattice bench` documents each as a flag.
+#[derive(Debug, Clone)]
+pub struct Options {
     /// Models to measure (directories of the model repository).
-    #[arg(
-        long,
-        env = "LATTICE_BENCH_MODELS",
-        value_delimiter = ',',
-        default_value = "magika,minilm,silero_vad"
-    )]
     pub models: Vec<String>,
     /// Closed-loop client concurrency levels.
-    #[arg(
-        long,
-        env = "LATTICE_BENCH_CONCURRENCY",
-        value_delimiter = ',',
-        default_value = "1,8,64"
-    )]
     pub concurrency: Vec<usize>,
     /// Servers to load.
-    #[arg(
-        long,
-        env = "LATTICE_BENCH_TARGETS",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "lattice-http,lattice-grpc,gunicorn-2w,uvicorn-2w"
-    )]
     pub targets: Vec<Target>,
     /// Measured seconds per point (after the warm-up).
-    #[arg(long, env = "LATTICE_BENCH_DURATION_SECS", default_value_t = 10.0)]
     pub duration_secs: f64,
     /// Unrecorded seconds of load before each measured point.
-    #[arg(long, env = "LATTICE_BENCH_WARMUP_SECS", default_value_t = 2.0)]
     pub warmup_secs: f64,
-    /// Model repository served by every target.
-    #[arg(long, env = "LATTICE_MODEL_REPOSITORY", default_value = "models")]
+    /// Model repository served by every target, and loaded here for the raw engine.
     pub model_repository: PathBuf,
     /// ONNX Runtime library for the raw-engine baseline and the server.
-    #[arg(long, env = "LATTICE_ORT_LIBRARY")]
-    pub ort_library: Option<PathBuf>,
-    /// HTTP load generator: wrk when installed (lighter, as in the published peer
-    /// figures), else the built-in async client; or force one.
-    #[arg(long, env = "LATTICE_BENCH_LOAD_GENERATOR", value_enum, default_value_t = LoadGenerator::Auto)]
+    pub ort_library: PathBuf,
     pub load_generator: LoadGenerator,
     /// Another `lattice` binary served as the `baseline-http` / `baseline-grpc`
     /// targets, on the same repository.
-    #[arg(long, env = "LATTICE_BENCH_BASELINE_BIN")]
     pub baseline_bin: Option<PathBuf>,
     /// Where the JSON report is written.
-    #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
     pub out_dir: PathBuf,
 }
 
@@ -149,9 +122,16 @@ struct Workload {
     /// What the engine itself receives (tokenized for text models).
     raw: Vec<(String, Tensor)>,
     raw_outputs: Vec<String>,
-    /// The model's engine options, so the raw baseline runs as the server does.
-    engine: EngineConfig,
+    engine: RawEngine,
     describe: String,
+}
+
+/// What the raw baseline builds its engine instances from: the model file of the
+/// version the repository serves, and the model's engine options, so the baseline
+/// runs the session the server runs, minus the server.
+struct RawEngine {
+    model_file: PathBuf,
+    options: EngineConfig,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -172,12 +152,21 @@ struct Point {
     cpu_us_per_req: Option<f64>,
 }
 
-pub async fn run(args: BenchArgs) -> Result<(), Failure> {
-    let ort = crate::cli::resolve_ort(args.ort_library.clone())?;
-    lattice_inference::backend::onnx::init(&ort).map_err(Failure::Usage)?;
+pub async fn run(args: Options) -> Result<(), BenchError> {
+    let ort = args.ort_library.clone();
     if args.duration_secs <= 0.0 || args.concurrency.contains(&0) {
-        return Err(Failure::Usage("duration and concurrency must be positive".into()));
+        return Err(BenchError::Usage("duration and concurrency must be positive".into()));
     }
+    // The raw engine's model, config and tokenizer come from the repository, as the
+    // server loads them (this also loads the ONNX Runtime library).
+    let repo = ModelRepository::open(
+        &RepositoryOptions {
+            root: args.model_repository.clone(),
+            ort_library: ort.clone(),
+        },
+        Arc::new(lattice_observability::Metrics::disabled()),
+    )
+    .map_err(BenchError::Usage)?;
     let dur = Duration::from_secs_f64(args.duration_secs);
     let warm = Duration::from_secs_f64(args.warmup_secs);
     let mut report = Vec::new();
@@ -192,7 +181,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         let bin = args
             .baseline_bin
             .clone()
-            .ok_or_else(|| Failure::Usage("the baseline targets need --baseline-bin".into()))?;
+            .ok_or_else(|| BenchError::Usage("the baseline targets need --baseline-bin".into()))?;
         Some(LatticeProcess::start_bin(&bin, &args, &ort, &[], None).context("starting the baseline lattice serve")?)
     } else {
         None
@@ -299,9 +288,11 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     }
 
     for model in &args.models {
-        let w = workload(&args.model_repository, model).with_context(|| format!("preparing a request for {model}"))?;
+        let w = workload(&repo, &args.model_repository, model)
+            .await
+            .with_context(|| format!("preparing a request for {model}"))?;
         println!("\n## {model}: {}", w.describe);
-        let raw = raw_engine(&args.model_repository, &w, warm, dur).context("raw engine baseline")?;
+        let raw = raw_engine(&w, warm, dur).context("raw engine baseline")?;
         // The engine's own CPU per inference: the floor of what a server can spend.
         let engine_cpu = raw.cpu_us_per_req.unwrap_or(f64::NAN);
         println!(
@@ -465,8 +456,7 @@ fn print_summary(raw: &Point, points: &[Point], levels: &[usize]) {
         };
         let median = |mut v: Vec<f64>| {
             v.retain(|x| x.is_finite());
-            v.sort_by(f64::total_cmp);
-            (!v.is_empty()).then(|| (v[v.len() / 2], v.len()))
+            (!v.is_empty()).then(|| (quantile(&mut v, 0.5), v.len()))
         };
         for (what, on) in [
             ("telemetry on / off", Target::LatticeHttp),
@@ -523,7 +513,9 @@ fn tensor_json(name: &str, t: &Tensor) -> Value {
     json!({"name": name, "shape": t.shape, "datatype": t.dtype.as_str(), "data": data})
 }
 
-fn workload(repo: &Path, model: &str) -> anyhow::Result<Workload> {
+/// The request for `model` in every encoding, with the model loaded through `repo`
+/// (under `root`) for the raw engine.
+async fn workload(repo: &ModelRepository, root: &Path, model: &str) -> anyhow::Result<Workload> {
     let (inputs, outputs, describe): (Vec<(String, Tensor)>, Vec<String>, String) = match model {
         "magika" => {
             // Magika's features of a real file: this very binary.
@@ -588,11 +580,15 @@ fn workload(repo: &Path, model: &str) -> anyhow::Result<Workload> {
         raw_input_contents: inputs.iter().map(|(_, t)| t.to_wire_bytes().to_vec()).collect(),
         ..Default::default()
     };
+    // The model as the server serves it: the repository picks the version, checks
+    // the config against the model file and loads the tokenizer.
+    repo.load(model).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let served = repo.version(model, "").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtime = served.scheduler.runtime().clone();
+    let cfg = &runtime.config;
     // The engine sees token tensors where the server receives text.
-    let cfg = config::load(&repo.join(model)).map_err(anyhow::Error::msg)?;
-    let (raw, raw_outputs) = match &cfg.text {
-        Some(t) => {
-            let pipeline = TextPipeline::load(&repo.join(model), t).map_err(anyhow::Error::msg)?;
+    let (raw, raw_outputs) = match &runtime.text {
+        Some(pipeline) => {
             let texts = match &inputs[0].1.data {
                 lattice_inference::TensorData::Strings(s) => s.clone(),
                 _ => bail!("text workload without strings"),
@@ -602,13 +598,21 @@ fn workload(repo: &Path, model: &str) -> anyhow::Result<Workload> {
         }
         None => (inputs.clone(), outputs.clone()),
     };
+    let engine = RawEngine {
+        model_file: root.join(model).join(served.version.to_string()).join("model.onnx"),
+        options: cfg.engine.clone(),
+    };
+    // The raw engine builds its own instances; the repository's would sit idle
+    // beside them, holding memory.
+    drop(served);
+    repo.unload(model).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Workload {
         model: model.into(),
         http_body: Bytes::from(http_body),
         grpc,
         raw,
         raw_outputs,
-        engine: cfg.engine.clone(),
+        engine,
         describe,
     })
 }
@@ -630,22 +634,13 @@ fn magika_features(content: &[u8]) -> Vec<i32> {
 
 // === Raw engine ===
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[i]
-}
-
 fn summarize(target: &str, c: usize, mut lat: Vec<f64>, errors: u64, dur: Duration) -> Point {
-    lat.sort_by(f64::total_cmp);
     Point {
         target: target.into(),
         concurrency: c,
         rps: lat.len() as f64 / dur.as_secs_f64(),
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
+        p50_ms: quantile(&mut lat, 0.5),
+        p99_ms: quantile(&mut lat, 0.99),
         errors,
         rss_idle_mb: None,
         rss_load_mb: None,
@@ -655,13 +650,19 @@ fn summarize(target: &str, c: usize, mut lat: Vec<f64>, errors: u64, dur: Durati
 
 /// Two threads, each with its own session and one intra-op thread, running the
 /// engine back to back: what two cores can do with no server at all.
-fn raw_engine(repo: &Path, w: &Workload, warm: Duration, dur: Duration) -> anyhow::Result<Point> {
-    let model = std::fs::read(repo.join(&w.model).join("1/model.onnx")).context("reading the model")?;
+///
+/// The sessions are built through the backend API ([`Backend`]) from the version
+/// and engine options the repository loaded, not taken from the repository's
+/// scheduler: its queue and instance-thread hand-off are server cost, which this
+/// baseline exists to leave out.
+fn raw_engine(w: &Workload, warm: Duration, dur: Duration) -> anyhow::Result<Point> {
+    let model =
+        std::fs::read(&w.engine.model_file).with_context(|| format!("reading {}", w.engine.model_file.display()))?;
     let threads = 2;
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + warm;
     let end = measure_from + dur;
-    let options = SessionOptions::new(1, &w.engine);
+    let options = SessionOptions::new(1, &w.engine.options);
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let mut backend = OnnxBackend::new(&model, &options).map_err(anyhow::Error::msg)?;
@@ -1111,13 +1112,13 @@ struct LatticeProcess {
 }
 
 impl LatticeProcess {
-    fn start(args: &BenchArgs, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
+    fn start(args: &Options, ort: &Path, extra: &[&str]) -> anyhow::Result<LatticeProcess> {
         LatticeProcess::start_bin(&std::env::current_exe()?, args, ort, extra, None)
     }
 
     /// `ca`: the REST port speaks TLS with a certificate this CA signed.
     fn start_with_ca(
-        args: &BenchArgs,
+        args: &Options,
         ort: &Path,
         extra: &[&str],
         ca: Option<rustls::pki_types::CertificateDer<'static>>,
@@ -1127,7 +1128,7 @@ impl LatticeProcess {
 
     fn start_bin(
         bin: &Path,
-        args: &BenchArgs,
+        args: &Options,
         ort: &Path,
         extra: &[&str],
         ca: Option<rustls::pki_types::CertificateDer<'static>>,

@@ -1,12 +1,11 @@
-//! TLS flags: the server's ports (`lattice serve`) and an agent's connection to a
-//! TLS or mutual-TLS orchestrator port (`lattice agent`).
+//! TLS flags of the server's ports.
 
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use lattice_server::tls::{TlsConfig, TlsPorts};
 
-use crate::cli::Failure;
+use crate::Failure;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Port {
@@ -63,54 +62,6 @@ impl TlsArgs {
             key: key.clone(),
             client_ca: self.tls_client_ca.clone(),
             ports,
-        }))
-    }
-}
-
-/// How an agent reaches a TLS orchestrator port (`https://` URLs).
-#[derive(Args, Debug, Clone)]
-pub struct ClientTlsArgs {
-    /// PEM CA certificates the orchestrator's certificate must chain to; needed for
-    /// https:// orchestrator URLs.
-    #[arg(long, env = "LATTICE_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// PEM client certificate chain, for a port with mutual TLS.
-    #[arg(
-        long = "tls-client-cert",
-        env = "LATTICE_TLS_CLIENT_CERT",
-        requires = "tls_client_key"
-    )]
-    pub tls_client_cert: Option<PathBuf>,
-    /// PEM key of the client certificate.
-    #[arg(
-        long = "tls-client-key",
-        env = "LATTICE_TLS_CLIENT_KEY",
-        requires = "tls_client_cert"
-    )]
-    pub tls_client_key: Option<PathBuf>,
-    /// Name the orchestrator's certificate must carry, when it is not the URL's host.
-    #[arg(long, env = "LATTICE_TLS_DOMAIN")]
-    pub tls_domain: Option<String>,
-}
-
-impl ClientTlsArgs {
-    pub fn build(&self, endpoints: &[String]) -> Result<Option<lattice_agent::client::ClientTls>, Failure> {
-        let https = endpoints.iter().any(|e| e.starts_with("https://"));
-        let Some(ca) = &self.tls_ca else {
-            if https {
-                return Err(Failure::Usage("an https:// orchestrator needs --tls-ca".into()));
-            }
-            return Ok(None);
-        };
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| Failure::Usage(format!("{}: {e}", p.display())));
-        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        Ok(Some(lattice_agent::client::ClientTls {
-            ca_pem: read(ca)?,
-            identity,
-            domain: self.tls_domain.clone(),
         }))
     }
 }
