@@ -826,7 +826,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         }
     }
     let policy = args.scaling.policy()?;
-    repo.metrics().set_guard_config(policy.guard);
+    repo.metrics()
+        .set::<lattice_server::replica_signals::ReplicaSignals>()
+        .set_guard_config(policy.guard);
     let replica = args.pod_cost.pod_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -9,6 +9,8 @@
 //! - [`repository`]: loads, reloads (atomic swap) and unloads model versions.
 //! - [`sequence`]: stateful sequences (implicit state carried between requests).
 //! - [`quality`]: confidence, entropy and drift features for the metrics.
+//! - [`model_metrics`]: the inference plane's metric set (every `ai_*` name), its
+//!   per-version recorders and scrape-time collector.
 //!
 //! Nothing here knows HTTP, gRPC or JSON: the edge converts (see `lattice-server`).
 
@@ -16,6 +18,7 @@ pub mod backend;
 pub mod config;
 pub mod config_override;
 pub mod error;
+pub mod model_metrics;
 pub mod pipeline;
 pub mod quality;
 pub mod repository;
@@ -25,6 +28,7 @@ pub mod stats;
 pub mod tensor;
 
 pub use error::InferError;
+pub use model_metrics::{ErrorType, ModelLabels, ModelMetrics, ModelRecorder};
 pub use repository::RequestParts;
 pub use repository::{ModelRepository, RepositoryOptions};
 pub use scheduler::{InferRequest, InferResponse};

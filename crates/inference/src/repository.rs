@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lattice_observability::{ErrorType, Metrics, ModelLabels};
+use lattice_observability::Metrics;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -29,6 +29,7 @@ use crate::{
     },
     config::{self, ModelConfig},
     error::InferError,
+    model_metrics::{ErrorType, InFlight, ModelLabels, ModelMetrics},
     pipeline::TextPipeline,
     scheduler::{InferRequest, InferResponse, ModelRuntime, Scheduler, DEFAULT_PRIORITY, PRIORITY_LEVELS},
     stats::Stats,
@@ -61,7 +62,11 @@ impl ModelVersion {
 impl Drop for ModelVersion {
     fn drop(&mut self) {
         self.scheduler.close();
-        self.scheduler.runtime().metrics.forget_model(self.labels(), self.id);
+        self.scheduler
+            .runtime()
+            .recorder
+            .set()
+            .forget_model(self.labels(), self.id);
     }
 }
 
@@ -100,6 +105,8 @@ pub struct RequestParts {
 struct Inner {
     root: PathBuf,
     metrics: Arc<Metrics>,
+    /// The inference plane's metric set, registered in `metrics`.
+    model_metrics: Arc<ModelMetrics>,
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
     /// Why the last load of a model failed, for the repository index.
     failures: Mutex<HashMap<String, String>>,
@@ -123,6 +130,7 @@ impl ModelRepository {
         Ok(ModelRepository {
             inner: Arc::new(Inner {
                 root: opts.root.clone(),
+                model_metrics: metrics.set::<ModelMetrics>(),
                 metrics,
                 models: RwLock::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),
@@ -231,7 +239,7 @@ impl ModelRepository {
     /// nothing that is serving. The caller holds the admin lock.
     async fn install(&self, name: &str, src: Source, cfg: Option<ModelConfig>) -> Result<(), InferError> {
         let model_name = name.to_string();
-        let metrics = self.inner.metrics.clone();
+        let metrics = self.inner.model_metrics.clone();
         let started = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || load_model(&src, &model_name, metrics, cfg))
             .await
@@ -245,12 +253,12 @@ impl ModelRepository {
                 warm_up(&model).await;
                 // Cold start: sessions built and the warm-up answered.
                 for v in model.versions.values() {
-                    self.inner
-                        .metrics
+                    v.scheduler
+                        .runtime()
+                        .recorder
                         .load_duration
-                        .get_or_create(v.labels())
                         .observe(started.elapsed().as_secs_f64());
-                    track(&model, v, &self.inner.metrics);
+                    track(&model, v, &self.inner.model_metrics);
                 }
                 self.inner.models.write().insert(name.to_string(), model);
                 self.inner.failures.lock().remove(name);
@@ -410,8 +418,14 @@ impl ModelRepository {
             .sum()
     }
 
+    /// The process's metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The inference plane's metric set.
+    pub fn model_metrics(&self) -> &Arc<ModelMetrics> {
+        &self.inner.model_metrics
     }
 
     /// Validates and runs one request, and records it in the metrics.
@@ -493,10 +507,10 @@ impl ModelRepository {
 /// Holds a model version's in-flight gauge up for as long as a request is being
 /// served: a request cancelled by its client (its future dropped) or one that
 /// unwinds gives it back too. The autoscaler reads this gauge.
-struct InFlightGauge<'a>(&'a lattice_observability::metrics::InFlight);
+struct InFlightGauge<'a>(&'a InFlight);
 
 impl<'a> InFlightGauge<'a> {
-    fn new(g: &'a lattice_observability::metrics::InFlight) -> Self {
+    fn new(g: &'a InFlight) -> Self {
         g.inc();
         InFlightGauge(g)
     }
@@ -740,7 +754,7 @@ fn blank_config(name: &str) -> ModelConfig {
 fn load_model(
     src: &Source,
     name: &str,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ModelMetrics>,
     cfg: Option<ModelConfig>,
 ) -> Result<LoadedModel, String> {
     let mut cfg = match (cfg, src) {
@@ -801,7 +815,6 @@ fn load_model(
             text: text.clone(),
             engine_outputs: engine_outputs.clone(),
             stats: Stats::default(),
-            metrics: metrics.clone(),
             recorder: metrics.recorder(&ModelLabels {
                 model_name: name.to_string(),
                 model_version: v.to_string(),
@@ -846,10 +859,10 @@ fn load_model(
 }
 
 /// Registers a served version's queue depth and drift features with the metrics.
-fn track(model: &LoadedModel, v: &ModelVersion, metrics: &Metrics) {
+fn track(model: &LoadedModel, v: &ModelVersion, metrics: &ModelMetrics) {
     let cfg = &model.config;
     let scheduler = v.scheduler.clone();
-    let pending: lattice_observability::metrics::GaugeSource = Box::new(move || scheduler.pending() as i64);
+    let pending: crate::model_metrics::GaugeSource = Box::new(move || scheduler.pending() as i64);
     let (features, reference_size, window) = match &cfg.drift {
         Some(d) => {
             let names = crate::quality::feature_names(cfg, d);

@@ -23,7 +23,9 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-use lattice_observability::{quality::std_dev, Metrics, ModelRecorder};
+use lattice_observability::quality::std_dev;
+
+use crate::model_metrics::ModelRecorder;
 
 use crate::{
     backend::{Backend, BackendError},
@@ -80,7 +82,6 @@ pub struct ModelRuntime {
     /// Outputs the engine itself produces (pooled outputs are computed after it).
     pub engine_outputs: Vec<String>,
     pub stats: Stats,
-    pub metrics: Arc<Metrics>,
     /// This version's metric handles (its labels included), resolved at load.
     pub recorder: ModelRecorder,
 }
@@ -359,12 +360,13 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
     match result {
         Ok((outputs, timing)) => {
             rt.stats.record_batch(&timing);
-            let (m, rec) = (&rt.metrics, &rt.recorder);
+            let rec = &rt.recorder;
             let recording = rec.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
             if recording {
                 rec.batch_size.observe(size as f64);
                 rec.compute_duration.observe(compute_time.as_secs_f64());
-                m.observe_service_time(compute_time.as_secs_f64() / size.max(1) as f64);
+                rec.set()
+                    .observe_service_time(compute_time.as_secs_f64() / size.max(1) as f64);
             }
             let confidences = if recording {
                 batch_quality(rt, &outputs)
@@ -390,7 +392,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
                 if recording {
                     rec.queue_duration.observe(queued.as_secs_f64());
-                    m.observe_queue_time(queued.as_secs_f64());
+                    rec.set().observe_queue_time(queued.as_secs_f64());
                     rec.request_duration.observe(e.enqueued.elapsed().as_secs_f64());
                 }
                 let resp = mine.map(|outputs| InferResponse {
@@ -596,7 +598,11 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
 
     use super::*;
-    use crate::{backend::BackendError, tensor::DataType};
+    use crate::{
+        backend::BackendError,
+        model_metrics::{ModelLabels, ModelMetrics},
+        tensor::DataType,
+    };
 
     /// Identity on input `x` (INT64 [n, 1]); blocks on a gate when asked, fails on
     /// -2 and panics on -1; reports every batch size it ran.
@@ -656,8 +662,8 @@ mod tests {
             "#
         ))
         .expect("config");
-        let metrics = Arc::new(Metrics::new());
-        let recorder = metrics.recorder(&lattice_observability::ModelLabels {
+        let metrics = lattice_observability::Metrics::new();
+        let recorder = metrics.set::<ModelMetrics>().recorder(&ModelLabels {
             model_name: "mock".into(),
             model_version: "1".into(),
         });
@@ -666,7 +672,6 @@ mod tests {
             config,
             text: None,
             stats: Stats::default(),
-            metrics,
             recorder,
         });
         let (tx, batches) = std_mpsc::channel();

@@ -39,12 +39,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use lattice_observability::{
-    metrics::{AgentLoad, OutcomeLabels},
-    Metrics,
-};
+use lattice_observability::{Metrics, OutcomeLabels};
 
 use crate::{
+    agent_metrics::{AgentLoad, AgentMetrics},
     memory::MemoryBroker,
     records::coll,
     store::{Store, StoreError},
@@ -155,7 +153,7 @@ pub struct Orchestrator {
 pub(crate) struct Inner {
     cfg: OrchestratorConfig,
     store: Store,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AgentMetrics>,
     tools: ToolGateway,
     memory: MemoryBroker,
     state: Mutex<Routing>,
@@ -225,7 +223,7 @@ impl Orchestrator {
                 memory: MemoryBroker::new(store.clone()),
                 cfg,
                 store,
-                metrics: metrics.clone(),
+                metrics: metrics.set::<AgentMetrics>(),
                 tools,
                 state: Mutex::new(Routing {
                     machine: State::new(rules),
@@ -246,7 +244,7 @@ impl Orchestrator {
         }
         tokio::spawn(sweep_task(Arc::downgrade(&orch.inner)));
         let weak = Arc::downgrade(&orch.inner);
-        metrics.set_agent_source(Box::new(move || {
+        orch.inner.metrics.read_load_from(Box::new(move || {
             weak.upgrade()
                 .map(|inner| Orchestrator { inner }.load())
                 .unwrap_or_default()
