@@ -174,7 +174,7 @@ struct Point {
 
 pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     let ort = crate::cli::resolve_ort(args.ort_library.clone())?;
-    lattice_inference::backend::onnx::init(&ort).map_err(Failure::Usage)?;
+    lattice_inference::backend::onnx::init(&ort).map_err(|e| Failure::Usage(e.to_string()))?;
     if args.duration_secs <= 0.0 || args.concurrency.contains(&0) {
         return Err(Failure::Usage("duration and concurrency must be positive".into()));
     }

@@ -247,7 +247,7 @@ pub async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
         },
         Arc::new(Metrics::new()),
     )
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     for e in repo.load_all().await {
         tracing::error!(error = %e, "model not loaded");
     }
@@ -765,7 +765,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Failure> {
         },
         metrics,
     )
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     let listeners = Listeners {
         http: bind(args.host, args.http_port, "HTTP").await?,
         grpc: bind(args.host, args.grpc_port, "gRPC").await?,

@@ -39,10 +39,6 @@ use crate::{
 /// Priority levels: 0 = background ... 5 = realtime.
 pub const PRIORITY_LEVELS: usize = 6;
 pub const DEFAULT_PRIORITY: u8 = 2;
-/// Request id of the warm-up inference a new version runs before it serves; it is
-/// kept out of the metrics.
-pub const WARM_UP_ID: &str = "lattice-warm-up";
-
 /// A validated request for one model version.
 #[derive(Debug)]
 pub struct InferRequest {
@@ -53,6 +49,9 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
     pub priority: u8,
     pub deadline: Option<Instant>,
+    /// The warm-up inference a new version runs before it serves: computed like any
+    /// other, kept out of the metrics.
+    pub warm_up: bool,
 }
 
 /// Where a request's time went, for stats, metrics and response headers.
@@ -361,7 +360,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
         Ok((outputs, timing)) => {
             rt.stats.record_batch(&timing);
             let rec = &rt.recorder;
-            let recording = rec.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
+            let recording = rec.enabled() && batch.iter().any(|e| !e.req.warm_up);
             if recording {
                 rec.batch_size.observe(size as f64);
                 rec.compute_duration.observe(compute_time.as_secs_f64());
@@ -473,7 +472,7 @@ fn compute(
             .map(|(_, t)| t)
             .ok_or_else(|| InferError::Backend(format!("pooling source '{}' missing", p.source)))?;
         let mask = mask.ok_or_else(|| InferError::Backend(format!("pooling mask '{}' missing", p.mask)))?;
-        let pooled = mean_pool(p, states, &mask).map_err(InferError::Backend)?;
+        let pooled = mean_pool(p, states, &mask).map_err(|e| InferError::Backend(e.to_string()))?;
         outputs.push((p.output.clone(), pooled));
     }
     let timing = BatchTiming {
@@ -694,6 +693,7 @@ mod tests {
             outputs: vec!["y".into()],
             priority,
             deadline,
+            warm_up: false,
         }
     }
 

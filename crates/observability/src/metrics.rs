@@ -435,6 +435,7 @@ mod tests {
         let a = m.set::<Demo>();
         let b = m.set::<Demo>();
         a.hits.get_or_create(&OutcomeLabels { outcome: "ok" }).inc();
+        a.wait.observe(0.001);
         assert_eq!(b.hits.get_or_create(&OutcomeLabels { outcome: "ok" }).get(), 1);
         let declared = m.declared_series();
         for name in [
@@ -449,6 +450,7 @@ mod tests {
         let text = m.encode();
         assert_eq!(text.matches("# TYPE demo_hits counter").count(), 1, "{text}");
         assert!(text.contains("demo_hits_total{outcome=\"ok\"} 1"));
+        assert!(text.contains("demo_wait_seconds_count 1"), "{text}");
         assert!(text.contains("process_resident_memory_bytes"));
         assert!(text.ends_with("# EOF\n"));
         let classic = to_classic(&text);
