@@ -459,6 +459,13 @@ mod tests {
     }
 
     #[test]
+    fn observability_depends_on_no_domain_crate() {
+        let manifest = include_str!("../Cargo.toml");
+        let deps = manifest.split("[dependencies]").nth(1).unwrap_or_default();
+        assert!(!deps.contains("lattice-"), "{deps}");
+    }
+
+    #[test]
     fn recent_keeps_the_last_values() {
         let r = Recent::default();
         assert_eq!(r.mean(), None);

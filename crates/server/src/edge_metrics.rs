@@ -98,3 +98,35 @@ impl AuditCounters {
         self.0.get_or_create(&OutcomeLabels { outcome }).get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use lattice_observability::Metrics;
+
+    use super::*;
+
+    /// No two sets declare the same family, and every family of every set the
+    /// server registers is declared in the registry.
+    #[test]
+    fn every_family_is_declared_once() {
+        let m = Metrics::new();
+        crate::register_metric_sets(&m);
+        let declared = m.declared_series();
+        let mut seen = BTreeSet::new();
+        let tables = EdgeMetrics::FAMILIES
+            .iter()
+            .chain(lattice_inference::model_metrics::ModelFamilies::FAMILIES)
+            .chain(lattice_agent::agent_metrics::AgentFamilies::FAMILIES);
+        for (name, _) in tables {
+            assert!(seen.insert(*name), "{name} is declared twice");
+            assert!(
+                ["", "_total", "_count"]
+                    .iter()
+                    .any(|s| declared.contains(&format!("{name}{s}"))),
+                "{name} is not registered"
+            );
+        }
+    }
+}
