@@ -369,7 +369,6 @@ impl ModelMetrics {
             confidence: f.confidence.get_or_create(model).clone(),
             entropy: f.entropy.get_or_create(model).clone(),
             batch_confidence_stddev: f.batch_confidence_stddev.get_or_create(model).clone(),
-            load_duration: f.load_duration.get_or_create(model).clone(),
             success: f.success.get_or_create(model).clone(),
             latency_ok: Arc::default(),
             latency: f.inference_latency.clone(),
@@ -557,7 +556,6 @@ pub struct ModelRecorder {
     pub confidence: Histogram,
     pub entropy: Histogram,
     pub batch_confidence_stddev: Histogram,
-    pub load_duration: Histogram,
     success: Counter,
     /// Successful requests' latency, indexed by `ConfidenceLevel as usize`; each
     /// series is created on its first observation, as a family would, so levels a
@@ -604,6 +602,16 @@ impl ModelRecorder {
 
     pub fn labels(&self) -> &ModelLabels {
         &self.labels
+    }
+
+    /// Records the cold start of this version (sessions built, warm-up answered);
+    /// its series is made here, so a load that fails leaves none behind.
+    pub fn observe_load(&self, took: Duration) {
+        self.set
+            .families
+            .load_duration
+            .get_or_create(&self.labels)
+            .observe(took.as_secs_f64());
     }
 
     /// The set this recorder belongs to.

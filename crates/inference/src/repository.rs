@@ -266,11 +266,7 @@ impl ModelRepository {
                 crate::warmup::warm_up(&model).await;
                 // Cold start: sessions built and the warm-up answered.
                 for v in model.versions.values() {
-                    v.scheduler
-                        .runtime()
-                        .recorder
-                        .load_duration
-                        .observe(started.elapsed().as_secs_f64());
+                    v.scheduler.runtime().recorder.observe_load(started.elapsed());
                     track(&model, v, &self.inner.model_metrics);
                 }
                 self.inner.models.write().insert(name.to_string(), model);
