@@ -1,4 +1,5 @@
 //! The agent plane.
+pub mod agent_metrics;
 pub mod chat;
 pub mod client;
 pub mod lanes;

@@ -78,7 +78,7 @@ pub struct ToolGateway {
 }
 
 struct Inner {
-    metrics: Arc<lattice_observability::Metrics>,
+    metrics: Arc<crate::agent_metrics::AgentMetrics>,
     tools: HashMap<&'static str, Tool>,
     store: Store,
     repo: Option<ModelRepository>,
@@ -165,7 +165,7 @@ impl ToolGateway {
         }
         Ok(ToolGateway {
             inner: Arc::new(Inner {
-                metrics,
+                metrics: metrics.set::<crate::agent_metrics::AgentMetrics>(),
                 tools,
                 store,
                 repo,
@@ -252,10 +252,10 @@ impl ToolGateway {
         };
         let m = &self.inner.metrics;
         m.tool_duration
-            .get_or_create(&lattice_observability::metrics::ToolNameLabels { tool: tool.clone() })
+            .get_or_create(&crate::agent_metrics::ToolNameLabels { tool: tool.clone() })
             .observe(started.elapsed().as_secs_f64());
         m.tool_calls
-            .get_or_create(&lattice_observability::metrics::ToolLabels { tool, outcome })
+            .get_or_create(&crate::agent_metrics::ToolLabels { tool, outcome })
             .inc();
         result
     }

@@ -166,7 +166,7 @@ pub async fn run(args: Options) -> Result<(), BenchError> {
         },
         Arc::new(lattice_observability::Metrics::disabled()),
     )
-    .map_err(BenchError::Usage)?;
+    .map_err(|e| BenchError::Usage(e.to_string()))?;
     let dur = Duration::from_secs_f64(args.duration_secs);
     let warm = Duration::from_secs_f64(args.warmup_secs);
     let mut report = Vec::new();

@@ -29,7 +29,8 @@ use k8s_openapi::api::{
     apps::v1::Deployment, autoscaling::v2::HorizontalPodAutoscaler, core::v1::ConfigMap, core::v1::Service,
     policy::v1::PodDisruptionBudget,
 };
-use lattice_observability::{ErrorType, Metrics, ModelLabels};
+use lattice_inference::{ErrorType, ModelLabels, ModelMetrics};
+use lattice_observability::Metrics;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -809,22 +810,28 @@ fn the_checks_catch_the_known_mistakes() {
 /// it serves a model.
 fn registry_names() -> BTreeSet<String> {
     let m = Metrics::new();
+    lattice_server::register_metric_sets(&m);
     let labels = ModelLabels {
         model_name: "m".into(),
         model_version: "1".into(),
     };
-    let rec = m.recorder(&labels);
-    m.track_model(&rec, 1, Box::new(|| 0), vec![("x:mean".into(), vec![1.0])], 1, 1);
+    let model = m.set::<ModelMetrics>();
+    let rec = model.recorder(&labels);
+    model.track_model(&rec, 1, Box::new(|| 0), vec![("x:mean".into(), vec![1.0])], 1, 1);
     // The recent-latency summary and the drift gauge need a sample.
     rec.observe_inference(Duration::from_millis(1), Some(0.9), ErrorType::None, None);
     rec.observe_features(&[1.0]);
-    m.observe_service_time(0.001);
-    m.observe_queue_time(0.001);
-    m.set_load_source(Box::new(|| {
-        Some(lattice_observability::metrics::Load {
-            in_flight: 0,
-            queued: 0,
-            capacity: 1,
+    use lattice_server::replica_signals::{Load, ReplicaSignals, Snapshot};
+    m.set::<ReplicaSignals>().read_from(Box::new(|| {
+        Some(Snapshot {
+            load: Load {
+                in_flight: 0,
+                queued: 0,
+                capacity: 1,
+            },
+            qps: 0.0,
+            queue_p95: Some(0.001),
+            service: Some(0.001),
         })
     }));
     let mut names = lattice_observability::metrics::series_names(&m.encode());

@@ -1,7 +1,12 @@
-//! The engine boundary. The scheduler only sees [`Backend`]; ONNX Runtime lives in
-//! [`onnx`], the one module that knows `ort`.
+//! The engine boundary. The scheduler only sees [`Backend`], and the loader builds
+//! instances through a [`BackendFactory`]; ONNX Runtime lives in [`onnx`], the one
+//! module that knows `ort`, so the repository and the scheduler run in tests on a
+//! mock backend without the engine library.
 
-use crate::tensor::{DataType, Tensor};
+use crate::{
+    config::ModelConfig,
+    tensor::{DataType, Tensor},
+};
 
 /// Why an engine run failed: the request's fault or the engine's.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -27,6 +32,12 @@ pub trait Backend: Send {
     fn outputs(&self) -> Vec<(String, Option<DataType>)>;
 }
 
+/// Builds a model version's instances (`cfg.instance_group.count` of them) from the
+/// bytes of its model file.
+pub trait BackendFactory: Send + Sync {
+    fn instances(&self, model: &[u8], cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, BackendError>;
+}
+
 pub mod onnx {
     //! ONNX Runtime through `ort` with `load-dynamic`: the shared library comes from the
     //! `onnxruntime` wheel that setup installs, never from a download at build time.
@@ -40,9 +51,9 @@ pub mod onnx {
         value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType},
     };
 
-    use super::{Backend, BackendError};
+    use super::{Backend, BackendError, BackendFactory};
     use crate::{
-        config::{EngineConfig, OptimizationLevel},
+        config::{EngineConfig, ModelConfig, OptimizationLevel},
         tensor::{DataType, Tensor, TensorData},
     };
 
@@ -83,36 +94,51 @@ pub mod onnx {
         found.into_iter().next()
     }
 
-    static RUNTIME: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+    static RUNTIME: OnceLock<Result<ort::environment::Environment, BackendError>> = OnceLock::new();
 
     /// Loads the ONNX Runtime library once per process. Later calls return the first
     /// result, whatever path they pass: a process has one runtime.
-    pub fn init(library: &Path) -> Result<(), String> {
+    pub fn init(library: &Path) -> Result<(), BackendError> {
         RUNTIME
             .get_or_init(|| {
                 if !library.exists() {
-                    return Err(format!(
+                    return Err(BackendError::Engine(format!(
                         "ONNX Runtime library not found at {} (run scripts/setup.sh or pass --ort-library)",
                         library.display()
-                    ));
+                    )));
                 }
                 ort::init_from(library)
-                    .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+                    .map_err(|e| {
+                        BackendError::Engine(format!("cannot load ONNX Runtime from {}: {e}", library.display()))
+                    })?
                     .with_name("lattice")
                     .with_telemetry(false)
                     .build()
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| BackendError::Engine(e.to_string()))
             })
             .as_ref()
             .map(|_| ())
             .map_err(Clone::clone)
     }
 
-    fn env() -> Result<&'static ort::environment::Environment, String> {
+    fn env() -> Result<&'static ort::environment::Environment, BackendError> {
         match RUNTIME.get() {
             Some(Ok(env)) => Ok(env),
             Some(Err(e)) => Err(e.clone()),
-            None => Err("ONNX Runtime is not initialised".to_string()),
+            None => Err(BackendError::Engine("ONNX Runtime is not initialised".to_string())),
+        }
+    }
+
+    /// Builds ONNX Runtime sessions; the runtime must be initialised ([`init`]).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct OnnxFactory;
+
+    impl BackendFactory for OnnxFactory {
+        fn instances(&self, model: &[u8], cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, BackendError> {
+            let options = SessionOptions::new(cfg.instance_group.intra_op_threads, &cfg.engine);
+            (0..cfg.instance_group.count)
+                .map(|_| OnnxBackend::new(model, &options).map(|b| Box::new(b) as Box<dyn Backend>))
+                .collect()
         }
     }
 
@@ -139,7 +165,7 @@ pub mod onnx {
     impl OnnxBackend {
         /// Builds a session from model bytes (the caller memory-maps the file once and
         /// builds every instance from the same mapping).
-        pub fn new(model: &[u8], options: &SessionOptions) -> Result<OnnxBackend, String> {
+        pub fn new(model: &[u8], options: &SessionOptions) -> Result<OnnxBackend, BackendError> {
             let e = &options.engine;
             let level = match e.optimization_level {
                 OptimizationLevel::Disabled => GraphOptimizationLevel::Disable,
@@ -147,8 +173,8 @@ pub mod onnx {
                 OptimizationLevel::Extended => GraphOptimizationLevel::Level2,
                 OptimizationLevel::All => GraphOptimizationLevel::Level3,
             };
-            fn s<E: std::fmt::Display>(e: E) -> String {
-                e.to_string()
+            fn s<E: std::fmt::Display>(e: E) -> BackendError {
+                BackendError::Engine(e.to_string())
             }
             let session = Session::builder(env()?)
                 .map_err(s)?
@@ -250,9 +276,10 @@ pub mod onnx {
         out.freeze()
     }
 
-    fn from_ort_value(name: &str, v: &DynValue) -> Result<Tensor, String> {
-        let dtype = dtype_of(v.dtype()).ok_or_else(|| format!("output '{name}' has a type Lattice cannot serve"))?;
-        let err = |e: ort::Error| format!("output '{name}': {e}");
+    fn from_ort_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
+        let dtype = dtype_of(v.dtype())
+            .ok_or_else(|| BackendError::Engine(format!("output '{name}' has a type Lattice cannot serve")))?;
+        let err = |e: ort::Error| BackendError::Engine(format!("output '{name}': {e}"));
         macro_rules! raw {
             ($t:ty) => {{
                 let (shape, data) = v.try_extract_tensor::<$t>().map_err(err)?;
@@ -282,7 +309,7 @@ pub mod onnx {
             DataType::Bytes => {
                 let shape = match v.dtype() {
                     ValueType::Tensor { shape, .. } => shape.to_vec(),
-                    _ => return Err(format!("output '{name}' is not a tensor")),
+                    _ => return Err(BackendError::Engine(format!("output '{name}' is not a tensor"))),
                 };
                 let items = strings::from_ort(v, &shape).map_err(err)?;
                 return Ok(Tensor::strings(shape, items));
@@ -407,7 +434,7 @@ pub mod onnx {
                     let v = result
                         .get(name)
                         .ok_or_else(|| BackendError::Engine(format!("model produced no output '{name}'")))?;
-                    from_ort_value(name, v).map_err(BackendError::Engine)
+                    from_ort_value(name, v)
                 })
                 .collect()
         }

@@ -320,11 +320,35 @@ pub struct PoolingConfig {
     pub normalize: bool,
 }
 
+/// Why a model's config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        source: toml::de::Error,
+    },
+    /// A field is out of range, or names something the config does not declare.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Reads and validates a model's config file.
-pub fn load(dir: &Path) -> Result<ModelConfig, String> {
+pub fn load(dir: &Path) -> Result<ModelConfig, ConfigError> {
     let path = dir.join("config.toml");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut cfg: ModelConfig = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    let mut cfg: ModelConfig = match toml::from_str(&text) {
+        Ok(cfg) => cfg,
+        Err(source) => return Err(ConfigError::Parse { path, source }),
+    };
     if cfg.name.is_empty() {
         cfg.name = dir
             .file_name()
@@ -336,21 +360,31 @@ pub fn load(dir: &Path) -> Result<ModelConfig, String> {
 }
 
 impl ModelConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         for t in self.input.iter().chain(&self.output) {
             if DataType::parse(&t.data_type).is_none() {
-                return Err(format!("tensor '{}': unknown data_type '{}'", t.name, t.data_type));
+                return Err(ConfigError::Invalid(format!(
+                    "tensor '{}': unknown data_type '{}'",
+                    t.name, t.data_type
+                )));
             }
             if t.dims.iter().any(|&d| d < -1 || d == 0) {
-                return Err(format!("tensor '{}': dims must be positive or -1", t.name));
+                return Err(ConfigError::Invalid(format!(
+                    "tensor '{}': dims must be positive or -1",
+                    t.name
+                )));
             }
         }
         if self.instance_group.count == 0 || self.instance_group.intra_op_threads == 0 {
-            return Err("instance_group.count and intra_op_threads must be >= 1".to_string());
+            return Err(ConfigError::Invalid(
+                "instance_group.count and intra_op_threads must be >= 1".to_string(),
+            ));
         }
         if let Some(db) = &self.dynamic_batching {
             if db.max_queue_size == 0 {
-                return Err("dynamic_batching.max_queue_size must be >= 1".to_string());
+                return Err(ConfigError::Invalid(
+                    "dynamic_batching.max_queue_size must be >= 1".to_string(),
+                ));
             }
         }
         if let Some(s) = &self.sequence_batching {
@@ -359,15 +393,22 @@ impl ModelConfig {
         if let Some(q) = &self.quality {
             let out = self.output_by_name(&q.output);
             if out.is_none_or(|o| DataType::parse(&o.data_type) != Some(DataType::F32)) {
-                return Err(format!("quality.output '{}' must be a declared FP32 output", q.output));
+                return Err(ConfigError::Invalid(format!(
+                    "quality.output '{}' must be a declared FP32 output",
+                    q.output
+                )));
             }
         }
         if let Some(d) = &self.drift {
             if let Some(i) = d.inputs.iter().find(|i| self.input_by_name(i).is_none()) {
-                return Err(format!("drift input '{i}' is not a declared input"));
+                return Err(ConfigError::Invalid(format!(
+                    "drift input '{i}' is not a declared input"
+                )));
             }
             if d.window == 0 || d.reference_size == 0 {
-                return Err("drift window and reference_size must be >= 1".to_string());
+                return Err(ConfigError::Invalid(
+                    "drift window and reference_size must be >= 1".to_string(),
+                ));
             }
         }
         if let Some(text) = &self.text {
@@ -376,7 +417,10 @@ impl ModelConfig {
                 .iter()
                 .any(|i| i.name == text.input && DataType::parse(&i.data_type) == Some(DataType::Bytes));
             if !ok {
-                return Err(format!("text.input '{}' must be a declared BYTES input", text.input));
+                return Err(ConfigError::Invalid(format!(
+                    "text.input '{}' must be a declared BYTES input",
+                    text.input
+                )));
             }
         }
         Ok(())

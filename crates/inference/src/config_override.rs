@@ -262,7 +262,7 @@ pub fn apply(base: &ModelConfig, text: &str) -> Result<ModelConfig, OverrideErro
     if let Some(p) = m.get("version_policy") {
         cfg.version_policy = version_policy(p)?;
     }
-    cfg.validate().map_err(OverrideError)?;
+    cfg.validate().map_err(|e| OverrideError(e.to_string()))?;
     Ok(cfg)
 }
 

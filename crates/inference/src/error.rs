@@ -76,8 +76,8 @@ pub fn parse_requested_version(v: &str) -> Result<Option<i64>, InferError> {
 
 impl InferError {
     /// The metrics' closed set of outcomes.
-    pub fn error_type(&self) -> lattice_observability::ErrorType {
-        use lattice_observability::ErrorType;
+    pub fn error_type(&self) -> crate::model_metrics::ErrorType {
+        use crate::model_metrics::ErrorType;
         match self {
             InferError::ModelNotFound(_)
             | InferError::VersionNotFound { .. }

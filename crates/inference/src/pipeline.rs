@@ -33,10 +33,25 @@ pub struct TextPipeline {
     permits: Arc<Semaphore>,
 }
 
+/// Why text could not be tokenized or pooled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PipelineError {
+    /// The tokenizer file could not be read or set up: a load error.
+    #[error("{0}")]
+    Tokenizer(String),
+    /// An item the caller sent cannot be tokenized: the caller can fix it.
+    #[error("{0}")]
+    Input(String),
+    /// The engine's outputs do not fit the pooling config: the model's fault.
+    #[error("{0}")]
+    Pooling(String),
+}
+
 impl TextPipeline {
-    pub fn load(model_dir: &Path, cfg: &TextPipelineConfig) -> Result<TextPipeline, String> {
+    pub fn load(model_dir: &Path, cfg: &TextPipelineConfig) -> Result<TextPipeline, PipelineError> {
         let path = model_dir.join(&cfg.tokenizer);
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| format!("tokenizer {}: {e}", path.display()))?;
+        let mut tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| PipelineError::Tokenizer(format!("tokenizer {}: {e}", path.display())))?;
         // The shipped tokenizer.json pads every item to 128 tokens; padding a batch to
         // its longest item instead costs ~4x less compute for short sentences.
         tokenizer.with_padding(Some(PaddingParams {
@@ -48,7 +63,7 @@ impl TextPipeline {
                 max_length: cfg.max_length,
                 ..TruncationParams::default()
             }))
-            .map_err(|e| format!("tokenizer truncation: {e}"))?;
+            .map_err(|e| PipelineError::Tokenizer(format!("tokenizer truncation: {e}")))?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(TextPipeline {
             cfg: cfg.clone(),
@@ -81,34 +96,34 @@ impl TextPipeline {
     /// Rejects what the model would fail on when a request sends token tensors
     /// itself: ids without a mask (or the reverse), tensors of different shapes, a
     /// sequence longer than the model's positions, and ids outside the vocabulary.
-    pub fn check(&self, inputs: &[(String, Tensor)]) -> Result<(), String> {
+    pub fn check(&self, inputs: &[(String, Tensor)]) -> Result<(), PipelineError> {
         let find = |n: &str| inputs.iter().find(|(x, _)| x == n).map(|(_, t)| t);
         let (ids, mask) = (find(&self.cfg.input_ids), find(&self.cfg.attention_mask));
         let (ids, mask) = match (ids, mask) {
             (None, None) => return Ok(()),
             (Some(ids), Some(mask)) => (ids, mask),
             (Some(_), None) | (None, Some(_)) => {
-                return Err(format!(
+                return Err(PipelineError::Input(format!(
                     "inputs '{}' and '{}' go together: send both, or the text as '{}'",
                     self.cfg.input_ids, self.cfg.attention_mask, self.cfg.input
-                ))
+                )))
             }
         };
         let types = self.cfg.token_type_ids.as_deref().and_then(|n| find(n).map(|t| (n, t)));
         for (name, t) in [(self.cfg.attention_mask.as_str(), mask)].into_iter().chain(types) {
             if t.shape != ids.shape {
-                return Err(format!(
+                return Err(PipelineError::Input(format!(
                     "input '{name}' has shape {:?}, but '{}' has {:?}: token tensors must agree",
                     t.shape, self.cfg.input_ids, ids.shape
-                ));
+                )));
             }
         }
         if let Some(&len) = ids.shape.last() {
             if len < 1 || len as u64 > self.cfg.max_positions as u64 {
-                return Err(format!(
+                return Err(PipelineError::Input(format!(
                     "input '{}' has {len} tokens per item, the model takes 1..={}",
                     self.cfg.input_ids, self.cfg.max_positions
-                ));
+                )));
             }
         }
         let vocab = self.tokenizer.get_vocab_size(true) as i64;
@@ -116,10 +131,10 @@ impl TextPipeline {
             .to_i64_vec()
             .and_then(|ids| ids.into_iter().find(|&id| id < 0 || id >= vocab))
         {
-            return Err(format!(
+            return Err(PipelineError::Input(format!(
                 "input '{}' has token id {id} outside the vocabulary 0..{vocab}",
                 self.cfg.input_ids
-            ));
+            )));
         }
         Ok(())
     }
@@ -140,13 +155,13 @@ impl TextPipeline {
         })
         .await
         .map_err(|e| InferError::Backend(format!("tokenizer task failed: {e}")))?
-        .map_err(InferError::InvalidInput)
+        .map_err(|e| InferError::InvalidInput(e.to_string()))
     }
 
     /// Tokenizes a batch of texts into the model's integer inputs, padded to the
     /// longest item. Only the first [`max_text_bytes`](Self::max_text_bytes) of each
     /// item are read.
-    pub fn encode(&self, texts: &[Bytes]) -> Result<Vec<(String, Tensor)>, String> {
+    pub fn encode(&self, texts: &[Bytes]) -> Result<Vec<(String, Tensor)>, PipelineError> {
         let strs = texts
             .iter()
             .enumerate()
@@ -155,7 +170,7 @@ impl TextPipeline {
         let encodings = self
             .tokenizer
             .encode_batch(strs, true)
-            .map_err(|e| format!("tokenization failed: {e}"))?;
+            .map_err(|e| PipelineError::Input(format!("tokenization failed: {e}")))?;
         let n = encodings.len();
         let len = encodings.first().map_or(0, |e| e.len());
         let mut ids = Vec::with_capacity(n * len);
@@ -183,8 +198,8 @@ impl TextPipeline {
     /// whitespace so no word is split, that already gives more tokens than the model
     /// keeps (so its first `max_length` tokens are the whole text's), else the text up
     /// to [`max_text_bytes`](Self::max_text_bytes).
-    fn kept_text<'a>(&self, text: &'a [u8], item: usize) -> Result<&'a str, String> {
-        let invalid = || format!("input '{}' item {item} is not valid UTF-8", self.cfg.input);
+    fn kept_text<'a>(&self, text: &'a [u8], item: usize) -> Result<&'a str, PipelineError> {
+        let invalid = || PipelineError::Input(format!("input '{}' item {item} is not valid UTF-8", self.cfg.input));
         for per_token in PREFIX_STEPS {
             let cap = self.cfg.max_length.saturating_mul(per_token);
             if text.len() <= cap {
@@ -247,12 +262,12 @@ pub fn pad_tokens(t: &Tensor, to: i64) -> Tensor {
 
 /// Mean pooling of token states over the attention mask, optionally L2-normalised:
 /// what sentence-transformers' Pooling + Normalize modules compute.
-pub fn mean_pool(cfg: &PoolingConfig, states: &Tensor, mask: &Tensor) -> Result<Tensor, String> {
+pub fn mean_pool(cfg: &PoolingConfig, states: &Tensor, mask: &Tensor) -> Result<Tensor, PipelineError> {
     if states.dtype != DataType::F32 || states.shape.len() != 3 {
-        return Err(format!(
+        return Err(PipelineError::Pooling(format!(
             "pooling source '{}' must be FP32 [batch, tokens, hidden]",
             cfg.source
-        ));
+        )));
     }
     let (b, t, h) = (
         states.shape[0] as usize,
@@ -261,9 +276,12 @@ pub fn mean_pool(cfg: &PoolingConfig, states: &Tensor, mask: &Tensor) -> Result<
     );
     let mask = mask
         .to_i64_vec()
-        .ok_or_else(|| format!("pooling mask '{}' must be integer", cfg.mask))?;
+        .ok_or_else(|| PipelineError::Pooling(format!("pooling mask '{}' must be integer", cfg.mask)))?;
     if mask.len() != b * t {
-        return Err(format!("pooling mask '{}' does not match the token states", cfg.mask));
+        return Err(PipelineError::Pooling(format!(
+            "pooling mask '{}' does not match the token states",
+            cfg.mask
+        )));
     }
     let states = states.to_f32_vec().expect("checked FP32");
     let mut out = vec![0f32; b * h];

@@ -1,4 +1,7 @@
 //! The model repository: `<root>/<model>/config.toml` and `<root>/<model>/<version>/model.onnx`.
+//! This module is the registry and its hot swap; loading is [`crate::loader`]
+//! (engine instances through a [`BackendFactory`]), request validation
+//! [`crate::validate`], and the warm-up before a version serves [`crate::warmup`].
 //!
 //! Architecture Invariant: a model's served versions are replaced as one `Arc` under a
 //! write lock, after the new versions are fully loaded and warmed. Requests that
@@ -8,32 +11,40 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc},
+    time::Instant,
 };
 
-use lattice_observability::{ErrorType, Metrics, ModelLabels};
+use lattice_observability::Metrics;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tracing::Instrument;
 
 use crate::{
-    backend::{
-        onnx::{OnnxBackend, SessionOptions},
-        Backend,
-    },
+    backend::{onnx::OnnxFactory, BackendError, BackendFactory},
     config::{self, ModelConfig},
     error::InferError,
+    loader::{blank_config, load_model, Source},
+    model_metrics::{ErrorType, InFlight, ModelLabels, ModelMetrics},
     pipeline::TextPipeline,
-    scheduler::{InferRequest, InferResponse, ModelRuntime, Scheduler, DEFAULT_PRIORITY, PRIORITY_LEVELS},
-    stats::Stats,
-    tensor::{element_count, DataType, Tensor, TensorData},
+    scheduler::{InferRequest, InferResponse, Scheduler},
+    tensor::TensorData,
+    validate::is_safe_name,
 };
+
+pub use crate::validate::{echo, prepare, RequestParts};
+
+/// Why the repository could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("model repository {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// The engine library could not be loaded.
+    #[error(transparent)]
+    Engine(#[from] BackendError),
+}
 
 #[derive(Clone, Debug)]
 pub struct RepositoryOptions {
@@ -49,7 +60,7 @@ pub struct ModelVersion {
     /// Live sequences, for a model with `[sequence_batching]`.
     pub sequences: Option<crate::sequence::SequenceStore>,
     /// Tells this loaded instance apart from a reload of the same version.
-    id: u64,
+    pub(crate) id: u64,
 }
 
 impl ModelVersion {
@@ -61,11 +72,15 @@ impl ModelVersion {
 impl Drop for ModelVersion {
     fn drop(&mut self) {
         self.scheduler.close();
-        self.scheduler.runtime().metrics.forget_model(self.labels(), self.id);
+        self.scheduler
+            .runtime()
+            .recorder
+            .set()
+            .forget_model(self.labels(), self.id);
     }
 }
 
-static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
 /// The versions of a model that are loaded together, swapped as a unit.
 pub struct LoadedModel {
@@ -73,7 +88,7 @@ pub struct LoadedModel {
     /// Ascending; the last entry is the default version.
     pub versions: BTreeMap<i64, Arc<ModelVersion>>,
     /// Drift reference values by feature, from the config's reference file.
-    drift_reference: HashMap<String, Vec<f64>>,
+    pub(crate) drift_reference: HashMap<String, Vec<f64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,27 +99,18 @@ pub struct IndexEntry {
     pub reason: String,
 }
 
-/// Request parameters the edge extracted, before validation.
-pub struct RequestParts {
-    pub id: String,
-    pub inputs: Vec<(String, Tensor)>,
-    /// Requested outputs; empty means all of them.
-    pub outputs: Vec<String>,
-    pub priority: Option<u8>,
-    pub timeout: Option<Duration>,
-    /// `sequence_id` / `sequence_start` / `sequence_end`; ignored by models without
-    /// `[sequence_batching]`, as Triton ignores them.
-    pub sequence: Option<crate::sequence::SequenceControl>,
-}
-
 struct Inner {
     root: PathBuf,
     metrics: Arc<Metrics>,
+    /// The inference plane's metric set, registered in `metrics`.
+    model_metrics: Arc<ModelMetrics>,
     models: RwLock<HashMap<String, Arc<LoadedModel>>>,
     /// Why the last load of a model failed, for the repository index.
     failures: Mutex<HashMap<String, String>>,
     /// One load or unload at a time: loads are CPU-heavy and must not race a swap.
     admin: tokio::sync::Mutex<()>,
+    /// Builds the engine instances of a loaded version.
+    factory: Arc<dyn BackendFactory>,
 }
 
 /// Cheap-to-clone handle to the repository.
@@ -115,18 +121,32 @@ pub struct ModelRepository {
 
 impl ModelRepository {
     /// Loads the ONNX Runtime library and checks the repository directory.
-    pub fn open(opts: &RepositoryOptions, metrics: Arc<Metrics>) -> Result<ModelRepository, String> {
+    pub fn open(opts: &RepositoryOptions, metrics: Arc<Metrics>) -> Result<ModelRepository, RepositoryError> {
         if !opts.root.is_dir() {
-            return Err(format!("model repository {} is not a directory", opts.root.display()));
+            return Err(RepositoryError::NotADirectory(opts.root.clone()));
         }
         crate::backend::onnx::init(&opts.ort_library)?;
+        ModelRepository::with_factory(&opts.root, metrics, Arc::new(OnnxFactory))
+    }
+
+    /// A repository whose versions are built by `factory` (tests use a mock engine).
+    pub fn with_factory(
+        root: &std::path::Path,
+        metrics: Arc<Metrics>,
+        factory: Arc<dyn BackendFactory>,
+    ) -> Result<ModelRepository, RepositoryError> {
+        if !root.is_dir() {
+            return Err(RepositoryError::NotADirectory(root.to_path_buf()));
+        }
         Ok(ModelRepository {
             inner: Arc::new(Inner {
-                root: opts.root.clone(),
+                root: root.to_path_buf(),
+                model_metrics: metrics.set::<ModelMetrics>(),
                 metrics,
                 models: RwLock::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),
                 admin: tokio::sync::Mutex::new(()),
+                factory,
             }),
         })
     }
@@ -165,9 +185,9 @@ impl ModelRepository {
         let cfg = match config_override {
             None => None,
             Some(text) => {
-                let mut base = config::load(&dir).map_err(|reason| InferError::LoadFailed {
+                let mut base = config::load(&dir).map_err(|e| InferError::LoadFailed {
                     name: name.to_string(),
-                    reason,
+                    reason: e.to_string(),
                 })?;
                 base.name = name.to_string();
                 Some(crate::config_override::apply(&base, text).map_err(|e| InferError::InvalidInput(e.to_string()))?)
@@ -231,9 +251,10 @@ impl ModelRepository {
     /// nothing that is serving. The caller holds the admin lock.
     async fn install(&self, name: &str, src: Source, cfg: Option<ModelConfig>) -> Result<(), InferError> {
         let model_name = name.to_string();
-        let metrics = self.inner.metrics.clone();
+        let metrics = self.inner.model_metrics.clone();
+        let factory = self.inner.factory.clone();
         let started = Instant::now();
-        let loaded = tokio::task::spawn_blocking(move || load_model(&src, &model_name, metrics, cfg))
+        let loaded = tokio::task::spawn_blocking(move || load_model(&src, &model_name, factory.as_ref(), metrics, cfg))
             .await
             .map_err(|e| InferError::LoadFailed {
                 name: name.to_string(),
@@ -242,15 +263,11 @@ impl ModelRepository {
         match loaded {
             Ok(model) => {
                 let model = Arc::new(model);
-                warm_up(&model).await;
+                crate::warmup::warm_up(&model).await;
                 // Cold start: sessions built and the warm-up answered.
                 for v in model.versions.values() {
-                    self.inner
-                        .metrics
-                        .load_duration
-                        .get_or_create(v.labels())
-                        .observe(started.elapsed().as_secs_f64());
-                    track(&model, v, &self.inner.metrics);
+                    v.scheduler.runtime().recorder.observe_load(started.elapsed());
+                    track(&model, v, &self.inner.model_metrics);
                 }
                 self.inner.models.write().insert(name.to_string(), model);
                 self.inner.failures.lock().remove(name);
@@ -262,7 +279,8 @@ impl ModelRepository {
                 tracing::info!(model = name, "model loaded");
                 Ok(())
             }
-            Err(reason) => {
+            Err(e) => {
+                let reason = e.to_string();
                 let _ = tokio::task::spawn_blocking(crate::scheduler::trim_heap).await;
                 tracing::warn!(model = name, %reason, "model load failed");
                 self.inner.failures.lock().insert(name.to_string(), reason.clone());
@@ -410,8 +428,14 @@ impl ModelRepository {
             .sum()
     }
 
+    /// The process's metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The inference plane's metric set.
+    pub fn model_metrics(&self) -> &Arc<ModelMetrics> {
+        &self.inner.model_metrics
     }
 
     /// Validates and runs one request, and records it in the metrics.
@@ -493,10 +517,10 @@ impl ModelRepository {
 /// Holds a model version's in-flight gauge up for as long as a request is being
 /// served: a request cancelled by its client (its future dropped) or one that
 /// unwinds gives it back too. The autoscaler reads this gauge.
-struct InFlightGauge<'a>(&'a lattice_observability::metrics::InFlight);
+struct InFlightGauge<'a>(&'a InFlight);
 
 impl<'a> InFlightGauge<'a> {
-    fn new(g: &'a lattice_observability::metrics::InFlight) -> Self {
+    fn new(g: &'a InFlight) -> Self {
         g.inc();
         InFlightGauge(g)
     }
@@ -509,7 +533,7 @@ impl Drop for InFlightGauge<'_> {
 }
 
 /// Replaces a request's text with token tensors, tokenized on the bounded pool.
-async fn tokenize(text: Option<&Arc<TextPipeline>>, req: &mut InferRequest) -> Result<(), InferError> {
+pub(crate) async fn tokenize(text: Option<&Arc<TextPipeline>>, req: &mut InferRequest) -> Result<(), InferError> {
     let Some(text) = text else { return Ok(()) };
     let Some(pos) = req.inputs.iter().position(|(n, _)| n == text.input_name()) else {
         return Ok(());
@@ -535,321 +559,11 @@ pub fn shard_order(names: Vec<String>, index: usize, count: usize) -> Vec<String
     mine.into_iter().chain(rest).map(|(_, n)| n).collect()
 }
 
-/// A name from a request as it is echoed in an error: at most 128 characters, so a
-/// long made-up name cannot inflate error bodies or gRPC status headers.
-pub fn echo(name: &str) -> std::borrow::Cow<'_, str> {
-    const MAX: usize = 128;
-    match name.char_indices().nth(MAX) {
-        None => name.into(),
-        Some((cut, _)) => format!("{}...", &name[..cut]).into(),
-    }
-}
-
-fn is_safe_name(name: &str) -> bool {
-    !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != ".."
-}
-
-/// Builds a request from edge parts, checking it against the model config.
-pub fn prepare(
-    cfg: &ModelConfig,
-    text: Option<&TextPipeline>,
-    parts: RequestParts,
-) -> Result<InferRequest, InferError> {
-    let invalid = |m: String| Err(InferError::InvalidInput(m));
-    let text_input = text.map(|t| t.input_name());
-    let batching = cfg.max_batch_size > 0;
-    let mut inputs = parts.inputs;
-    // Bounded before any per-input work: a request cannot name more inputs or
-    // outputs than the model has without repeating one.
-    if inputs.len() > cfg.input.len() {
-        return invalid(format!(
-            "{} inputs given, model '{}' has {}: an input is repeated or unknown",
-            inputs.len(),
-            echo(&cfg.name),
-            cfg.input.len()
-        ));
-    }
-    let mut batch: Option<i64> = None;
-    for (name, t) in &inputs {
-        let Some(decl) = cfg.input_by_name(name) else {
-            let names: Vec<&str> = cfg.input.iter().map(|i| i.name.as_str()).collect();
-            return invalid(format!(
-                "unexpected input '{name}' for model '{}', expected one of {names:?}",
-                cfg.name
-            ));
-        };
-        if inputs.iter().filter(|(n, _)| n == name).count() > 1 {
-            return invalid(format!("input '{name}' is given more than once"));
-        }
-        if t.dtype != decl.dtype() {
-            return invalid(format!(
-                "input '{name}' has datatype {}, model '{}' expects {}",
-                t.dtype,
-                cfg.name,
-                decl.dtype()
-            ));
-        }
-        t.check_consistent()
-            .map_err(|m| InferError::InvalidInput(format!("input '{name}': {m}")))?;
-        if t.shape.contains(&0) {
-            return invalid(format!("input '{name}' has an empty dimension in shape {:?}", t.shape));
-        }
-        if let Some(allowed) = &decl.allowed_values {
-            if let Some(bad) = t
-                .to_i64_vec()
-                .and_then(|v| v.into_iter().find(|x| !allowed.contains(x)))
-            {
-                return invalid(format!("input '{name}' must be one of {allowed:?}, got {bad}"));
-            }
-        }
-        let is_text = Some(name.as_str()) == text_input;
-        let expected = cfg.wire_shape(decl);
-        let shape_ok = if is_text {
-            // Text is one string per item: [n] or [n, 1].
-            matches!(t.shape.as_slice(), [_] | [_, 1])
-        } else {
-            t.shape.len() == expected.len()
-                && t.shape
-                    .iter()
-                    .zip(&expected)
-                    .enumerate()
-                    .all(|(i, (&got, &want))| (batching && i == 0) || want == -1 || got == want)
-        };
-        if !shape_ok {
-            return invalid(format!(
-                "input '{name}' has shape {:?}, model '{}' expects {expected:?}",
-                t.shape, cfg.name
-            ));
-        }
-        if batching {
-            let n = t.shape[0];
-            if n < 1 {
-                return invalid(format!("input '{name}' has an empty batch dimension"));
-            }
-            if n as usize > cfg.max_batch_size {
-                return Err(InferError::BatchTooLarge {
-                    got: n as usize,
-                    max: cfg.max_batch_size,
-                });
-            }
-            match batch {
-                Some(b) if b != n => {
-                    return invalid(format!("inputs disagree on the batch size ({b} vs {n} for '{name}')"))
-                }
-                _ => batch = Some(n),
-            }
-        }
-    }
-    let has = |inputs: &[(String, Tensor)], n: &str| inputs.iter().any(|(x, _)| x == n);
-    if let Some(text) = text_input {
-        if has(&inputs, text) && inputs.len() > 1 {
-            return invalid(format!(
-                "input '{text}' (raw text) cannot be combined with token tensors"
-            ));
-        }
-    }
-    let text_given = text_input.is_some_and(|t| has(&inputs, t));
-    // Checked per request: a bad item found only when its batch runs would fail
-    // every request batched with it.
-    if let Some(text) = text {
-        text.check(&inputs).map_err(InferError::InvalidInput)?;
-    }
-    if !text_given {
-        // Fill defaulted inputs, then require every non-optional one.
-        if let Some((_, first)) = inputs.first() {
-            let like = first.shape.clone();
-            let fills: Vec<_> = cfg
-                .input
-                .iter()
-                .filter(|i| i.zeros_if_absent && !has(&inputs, &i.name))
-                .map(|i| {
-                    let bytes = element_count(&like)
-                        .and_then(|n| n.checked_mul(i.dtype().size().unwrap_or(1)))
-                        .ok_or_else(|| InferError::InvalidInput(format!("shape {like:?} is too large")))?;
-                    Ok((
-                        i.name.clone(),
-                        Tensor::raw(i.dtype(), like.clone(), Bytes::from(vec![0u8; bytes])),
-                    ))
-                })
-                .collect::<Result<_, InferError>>()?;
-            inputs.extend(fills);
-        }
-        let missing: Vec<&str> = cfg
-            .input
-            .iter()
-            .filter(|i| !i.optional && !has(&inputs, &i.name))
-            .map(|i| i.name.as_str())
-            .collect();
-        if !missing.is_empty() || inputs.is_empty() {
-            return invalid(format!("model '{}' is missing inputs {missing:?}", cfg.name));
-        }
-    }
-    let outputs = if parts.outputs.is_empty() {
-        cfg.output.iter().map(|o| o.name.clone()).collect()
-    } else {
-        // Each output is written once per request: a repeated name would multiply
-        // the response (and its memory) by the number of repeats.
-        for (i, o) in parts.outputs.iter().enumerate() {
-            if cfg.output_by_name(o).is_none() {
-                return invalid(format!("unknown output '{}' for model '{}'", echo(o), cfg.name));
-            }
-            if parts.outputs[..i].contains(o) {
-                return invalid(format!("output '{o}' is requested more than once"));
-            }
-        }
-        parts.outputs
-    };
-    let priority = parts.priority.unwrap_or(DEFAULT_PRIORITY);
-    if usize::from(priority) >= PRIORITY_LEVELS {
-        return invalid(format!(
-            "priority {priority} is out of range 0..={}",
-            PRIORITY_LEVELS - 1
-        ));
-    }
-    let timeout = parts.timeout.or_else(|| {
-        let us = cfg.queue().default_timeout_microseconds;
-        (us > 0).then(|| Duration::from_micros(us))
-    });
-    Ok(InferRequest {
-        id: parts.id,
-        inputs,
-        outputs,
-        priority,
-        // A deadline too far to represent is no deadline.
-        deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
-    })
-}
-
-/// Where a model's files come from.
-enum Source {
-    /// `<repository>/<model>/`.
-    Dir(PathBuf),
-    /// `model.onnx` bytes by version, from a load request; no directory at all.
-    Bytes(BTreeMap<i64, Bytes>),
-}
-
-/// The config a model loaded from bytes starts from: nothing but its name, so the
-/// request's `config` is the whole configuration (Triton's override mode).
-fn blank_config(name: &str) -> ModelConfig {
-    let mut c: ModelConfig = toml::from_str("input = []\noutput = []").expect("a blank config parses");
-    c.name = name.to_string();
-    c
-}
-
-/// Loads every selected version of a model, with all its instances, or nothing.
-fn load_model(
-    src: &Source,
-    name: &str,
-    metrics: Arc<Metrics>,
-    cfg: Option<ModelConfig>,
-) -> Result<LoadedModel, String> {
-    let mut cfg = match (cfg, src) {
-        (Some(cfg), _) => cfg,
-        (None, Source::Dir(dir)) => config::load(dir)?,
-        (None, Source::Bytes(_)) => return Err("a model loaded from bytes needs a config".into()),
-    };
-    cfg.name = name.to_string();
-    let available: Vec<i64> = match src {
-        Source::Dir(dir) => std::fs::read_dir(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .flatten()
-            .filter(|e| e.path().join("model.onnx").is_file())
-            .filter_map(|e| config::parse_version(&e.file_name().to_string_lossy()))
-            .collect(),
-        Source::Bytes(files) => files.keys().copied().collect(),
-    };
-    let selected = cfg.version_policy.select(available);
-    if selected.is_empty() {
-        return Err(match src {
-            Source::Dir(dir) => format!("no version directory with a model.onnx under {}", dir.display()),
-            Source::Bytes(_) => "the version policy selects none of the versions given".into(),
-        });
-    }
-    let text = match src {
-        Source::Dir(dir) => cfg
-            .text
-            .as_ref()
-            .map(|t| TextPipeline::load(dir, t).map(Arc::new))
-            .transpose()?,
-        Source::Bytes(_) => None,
-    };
-    let pooled = cfg.pooling.as_ref().map(|p| p.output.clone());
-    let mut engine_outputs: Vec<String> = cfg
-        .output
-        .iter()
-        .map(|o| o.name.clone())
-        .filter(|o| Some(o) != pooled.as_ref())
-        .collect();
-    if let Some(p) = &cfg.pooling {
-        if !engine_outputs.contains(&p.source) {
-            engine_outputs.push(p.source.clone());
-        }
-    }
-    let text_inputs = text.as_ref().map(|t| t.input_name().to_string());
-    let mut versions = BTreeMap::new();
-    for v in selected {
-        let backends = match src {
-            Source::Dir(dir) => build_instances(&dir.join(v.to_string()).join("model.onnx"), &cfg)?,
-            Source::Bytes(files) => {
-                let model = files.get(&v).ok_or("selected version has no bytes")?;
-                instances_from(model, &cfg).map_err(|e| format!("model.onnx of version {v}: {e}"))?
-            }
-        };
-        check_signature(backends[0].as_ref(), &cfg, text_inputs.as_deref(), pooled.as_deref())?;
-        let runtime = Arc::new(ModelRuntime {
-            config: cfg.clone(),
-            text: text.clone(),
-            engine_outputs: engine_outputs.clone(),
-            stats: Stats::default(),
-            metrics: metrics.clone(),
-            recorder: metrics.recorder(&ModelLabels {
-                model_name: name.to_string(),
-                model_version: v.to_string(),
-            }),
-        });
-        versions.insert(
-            v,
-            Arc::new(ModelVersion {
-                name: name.to_string(),
-                version: v,
-                sequences: cfg
-                    .sequence_batching
-                    .as_ref()
-                    .map(|s| crate::sequence::SequenceStore::new(&cfg, s)),
-                scheduler: Scheduler::start(runtime, backends),
-                id: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-            }),
-        );
-    }
-    // Read here, on the blocking load thread, not when the version starts serving.
-    let dir = match src {
-        Source::Dir(dir) => Some(dir),
-        Source::Bytes(_) => None,
-    };
-    let drift_reference = cfg
-        .drift
-        .as_ref()
-        .and_then(|d| d.reference_file.as_ref().zip(dir))
-        .map(|(f, dir)| {
-            let p = dir.join(f);
-            std::fs::read(&p)
-                .map_err(|e| format!("{}: {e}", p.display()))
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", p.display())))
-        })
-        .transpose()?
-        .unwrap_or_default();
-    Ok(LoadedModel {
-        config: cfg,
-        versions,
-        drift_reference,
-    })
-}
-
 /// Registers a served version's queue depth and drift features with the metrics.
-fn track(model: &LoadedModel, v: &ModelVersion, metrics: &Metrics) {
+fn track(model: &LoadedModel, v: &ModelVersion, metrics: &ModelMetrics) {
     let cfg = &model.config;
     let scheduler = v.scheduler.clone();
-    let pending: lattice_observability::metrics::GaugeSource = Box::new(move || scheduler.pending() as i64);
+    let pending: crate::model_metrics::GaugeSource = Box::new(move || scheduler.pending() as i64);
     let (features, reference_size, window) = match &cfg.drift {
         Some(d) => {
             let names = crate::quality::feature_names(cfg, d);
@@ -874,121 +588,16 @@ fn track(model: &LoadedModel, v: &ModelVersion, metrics: &Metrics) {
     );
 }
 
-/// Maps the model file once and builds every instance from the same mapping.
-#[allow(unsafe_code)]
-fn build_instances(path: &Path, cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: the mapping is read-only and lives only while the sessions are built;
-    // the repository's files are not modified while a load of them runs.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
-    instances_from(&map, cfg).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn instances_from(model: &[u8], cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, String> {
-    let options = SessionOptions::new(cfg.instance_group.intra_op_threads, &cfg.engine);
-    (0..cfg.instance_group.count)
-        .map(|_| OnnxBackend::new(model, &options).map(|b| Box::new(b) as Box<dyn Backend>))
-        .collect()
-}
-
-/// A config that disagrees with the model file is a load error, not a runtime one.
-fn check_signature(b: &dyn Backend, cfg: &ModelConfig, text: Option<&str>, pooled: Option<&str>) -> Result<(), String> {
-    let engine_in = b.inputs();
-    for i in &cfg.input {
-        if Some(i.name.as_str()) == text {
-            continue;
-        }
-        match engine_in.iter().find(|(n, _)| *n == i.name) {
-            None => return Err(format!("config input '{}' is not an input of the model", i.name)),
-            Some((_, Some(d))) if *d != i.dtype() => {
-                return Err(format!(
-                    "config input '{}' is {}, the model says {d}",
-                    i.name,
-                    i.dtype()
-                ))
-            }
-            _ => {}
-        }
-    }
-    let engine_out = b.outputs();
-    for o in &cfg.output {
-        if Some(o.name.as_str()) == pooled {
-            continue;
-        }
-        match engine_out.iter().find(|(n, _)| *n == o.name) {
-            None => return Err(format!("config output '{}' is not an output of the model", o.name)),
-            Some((_, Some(d))) if *d != o.dtype() => {
-                return Err(format!(
-                    "config output '{}' is {}, the model says {d}",
-                    o.name,
-                    o.dtype()
-                ))
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Runs one request through each new version before it serves traffic, so the first
-/// client does not pay for lazy engine initialisation. Failures are logged only: some
-/// models reject all-zero input.
-async fn warm_up(model: &LoadedModel) {
-    let cfg = &model.config;
-    let text = cfg.text.as_ref().map(|t| t.input.as_str());
-    let inputs: Vec<(String, Tensor)> = match text {
-        Some(t) => vec![(
-            t.to_string(),
-            Tensor::strings(vec![1], vec![Bytes::from_static(b"warm up")]),
-        )],
-        None => cfg
-            .input
-            .iter()
-            .filter(|i| !i.optional)
-            .map(|i| {
-                let shape: Vec<i64> = cfg.wire_shape(i).into_iter().map(|d| d.max(1)).collect();
-                let n = element_count(&shape).unwrap_or(0);
-                let fill = i.warmup_fill.unwrap_or(0.0);
-                let t = match i.dtype() {
-                    DataType::Bytes => Tensor::strings(shape, vec![Bytes::new(); n]),
-                    DataType::F32 => Tensor::from_f32(shape, &vec![fill as f32; n]),
-                    DataType::I64 => Tensor::from_i64(shape, &vec![fill as i64; n]),
-                    d => Tensor {
-                        dtype: d,
-                        shape,
-                        data: TensorData::Raw(Bytes::from(vec![0u8; n * d.size().unwrap_or(1)])),
-                    },
-                };
-                (i.name.clone(), t)
-            })
-            .collect(),
-    };
-    for v in model.versions.values() {
-        let parts = RequestParts {
-            id: crate::scheduler::WARM_UP_ID.into(),
-            inputs: inputs.clone(),
-            outputs: Vec::new(),
-            priority: Some(0),
-            timeout: None,
-            sequence: None,
-        };
-        let pipeline = v.scheduler.runtime().text.as_deref();
-
-        let result = async {
-            let mut req = prepare(cfg, pipeline, parts)?;
-            tokenize(v.scheduler.runtime().text.as_ref(), &mut req).await?;
-            let rx = v.scheduler.submit(req)?;
-            rx.await.unwrap_or(Err(InferError::Cancelled)).map(|_| ())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(model = %cfg.name, version = v.version, error = %e, "warm-up inference failed");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{
+        backend::Backend,
+        tensor::{DataType, Tensor},
+    };
+
     #[test]
     fn each_replica_starts_with_its_own_shard() {
         let names: Vec<String> = ["a", "b", "c", "d", "e"].iter().map(|s| s.to_string()).collect();
@@ -996,5 +605,191 @@ mod tests {
         assert_eq!(super::shard_order(names.clone(), 1, 2), ["b", "d", "a", "c", "e"]);
         assert_eq!(super::shard_order(names.clone(), 2, 3), ["c", "a", "b", "d", "e"]);
         assert_eq!(super::shard_order(names, 7, 3), ["b", "e", "a", "c", "d"]);
+    }
+
+    // === A repository on a mock engine ===
+
+    /// Adds the number written in its "model file" to input `x`; counts every run.
+    struct AddBackend {
+        add: i64,
+        runs: Arc<AtomicUsize>,
+    }
+
+    impl Backend for AddBackend {
+        fn run(&mut self, inputs: Vec<(String, Tensor)>, outputs: &[String]) -> Result<Vec<Tensor>, BackendError> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            let x = inputs[0].1.to_i64_vec().expect("INT64");
+            let y: Vec<i64> = x.iter().map(|v| v + self.add).collect();
+            Ok(outputs
+                .iter()
+                .map(|_| Tensor::from_i64(inputs[0].1.shape.clone(), &y))
+                .collect())
+        }
+
+        fn inputs(&self) -> Vec<(String, Option<DataType>)> {
+            vec![("x".into(), Some(DataType::I64))]
+        }
+
+        fn outputs(&self) -> Vec<(String, Option<DataType>)> {
+            vec![("y".into(), Some(DataType::I64))]
+        }
+    }
+
+    /// Builds [`AddBackend`]s; a file that is not a number is a model the engine
+    /// cannot load.
+    #[derive(Default)]
+    struct AddFactory {
+        runs: Arc<AtomicUsize>,
+    }
+
+    impl BackendFactory for AddFactory {
+        fn instances(&self, model: &[u8], cfg: &ModelConfig) -> Result<Vec<Box<dyn Backend>>, BackendError> {
+            let add: i64 = std::str::from_utf8(model)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .ok_or_else(|| BackendError::Engine("not a model".into()))?;
+            Ok((0..cfg.instance_group.count)
+                .map(|_| {
+                    Box::new(AddBackend {
+                        add,
+                        runs: self.runs.clone(),
+                    }) as Box<dyn Backend>
+                })
+                .collect())
+        }
+    }
+
+    const CONFIG: &str = r#"
+        max_batch_size = 4
+        [[input]]
+        name = "x"
+        data_type = "INT64"
+        dims = [1]
+        [[output]]
+        name = "y"
+        data_type = "INT64"
+        dims = [1]
+    "#;
+
+    fn write_model(root: &std::path::Path, model_file: &str) {
+        let dir = root.join("add");
+        std::fs::create_dir_all(dir.join("1")).unwrap();
+        std::fs::write(dir.join("config.toml"), CONFIG).unwrap();
+        std::fs::write(dir.join("1/model.onnx"), model_file).unwrap();
+    }
+
+    fn parts(x: i64) -> RequestParts {
+        RequestParts {
+            id: "r".into(),
+            inputs: vec![("x".into(), Tensor::from_i64(vec![1, 1], &[x]))],
+            outputs: Vec::new(),
+            priority: None,
+            timeout: None,
+            sequence: None,
+        }
+    }
+
+    async fn answer(repo: &ModelRepository, x: i64) -> i64 {
+        let resp = repo.infer("add", "", parts(x)).await.expect("inference");
+        resp.outputs[0].1.to_i64_vec().unwrap()[0]
+    }
+
+    fn mock_repo() -> (tempfile::TempDir, ModelRepository, Arc<Metrics>, Arc<AtomicUsize>) {
+        let dir = tempfile::tempdir().unwrap();
+        let factory = AddFactory::default();
+        let runs = factory.runs.clone();
+        let metrics = Arc::new(Metrics::new());
+        let repo = ModelRepository::with_factory(dir.path(), metrics.clone(), Arc::new(factory)).unwrap();
+        (dir, repo, metrics, runs)
+    }
+
+    #[tokio::test]
+    async fn a_loaded_version_is_warmed_once_and_the_warm_up_is_not_recorded() {
+        let (dir, repo, metrics, runs) = mock_repo();
+        write_model(dir.path(), "7");
+        repo.load("add").await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "one warm-up run before serving");
+        let text = metrics.encode();
+        assert!(
+            !text.contains("ai_inference_batch_size_count{model_name=\"add\",model_version=\"1\"} 1"),
+            "the warm-up is kept out of the metrics: {text}"
+        );
+        assert_eq!(answer(&repo, 1).await, 8);
+        assert!(metrics
+            .encode()
+            .contains("ai_inference_batch_size_count{model_name=\"add\",model_version=\"1\"} 1"));
+        assert!(metrics.encode().contains("ai_model_load_duration_seconds_count"));
+    }
+
+    #[tokio::test]
+    async fn a_reload_swaps_versions_and_requests_holding_the_old_one_finish_on_it() {
+        let (dir, repo, _metrics, _runs) = mock_repo();
+        write_model(dir.path(), "7");
+        repo.load("add").await.unwrap();
+        let old = repo.version("add", "").unwrap();
+        write_model(dir.path(), "100");
+        repo.load("add").await.unwrap();
+        assert_eq!(answer(&repo, 1).await, 101, "new requests go to the new version");
+        // The old instance still serves whoever holds it.
+        let rt = old.scheduler.runtime().clone();
+        let req = prepare(&rt.config, None, parts(1)).unwrap();
+        let resp = old.scheduler.submit(req).unwrap().await.unwrap().unwrap();
+        assert_eq!(resp.outputs[0].1.to_i64_vec().unwrap(), vec![8]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_reload_changes_nothing_that_serves() {
+        let (dir, repo, _metrics, _runs) = mock_repo();
+        write_model(dir.path(), "7");
+        repo.load("add").await.unwrap();
+        write_model(dir.path(), "not a number");
+        let err = repo.load("add").await.unwrap_err();
+        assert!(
+            matches!(&err, InferError::LoadFailed { reason, .. } if reason.ends_with("not a model")),
+            "{err}"
+        );
+        assert_eq!(answer(&repo, 1).await, 8, "the old version still serves");
+        // A model that never loaded is listed with why.
+        std::fs::create_dir_all(dir.path().join("broken/1")).unwrap();
+        std::fs::write(dir.path().join("broken/config.toml"), "max_batch_size = \"x\"").unwrap();
+        assert!(repo.load("broken").await.is_err());
+        let index = repo.index(false);
+        let broken = index.iter().find(|e| e.name == "broken").unwrap();
+        assert_eq!(broken.state, "UNAVAILABLE");
+        assert!(broken.reason.contains("config.toml"), "{}", broken.reason);
+    }
+
+    #[tokio::test]
+    async fn an_unloaded_model_is_not_found() {
+        let (dir, repo, metrics, _runs) = mock_repo();
+        write_model(dir.path(), "7");
+        repo.load("add").await.unwrap();
+        assert!(metrics
+            .encode()
+            .contains("ai_inference_pending_requests{model_name=\"add\""));
+        repo.unload("add").await.unwrap();
+        assert!(matches!(
+            repo.infer("add", "", parts(1)).await,
+            Err(InferError::ModelNotFound(_))
+        ));
+        assert!(
+            !metrics
+                .encode()
+                .contains("ai_inference_pending_requests{model_name=\"add\""),
+            "an unloaded version's scrape-time series go with it"
+        );
+    }
+
+    #[test]
+    fn a_repository_that_is_not_a_directory_is_refused() {
+        let metrics = Arc::new(Metrics::new());
+        let err = ModelRepository::with_factory(
+            std::path::Path::new("/nonexistent/models"),
+            metrics,
+            Arc::new(AddFactory::default()),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, RepositoryError::NotADirectory(_)));
     }
 }

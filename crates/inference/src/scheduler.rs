@@ -23,7 +23,9 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-use lattice_observability::{quality::std_dev, Metrics, ModelRecorder};
+use lattice_observability::quality::std_dev;
+
+use crate::model_metrics::ModelRecorder;
 
 use crate::{
     backend::{Backend, BackendError},
@@ -37,10 +39,6 @@ use crate::{
 /// Priority levels: 0 = background ... 5 = realtime.
 pub const PRIORITY_LEVELS: usize = 6;
 pub const DEFAULT_PRIORITY: u8 = 2;
-/// Request id of the warm-up inference a new version runs before it serves; it is
-/// kept out of the metrics.
-pub const WARM_UP_ID: &str = "lattice-warm-up";
-
 /// A validated request for one model version.
 #[derive(Debug)]
 pub struct InferRequest {
@@ -51,6 +49,9 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
     pub priority: u8,
     pub deadline: Option<Instant>,
+    /// The warm-up inference a new version runs before it serves: computed like any
+    /// other, kept out of the metrics.
+    pub warm_up: bool,
 }
 
 /// Where a request's time went, for stats, metrics and response headers.
@@ -80,7 +81,6 @@ pub struct ModelRuntime {
     /// Outputs the engine itself produces (pooled outputs are computed after it).
     pub engine_outputs: Vec<String>,
     pub stats: Stats,
-    pub metrics: Arc<Metrics>,
     /// This version's metric handles (its labels included), resolved at load.
     pub recorder: ModelRecorder,
 }
@@ -359,12 +359,13 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
     match result {
         Ok((outputs, timing)) => {
             rt.stats.record_batch(&timing);
-            let (m, rec) = (&rt.metrics, &rt.recorder);
-            let recording = rec.enabled() && batch.iter().any(|e| e.req.id != WARM_UP_ID);
+            let rec = &rt.recorder;
+            let recording = rec.enabled() && batch.iter().any(|e| !e.req.warm_up);
             if recording {
                 rec.batch_size.observe(size as f64);
                 rec.compute_duration.observe(compute_time.as_secs_f64());
-                m.observe_service_time(compute_time.as_secs_f64() / size.max(1) as f64);
+                rec.set()
+                    .observe_service_time(compute_time.as_secs_f64() / size.max(1) as f64);
             }
             let confidences = if recording {
                 batch_quality(rt, &outputs)
@@ -390,7 +391,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
                 rt.stats.record_request(queued, e.enqueued.elapsed(), mine.is_ok());
                 if recording {
                     rec.queue_duration.observe(queued.as_secs_f64());
-                    m.observe_queue_time(queued.as_secs_f64());
+                    rec.set().observe_queue_time(queued.as_secs_f64());
                     rec.request_duration.observe(e.enqueued.elapsed().as_secs_f64());
                 }
                 let resp = mine.map(|outputs| InferResponse {
@@ -471,7 +472,7 @@ fn compute(
             .map(|(_, t)| t)
             .ok_or_else(|| InferError::Backend(format!("pooling source '{}' missing", p.source)))?;
         let mask = mask.ok_or_else(|| InferError::Backend(format!("pooling mask '{}' missing", p.mask)))?;
-        let pooled = mean_pool(p, states, &mask).map_err(InferError::Backend)?;
+        let pooled = mean_pool(p, states, &mask).map_err(|e| InferError::Backend(e.to_string()))?;
         outputs.push((p.output.clone(), pooled));
     }
     let timing = BatchTiming {
@@ -596,7 +597,11 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
 
     use super::*;
-    use crate::{backend::BackendError, tensor::DataType};
+    use crate::{
+        backend::BackendError,
+        model_metrics::{ModelLabels, ModelMetrics},
+        tensor::DataType,
+    };
 
     /// Identity on input `x` (INT64 [n, 1]); blocks on a gate when asked, fails on
     /// -2 and panics on -1; reports every batch size it ran.
@@ -656,8 +661,8 @@ mod tests {
             "#
         ))
         .expect("config");
-        let metrics = Arc::new(Metrics::new());
-        let recorder = metrics.recorder(&lattice_observability::ModelLabels {
+        let metrics = lattice_observability::Metrics::new();
+        let recorder = metrics.set::<ModelMetrics>().recorder(&ModelLabels {
             model_name: "mock".into(),
             model_version: "1".into(),
         });
@@ -666,7 +671,6 @@ mod tests {
             config,
             text: None,
             stats: Stats::default(),
-            metrics,
             recorder,
         });
         let (tx, batches) = std_mpsc::channel();
@@ -689,6 +693,7 @@ mod tests {
             outputs: vec!["y".into()],
             priority,
             deadline,
+            warm_up: false,
         }
     }
 

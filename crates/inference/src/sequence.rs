@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::ModelConfig,
+    config::{ConfigError, ModelConfig},
     error::InferError,
     repository::echo,
     tensor::{element_count, DataType, Tensor},
@@ -95,21 +95,22 @@ impl SequenceBatching {
 
     /// Checked at load: every state names a declared input and output of its type
     /// and dims, with fixed dims and a bounded size.
-    pub fn validate(&self, cfg: &ModelConfig) -> Result<(), String> {
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<(), ConfigError> {
         if !(1..=MAX_CANDIDATE_SEQUENCES).contains(&self.max_candidate_sequences) {
-            return Err(format!(
+            return Err(ConfigError::Invalid(format!(
                 "sequence_batching.max_candidate_sequences must be 1..={MAX_CANDIDATE_SEQUENCES}"
-            ));
+            )));
         }
         let mut total = 0usize;
         for s in &self.state {
-            let dtype = DataType::parse(&s.data_type)
-                .ok_or_else(|| format!("state '{}': unknown data_type '{}'", s.input_name, s.data_type))?;
+            let dtype = DataType::parse(&s.data_type).ok_or_else(|| {
+                ConfigError::Invalid(format!("state '{}': unknown data_type '{}'", s.input_name, s.data_type))
+            })?;
             if dtype == DataType::Bytes || s.dims.iter().any(|&d| d < 1) {
-                return Err(format!(
+                return Err(ConfigError::Invalid(format!(
                     "state '{}': a fixed-size numeric type with every dim >= 1",
                     s.input_name
-                ));
+                )));
             }
             for (what, t) in [
                 ("input", cfg.input_by_name(&s.input_name)),
@@ -119,18 +120,18 @@ impl SequenceBatching {
                 match t {
                     Some(t) if DataType::parse(&t.data_type) == Some(dtype) && t.dims == s.dims => {}
                     _ => {
-                        return Err(format!(
+                        return Err(ConfigError::Invalid(format!(
                             "state {what} '{name}' must be a declared {what} of the same data_type and dims"
-                        ))
+                        )))
                     }
                 }
             }
             if s.initial_state.len() > 1 {
-                return Err(format!(
+                return Err(ConfigError::Invalid(format!(
                     "initial_state field for state input '{}' must contain exactly one or zero element. Found '{}' elements.",
                     s.input_name,
                     s.initial_state.len()
-                ));
+                )));
             }
             if let Some(i) = s.initial_state.first() {
                 if !i.zero_data
@@ -138,19 +139,21 @@ impl SequenceBatching {
                     || DataType::parse(&i.data_type) != Some(dtype)
                     || i.dims != s.dims
                 {
-                    return Err(format!(
+                    return Err(ConfigError::Invalid(format!(
                         "initial_state of '{}': only zero_data = true is supported, with the state's data_type and dims",
                         s.input_name
-                    ));
+                    )));
                 }
             }
             let bytes = element_count(&s.dims)
                 .and_then(|n| n.checked_mul(dtype.size().unwrap_or(1)))
-                .ok_or_else(|| format!("state '{}' is too large", s.input_name))?;
+                .ok_or_else(|| ConfigError::Invalid(format!("state '{}' is too large", s.input_name)))?;
             total = total.saturating_add(bytes);
         }
         if total > MAX_STATE_BYTES {
-            return Err(format!("sequence state is {total} bytes, above {MAX_STATE_BYTES}"));
+            return Err(ConfigError::Invalid(format!(
+                "sequence state is {total} bytes, above {MAX_STATE_BYTES}"
+            )));
         }
         Ok(())
     }

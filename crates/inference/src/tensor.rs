@@ -157,34 +157,34 @@ impl Tensor {
     }
 
     /// Checks that the payload holds exactly the elements the shape promises.
-    pub fn check_consistent(&self) -> Result<(), String> {
-        let n = element_count(&self.shape).ok_or_else(|| format!("invalid shape {:?}", self.shape))?;
+    pub fn check_consistent(&self) -> Result<(), TensorError> {
+        let n = element_count(&self.shape).ok_or_else(|| TensorError::InvalidShape(self.shape.clone()))?;
         match (&self.data, self.dtype.size()) {
             (TensorData::Raw(b), Some(sz)) => {
                 // Checked: a shape like [1, 2^61 + 1] of 8-byte elements wraps to 8.
-                let need = n
-                    .checked_mul(sz)
-                    .ok_or_else(|| format!("shape {:?} of {} is too large", self.shape, self.dtype))?;
+                let need = n.checked_mul(sz).ok_or_else(|| TensorError::TooLarge {
+                    shape: self.shape.clone(),
+                    dtype: self.dtype,
+                })?;
                 if b.len() != need {
-                    return Err(format!(
-                        "shape {:?} of {} needs {need} bytes, got {}",
-                        self.shape,
-                        self.dtype,
-                        b.len()
-                    ));
+                    return Err(TensorError::ByteCount {
+                        shape: self.shape.clone(),
+                        dtype: self.dtype,
+                        need,
+                        got: b.len(),
+                    });
                 }
             }
             (TensorData::Strings(items), None) => {
                 if items.len() != n {
-                    return Err(format!(
-                        "shape {:?} needs {} BYTES elements, got {}",
-                        self.shape,
-                        n,
-                        items.len()
-                    ));
+                    return Err(TensorError::ElementCount {
+                        shape: self.shape.clone(),
+                        need: n,
+                        got: items.len(),
+                    });
                 }
             }
-            _ => return Err(format!("payload does not match datatype {}", self.dtype)),
+            _ => return Err(TensorError::PayloadKind(self.dtype)),
         }
         Ok(())
     }
@@ -249,20 +249,45 @@ impl Tensor {
     }
 }
 
+/// Why a tensor's payload does not fit its shape and datatype; every variant is the
+/// sender's to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("invalid shape {0:?}")]
+    InvalidShape(Vec<i64>),
+    #[error("shape {shape:?} of {dtype} is too large")]
+    TooLarge { shape: Vec<i64>, dtype: DataType },
+    #[error("shape {shape:?} of {dtype} needs {need} bytes, got {got}")]
+    ByteCount {
+        shape: Vec<i64>,
+        dtype: DataType,
+        need: usize,
+        got: usize,
+    },
+    #[error("shape {shape:?} needs {need} BYTES elements, got {got}")]
+    ElementCount { shape: Vec<i64>, need: usize, got: usize },
+    #[error("payload does not match datatype {0}")]
+    PayloadKind(DataType),
+    #[error("truncated BYTES element length")]
+    TruncatedLength,
+    #[error("BYTES element of {len} bytes exceeds the {remaining} remaining")]
+    ElementOverrun { len: usize, remaining: usize },
+}
+
 /// Splits a length-prefixed `BYTES` buffer (binary extension / gRPC raw contents).
-pub fn parse_wire_strings(mut buf: Bytes) -> Result<Vec<Bytes>, String> {
+pub fn parse_wire_strings(mut buf: Bytes) -> Result<Vec<Bytes>, TensorError> {
     let mut items = Vec::new();
     while !buf.is_empty() {
         if buf.len() < 4 {
-            return Err("truncated BYTES element length".to_string());
+            return Err(TensorError::TruncatedLength);
         }
         let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         let _ = buf.split_to(4);
         if buf.len() < len {
-            return Err(format!(
-                "BYTES element of {len} bytes exceeds the {} remaining",
-                buf.len()
-            ));
+            return Err(TensorError::ElementOverrun {
+                len,
+                remaining: buf.len(),
+            });
         }
         items.push(buf.split_to(len));
     }

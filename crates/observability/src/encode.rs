@@ -1,10 +1,18 @@
-//! Scrape-time encoding helpers shared by the collectors (the registry's own, the
-//! GPU's): a gauge family from rows computed at scrape.
+//! Scrape-time encoding helpers for the collectors every crate registers: one gauge,
+//! or a gauge family from rows computed at scrape.
 
 use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::gauge::ConstGauge,
+    metrics::{gauge::ConstGauge, MetricType},
 };
+
+/// One unlabelled gauge; absent, not zero, when there is no value.
+pub fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: Option<f64>) -> Result<(), std::fmt::Error> {
+    if let Some(v) = v {
+        ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+    }
+    Ok(())
+}
 
 pub fn gauge_family_f64<L: EncodeLabelSet>(
     enc: &mut DescriptorEncoder,

@@ -5,8 +5,10 @@
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    metrics::{counter::ConstCounter, MetricType},
 };
+
+use crate::encode::gauge;
 
 #[derive(Debug)]
 pub struct ProcessCollector {
@@ -35,18 +37,6 @@ fn status_kb(status: &str, key: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-}
-
-pub(crate) fn gauge(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    v: Option<f64>,
-) -> Result<(), std::fmt::Error> {
-    if let Some(v) = v {
-        ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for ProcessCollector {

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod canary;
 pub mod conn;
+pub mod edge_metrics;
 pub mod embeddings;
 pub mod encoding;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod limit;
 pub mod load_params;
 pub mod observe;
 pub mod podcost;
+pub mod replica_signals;
 pub mod scaler;
 pub mod scaling;
 pub mod shm;
@@ -124,16 +126,31 @@ pub struct AppState {
     pub shm: shm::Registry,
     /// TLS of the ports that have it ([`tls`]); none by default.
     pub tls: tls::Acceptors,
+    /// The edge's metric set, registered in the repository's registry.
+    pub edge: Arc<edge_metrics::EdgeMetrics>,
 }
 
 fn repo_metrics(repo: &ModelRepository) -> Arc<lattice_observability::Metrics> {
     repo.metrics().clone()
 }
 
+/// Registers every metric set the server exposes (the edge's, the inference
+/// plane's, the agent plane's and the replica's scaling signals), so the exposition
+/// and [`Metrics::declared_series`](lattice_observability::Metrics::declared_series)
+/// name every family whether or not that plane runs.
+pub fn register_metric_sets(metrics: &lattice_observability::Metrics) {
+    metrics.set::<edge_metrics::EdgeMetrics>();
+    metrics.set::<lattice_inference::ModelMetrics>();
+    metrics.set::<lattice_agent::agent_metrics::AgentMetrics>();
+    metrics.set::<replica_signals::ReplicaSignals>();
+}
+
 impl AppState {
     pub fn new(repo: ModelRepository, cfg: ServerConfig) -> AppState {
+        register_metric_sets(repo.metrics());
         AppState {
             gateway: Arc::new(gateway::Gateway::off(repo_metrics(&repo))),
+            edge: repo.metrics().set::<edge_metrics::EdgeMetrics>(),
             repo,
             agents: None,
             tasks: None,
@@ -257,7 +274,7 @@ pub async fn run(
         tonic::transport::Server::builder()
             .max_concurrent_streams(limits.http2_max_concurrent_streams)
             .layer(observe::GrpcLayer {
-                metrics: state.repo.metrics().clone(),
+                metrics: state.edge.clone(),
                 enabled: state.cfg.telemetry,
             })
             .layer(state.gateway.layer(gateway::Protocol::Grpc))
@@ -305,14 +322,21 @@ pub async fn run(
     // Scaling signals exist only while the replica is ready: a warming or draining
     // pod must look missing to the autoscaler, not idle.
     let signals = state.clone();
-    state.repo.metrics().set_load_source(Box::new(move || {
+    let replica = state.repo.metrics().set::<replica_signals::ReplicaSignals>();
+    replica.read_from(Box::new(move || {
         signals.is_ready().then(|| {
             let (demand, capacity) = signals.repo.load_signals(None);
             let in_flight = signals.repo.in_flight();
-            lattice_observability::metrics::Load {
-                in_flight,
-                queued: demand.saturating_sub(in_flight),
-                capacity,
+            let model = signals.repo.model_metrics();
+            replica_signals::Snapshot {
+                load: replica_signals::Load {
+                    in_flight,
+                    queued: demand.saturating_sub(in_flight),
+                    capacity,
+                },
+                qps: model.qps(),
+                queue_p95: model.queue_time_p95(),
+                service: model.service_time_mean(),
             }
         })
     }));
@@ -335,10 +359,7 @@ pub async fn run(
             }
             if sampler.is_ready() {
                 let (demand, capacity) = sampler.repo.load_signals(None);
-                sampler
-                    .repo
-                    .metrics()
-                    .observe_saturation(demand as f64 / capacity.max(1) as f64);
+                replica.observe_saturation(demand as f64 / capacity.max(1) as f64);
             }
         }
     });
@@ -393,23 +414,32 @@ pub async fn run(
 }
 
 /// SIGTERM (what Kubernetes sends to start a graceful shutdown) or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    // The handlers are installed now, not when the future is first polled (at the
+    // end of start-up): a SIGTERM that arrives once the ports serve must drain the
+    // server, not kill it with the default action.
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn recv(s: Option<Signal>) {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            tokio::select! {
+                () = recv(term) => {}
+                () = recv(int) => {}
+            }
+        }
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -16,12 +16,11 @@ use axum::{
     response::Response,
 };
 use futures::future::BoxFuture;
-use lattice_observability::{
-    metrics::{RequestLabels, RouteLabels, TraceLabel},
-    telemetry, Metrics,
-};
+use lattice_observability::{metrics::TraceLabel, telemetry};
 use parking_lot::RwLock;
 use tracing::{field::Empty, Instrument};
+
+use crate::edge_metrics::{EdgeMetrics, RequestLabels, RouteLabels};
 
 use crate::AppState;
 
@@ -70,7 +69,7 @@ pub async fn http(State(state): State<AppState>, req: Request, next: Next) -> Re
         started,
         trace_id,
     };
-    record(state.repo.metrics(), o);
+    record(&state.edge, o);
     resp
 }
 
@@ -139,7 +138,7 @@ struct Observed {
     trace_id: Option<String>,
 }
 
-fn record(metrics: &Metrics, o: Observed) {
+fn record(metrics: &EdgeMetrics, o: Observed) {
     let Observed {
         protocol,
         method,
@@ -183,7 +182,7 @@ const SERVICES: &[&str] = &[
 /// tower layer for the gRPC server.
 #[derive(Clone)]
 pub struct GrpcLayer {
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<EdgeMetrics>,
     pub enabled: bool,
 }
 
@@ -202,7 +201,7 @@ impl<S> tower::Layer<S> for GrpcLayer {
 #[derive(Clone)]
 pub struct GrpcObserve<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    metrics: Arc<EdgeMetrics>,
     enabled: bool,
 }
 

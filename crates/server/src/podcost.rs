@@ -38,6 +38,7 @@ pub async fn run(cfg: PodCostConfig, metrics: Arc<Metrics>, http: reqwest::Clien
         cfg.namespace,
         cfg.pod
     );
+    let signals = metrics.set::<crate::replica_signals::ReplicaSignals>();
     let mut last: Option<i64> = None;
     let mut tick = tokio::time::interval(cfg.interval);
     loop {
@@ -45,7 +46,7 @@ pub async fn run(cfg: PodCostConfig, metrics: Arc<Metrics>, http: reqwest::Clien
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let cost = metrics.pod_deletion_cost();
+        let cost = signals.pod_deletion_cost();
         if last == Some(cost) {
             continue;
         }

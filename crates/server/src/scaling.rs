@@ -264,7 +264,7 @@ pub async fn run(state: AppState, cfg: ScalingConfig) -> Result<(), ScalingError
 /// Requests per second this replica completes when busy: its instances over the
 /// mean compute time per item.
 fn measured_capacity(state: &AppState) -> Option<f64> {
-    let per_item = state.repo.metrics().service_time_mean()?;
+    let per_item = state.repo.model_metrics().service_time_mean()?;
     let instances = state.repo.instance_count();
     (per_item > 0.0 && instances > 0).then(|| instances as f64 / per_item)
 }

@@ -979,7 +979,12 @@ async fn every_request_has_exactly_one_audit_record() {
     // Files are per tenant: refused requests without a tenant go to `_`.
     assert!(audit_dir.join("acme").is_dir() && audit_dir.join("_").is_dir());
     assert_eq!(
-        server.repo().metrics().audit_counters().get("written") as usize,
+        server
+            .repo()
+            .metrics()
+            .set::<lattice_server::edge_metrics::EdgeMetrics>()
+            .audit_counters()
+            .get("written") as usize,
         records.len()
     );
     server.stop().await;

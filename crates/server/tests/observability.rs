@@ -280,7 +280,7 @@ async fn shifted_inputs_raise_the_drift_score_and_the_reference_does_not() {
         )
     });
     let server = start(repo.path(), Options::default()).await;
-    let metrics = server.repo().metrics().clone();
+    let metrics = server.repo().model_metrics().clone();
     let labels = server.repo().version("magika", "").unwrap().labels().clone();
     let http = reqwest::Client::new();
     // A deterministic stream of "text-like" files: printable ASCII at varying densities.

@@ -39,12 +39,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use lattice_observability::{
-    metrics::{AgentLoad, OutcomeLabels},
-    Metrics,
-};
+use lattice_observability::{Metrics, OutcomeLabels};
 
 use crate::{
+    agent_metrics::{AgentLoad, AgentMetrics},
     memory::MemoryBroker,
     records::coll,
     store::{Store, StoreError},
@@ -160,7 +158,7 @@ pub struct Orchestrator {
 pub(crate) struct Inner {
     cfg: OrchestratorConfig,
     store: Store,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AgentMetrics>,
     tools: ToolGateway,
     memory: MemoryBroker,
     state: Mutex<Routing>,
@@ -235,7 +233,7 @@ impl Orchestrator {
                 memory: MemoryBroker::new(store.clone()),
                 cfg,
                 store,
-                metrics: metrics.clone(),
+                metrics: metrics.set::<AgentMetrics>(),
                 tools,
                 state: Mutex::new(Routing {
                     machine: State::new(rules),
@@ -260,7 +258,7 @@ impl Orchestrator {
             shared::spawn(&orch.inner, queue);
         }
         let weak = Arc::downgrade(&orch.inner);
-        metrics.set_agent_source(Box::new(move || {
+        orch.inner.metrics.read_load_from(Box::new(move || {
             weak.upgrade()
                 .map(|inner| Orchestrator { inner }.load())
                 .unwrap_or_default()

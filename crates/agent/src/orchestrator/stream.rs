@@ -9,13 +9,11 @@ use lattice_proto::agent::{
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use lattice_observability::{
-    metrics::{FrameLabels, OutcomeLabels},
-    telemetry,
-};
+use lattice_observability::{telemetry, OutcomeLabels};
 use tracing::Instrument;
 
 use crate::{
+    agent_metrics::FrameLabels,
     session::Verdict,
     tools::CallContext,
     wire::{self, code_name, now_us},
@@ -432,7 +430,7 @@ impl Orchestrator {
                     this.inner
                         .metrics
                         .memory_ops
-                        .get_or_create(&lattice_observability::metrics::MemoryLabels { op: kind, outcome })
+                        .get_or_create(&crate::agent_metrics::MemoryLabels { op: kind, outcome })
                         .inc();
                     this.complete(&sid, seq, &corr, agent_response::Body::Memory(result));
                 });

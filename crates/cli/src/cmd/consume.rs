@@ -77,7 +77,7 @@ pub async fn run(args: ConsumeArgs) -> Result<(), Failure> {
         },
         Arc::new(Metrics::new()),
     )
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     for e in repo.load_all().await {
         tracing::error!(error = %e, "model not loaded");
     }

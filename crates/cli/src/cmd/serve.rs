@@ -204,7 +204,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
         },
         metrics,
     )
-    .map_err(Failure::Usage)?;
+    .map_err(|e| Failure::Usage(e.to_string()))?;
     let listeners = Listeners {
         http: bind(args.host, args.http_port, "HTTP").await?,
         grpc: bind(args.host, args.grpc_port, "gRPC").await?,
@@ -267,7 +267,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
         }
     }
     let policy = args.scaling.policy()?;
-    repo.metrics().set_guard_config(policy.guard);
+    repo.metrics()
+        .set::<lattice_server::replica_signals::ReplicaSignals>()
+        .set_guard_config(policy.guard);
     let replica = args.pod_cost.pod_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

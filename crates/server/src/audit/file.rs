@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lattice_observability::metrics::AuditCounters;
+use crate::edge_metrics::AuditCounters;
 use tokio::sync::mpsc;
 
 use super::{day_of, safe_component, Msg, Record};

@@ -94,14 +94,11 @@ pub(crate) fn gather(
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
-    outcomes: lattice_observability::metrics::AuditCounters,
+    outcomes: crate::edge_metrics::AuditCounters,
 }
 
 impl AuditLog {
-    pub(crate) fn new(
-        queue: usize,
-        outcomes: lattice_observability::metrics::AuditCounters,
-    ) -> (AuditLog, mpsc::Receiver<Msg>) {
+    pub(crate) fn new(queue: usize, outcomes: crate::edge_metrics::AuditCounters) -> (AuditLog, mpsc::Receiver<Msg>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
         (AuditLog { tx, outcomes }, rx)
     }
@@ -165,7 +162,7 @@ pub async fn start(
     metrics: &lattice_observability::Metrics,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<AuditLog, AuditStartError> {
-    let counters = metrics.audit_counters();
+    let counters = metrics.set::<crate::edge_metrics::EdgeMetrics>().audit_counters();
     let (log, rx) = AuditLog::new(cfg.queue, counters.clone());
     let tick_every = match &cfg.sink {
         SinkConfig::File { dir, fsync_every } => {

@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use crate::edge_metrics::AuditCounters;
 use async_nats::jetstream::{self, stream};
-use lattice_observability::metrics::AuditCounters;
 use tokio::sync::mpsc;
 
 use super::{safe_component, Msg, Record};

@@ -29,7 +29,9 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use lattice_observability::{metrics::RefusalLabels, Metrics};
+use lattice_observability::Metrics;
+
+use crate::edge_metrics::{EdgeMetrics, RefusalLabels};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +64,7 @@ pub struct Gateway {
     policy: Arc<Watched<policy::Policy>>,
     limiter: Option<Limiter>,
     audit: Option<AuditLog>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -184,7 +186,7 @@ impl Gateway {
             policy,
             limiter: cfg.limits.then(Limiter::new),
             audit,
-            metrics,
+            metrics: metrics.set::<EdgeMetrics>(),
         })
     }
 
@@ -195,7 +197,7 @@ impl Gateway {
             policy: Watched::new(policy::Policy::default()),
             limiter: None,
             audit: None,
-            metrics,
+            metrics: metrics.set::<EdgeMetrics>(),
         }
     }
 
