@@ -24,7 +24,7 @@ use prost::Message;
 
 use crate::{
     records::TaskRecord,
-    store::{Delivery, Pulled, SharedQueue, StoreResult},
+    store::{Delivery, Op, Pulled, SharedQueue, StoreResult},
 };
 
 use super::{
@@ -205,41 +205,45 @@ impl Inner {
     }
 
     fn apply_taken(&self, got: Vec<Pulled>) {
-        if got.is_empty() {
-            return;
-        }
-        let mut step = Step::default();
-        let mut st = self.state.lock();
-        if self.draining.is_cancelled() {
-            // Not renewed from now on: another replica takes them over.
-            return;
-        }
-        let now = now();
-        for p in got {
-            let record = match TaskRecord::decode(p.record) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(entry = p.entry, error = %e, "shared queue: undecodable entry retired");
-                    step.ops.push(crate::store::Op::Retire {
-                        capability: p.capability,
-                        priority: p.priority,
-                        entry: p.entry,
-                    });
-                    continue;
-                }
-            };
-            let take = Take {
+        self.apply_each(got, |p| match TaskRecord::decode(p.record) {
+            Ok(record) => Ok(Event::Take(Box::new(Take {
                 priority: p.priority,
                 entry: p.entry,
                 deliveries: p.deliveries,
                 record,
-            };
-            st.apply_into(Event::Take(Box::new(take)), now, &mut step);
-        }
-        self.commit(&mut st, step);
+            }))),
+            Err(e) => {
+                tracing::error!(entry = p.entry, error = %e, "shared queue: undecodable entry retired");
+                Err(Op::Retire {
+                    capability: p.capability,
+                    priority: p.priority,
+                    entry: p.entry,
+                })
+            }
+        });
     }
 
     fn apply_delivered(&self, got: Vec<Delivery>) {
+        self.apply_each(got, |d| match TaskResult::decode(d.result) {
+            Ok(result) => Ok(Event::Delivered {
+                route: d.route,
+                entry: d.entry,
+                result,
+            }),
+            Err(e) => {
+                tracing::error!(route = d.route, entry = d.entry, error = %e, "shared queue: undecodable result dropped");
+                Err(Op::Delivered {
+                    route: d.route,
+                    entry: d.entry,
+                })
+            }
+        });
+    }
+
+    /// Applies what was read from the shared queue as events (or, for what does
+    /// not decode, the op that removes it), all under one lock hold and one ticket.
+    /// A draining replica applies nothing: what it does not renew lapses to others.
+    fn apply_each<T>(&self, got: Vec<T>, event: impl Fn(T) -> Result<Event, Op>) {
         if got.is_empty() {
             return;
         }
@@ -249,28 +253,11 @@ impl Inner {
             return;
         }
         let now = now();
-        for d in got {
-            let Ok(result) = TaskResult::decode(d.result) else {
-                tracing::error!(
-                    route = d.route,
-                    entry = d.entry,
-                    "shared queue: undecodable result dropped"
-                );
-                step.ops.push(crate::store::Op::Delivered {
-                    route: d.route,
-                    entry: d.entry,
-                });
-                continue;
-            };
-            st.apply_into(
-                Event::Delivered {
-                    route: d.route,
-                    entry: d.entry,
-                    result,
-                },
-                now,
-                &mut step,
-            );
+        for item in got {
+            match event(item) {
+                Ok(e) => st.apply_into(e, now, &mut step),
+                Err(op) => step.ops.push(op),
+            }
         }
         self.commit(&mut st, step);
     }
