@@ -168,7 +168,15 @@ pub(crate) struct Inner {
     task_audit: std::sync::OnceLock<Arc<dyn TaskAudit>>,
     /// Woken on every change while dispatch is shared: the loops that take tasks
     /// and read results look again at what this replica has room for and awaits.
-    shared_wake: Option<Arc<Notify>>,
+    /// One notifier per loop: `notify_one` on a shared one would wake only one.
+    shared_wake: Option<Arc<SharedWake>>,
+}
+
+/// The notifiers of shared dispatch's take and result loops.
+#[derive(Default)]
+struct SharedWake {
+    take: Notify,
+    results: Notify,
 }
 
 /// The state machine's state and, beside it, what only the async shell needs: the
@@ -241,7 +249,7 @@ impl Orchestrator {
                 }),
                 draining: CancellationToken::new(),
                 task_audit: std::sync::OnceLock::new(),
-                shared_wake: queue.as_ref().map(|_| Arc::new(Notify::new())),
+                shared_wake: queue.as_ref().map(|_| Arc::new(SharedWake::default())),
             }),
         };
         if orch.inner.cfg.adopt_all_on_start {
@@ -377,7 +385,8 @@ impl Inner {
             self.carry_out(effect);
         }
         if let Some(w) = &self.shared_wake {
-            w.notify_one();
+            w.take.notify_one();
+            w.results.notify_one();
         }
         ticket
     }

@@ -75,12 +75,12 @@ async fn take_loop(weak: Weak<Inner>, queue: SharedQueue) {
     let mut grouped: HashSet<String> = HashSet::new();
     loop {
         let Some(inner) = live(&weak) else { return };
-        let wake = inner.shared_wake.clone().expect("set with shared dispatch");
+        let wakes = inner.shared_wake.clone().expect("set with shared dispatch");
         let room = inner.room();
         if room.is_empty() {
             drop(inner);
             // Room appears with a change: a worker attaches, finishes or credits.
-            let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), wakes.take.notified()).await;
             continue;
         }
         let outcome = async {
@@ -120,7 +120,7 @@ async fn result_loop(weak: Weak<Inner>, queue: SharedQueue) {
     let mut cursors: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let Some(inner) = live(&weak) else { return };
-        let wake = inner.shared_wake.clone().expect("set with shared dispatch");
+        let wakes = inner.shared_wake.clone().expect("set with shared dispatch");
         let routes = inner.awaited_routes();
         cursors.retain(|r, _| routes.contains(r));
         for r in routes {
@@ -128,7 +128,7 @@ async fn result_loop(weak: Weak<Inner>, queue: SharedQueue) {
         }
         if cursors.is_empty() {
             drop(inner);
-            let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), wakes.results.notified()).await;
             continue;
         }
         let reading: Vec<(String, String)> = cursors.iter().map(|(r, c)| (r.clone(), c.clone())).collect();
