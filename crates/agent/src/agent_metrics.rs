@@ -102,6 +102,11 @@ metric_set! {
             "Frames resent to agents after they resumed a session",
             Counter::default()
         );
+        pub agent_fenced: Counter = (
+            "lattice_agent_fenced",
+            "Writes refused because another replica owns the sessions they were for (this replica was paused or partitioned); each ends every stream here",
+            Counter::default()
+        );
         pub agent_credit_waits: Family<OutcomeLabels, Counter> = (
             "lattice_agent_credit_waits",
             "Requesters held back by their window: offers refused, or streams paused",

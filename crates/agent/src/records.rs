@@ -14,6 +14,9 @@ pub mod coll {
         format!("tasks:{sid}")
     }
     pub const DEAD_LETTER: &str = "dead_letter";
+    /// Per session, the epoch of the stream that owns it (decimal): the fence
+    /// every write for the session is checked against (shared stores only).
+    pub const OWNERS: &str = "owners";
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -18,6 +18,7 @@ use std::{
 
 use lattice_agent::{
     client::{ClientConfig, LinkState},
+    records::{coll, SessionMeta},
     store::{RedbBackend, RedisBackend, StoreBackend},
     tools::COUNTER_COLL,
     worker::Requester,
@@ -31,6 +32,7 @@ use tokio::{
 struct Orchestrator {
     child: Child,
     grpc: SocketAddr,
+    metrics: SocketAddr,
 }
 
 /// Kills what is still running when a test fails half-way.
@@ -89,13 +91,18 @@ fn spawn_orchestrator(store: &str, empty_repo: &Path, extra: &[&str]) -> Orchest
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let grpc = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("bound addresses on the first line, got {line:?}"))
-        .parse()
-        .unwrap();
-    Orchestrator { child, grpc }
+    let addr = |key: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("bound addresses on the first line, got {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    Orchestrator {
+        grpc: addr("grpc="),
+        metrics: addr("metrics="),
+        child,
+    }
 }
 
 fn spawn_agent(orchestrators: &str) -> Child {
@@ -497,4 +504,105 @@ async fn split_replicas_survive_a_kill_of_the_requesters_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_replicas_survive_a_kill_of_the_workers_replica() {
     split_replicas(Kill::Workers).await;
+}
+
+/// Fencing with a real pause: every agent is attached to replica A when A is
+/// stopped (SIGSTOP); they move to B and work goes on there; then A continues
+/// (SIGCONT) still holding its sessions in memory. Everything A then tries to write
+/// for them is refused (B owns them now), A ends its streams, and no task is lost
+/// or runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_is_fenced_when_it_continues() {
+    const N: usize = 1_500;
+    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
+    let empty = tempfile::tempdir().unwrap();
+    let flags = ["--store-prefix", prefix.as_str()];
+    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let both = format!("http://{},http://{}", a.grpc, b.grpc);
+    let mut agents = Agents::spawn(3, &both);
+    let mut req = requester(vec![format!("http://{}", a.grpc), format!("http://{}", b.grpc)]);
+    req.client.established().await.unwrap();
+    let offering = offer_all(&req, N);
+    let mut done = HashSet::new();
+    let mut stopped_at = None;
+    let mut continued = false;
+    while done.len() < N {
+        if stopped_at.is_none() && done.len() >= N / 3 {
+            // Everyone started on A (first in their lists).
+            signal(&a.child, "-STOP");
+            stopped_at = Some(done.len());
+        }
+        if let Some(at) = stopped_at {
+            if !continued && done.len() >= at + N / 3 {
+                signal(&a.child, "-CONT");
+                continued = true;
+            }
+        }
+        next_unique_ok(&mut req, &mut done).await;
+    }
+    offering.await.unwrap();
+    assert!(continued, "A was stopped and continued mid-run");
+    // A acts on what it held: its lease and reassignment timers have fired.
+    let fenced = Instant::now();
+    let refused = loop {
+        let n = metric(a.metrics, "lattice_agent_fenced_total").await;
+        if n >= 1.0 {
+            break n;
+        }
+        assert!(
+            fenced.elapsed() < Duration::from_secs(30),
+            "A never tried to write after continuing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // No late duplicates either, past A's reassignment delay.
+    assert!(tokio::time::timeout(Duration::from_secs(4), req.next_result())
+        .await
+        .is_err());
+    eprintln!("agents/fencing: {N} tasks; A's refused commits: {refused}");
+    assert!(req.client.reconnects() >= 1, "the requester moved to B");
+    req.client.close(false).await;
+    agents.stop();
+    for o in [&mut a, &mut b] {
+        signal(&o.child, "-TERM");
+        assert!(o.child.wait().unwrap().success());
+    }
+    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    check_counters(&backend, N).await;
+    check_owners(&backend).await;
+    backend.clear().await.unwrap();
+}
+
+/// The sum of a metric family's series on a `/metrics` endpoint (0 if absent).
+async fn metric(addr: SocketAddr, family: &str) -> f64 {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every stored session record carries the epoch of its owner: no replica wrote
+/// one under an epoch it no longer owned.
+async fn check_owners(backend: &dyn StoreBackend) {
+    use prost::Message;
+    let owners: std::collections::HashMap<String, u64> = backend
+        .scan(coll::OWNERS)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(sid, e)| (sid, std::str::from_utf8(&e).unwrap().parse().unwrap()))
+        .collect();
+    let sessions = backend.scan(coll::SESSIONS).await.unwrap();
+    assert!(!sessions.is_empty());
+    for (sid, meta) in sessions {
+        let meta = SessionMeta::decode(meta).unwrap();
+        assert_eq!(Some(&meta.epoch), owners.get(&sid), "session {sid}");
+    }
 }

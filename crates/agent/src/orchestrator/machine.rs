@@ -19,7 +19,7 @@ use prost::Message;
 
 use crate::{
     records::{coll, SessionMeta, TaskRecord},
-    store::{seq_key, Op},
+    store::{seq_key, Fence, Op},
     wire::new_msg_id,
 };
 
@@ -368,6 +368,7 @@ impl State {
         self.acked(&sid, resumed_acks, step);
         self.dispatch(now, step);
         step.epoch = Some(epoch);
+        step.fences.push(Fence::claim(&sid, epoch));
     }
 
     /// Marks the tasks assigned to `sid` as its in-flight work again (it attached,
@@ -748,6 +749,9 @@ impl State {
 
     fn forget_session(&mut self, sid: &str, step: &mut Step) {
         if let Some(s) = self.sessions.remove(sid) {
+            // Only the owner forgets a session: a replica that lost it to another
+            // must not delete what the owner keeps.
+            step.fences.push(Fence::write(sid, s.meta.epoch));
             for (seq, _) in s.outbox.pending() {
                 step.ops.push(Op::Del {
                     coll: coll::outbox(sid),
@@ -823,6 +827,11 @@ impl State {
         for (worker, id) in gone {
             // Only if the task is still that worker's; another may have taken it.
             if self.tasks.get(&id).and_then(Task::worker) == Some(worker.as_str()) {
+                // The worker may have resumed on another replica with the task:
+                // only while this replica still owns it may the task move.
+                if let Some(w) = self.sessions.get(&worker) {
+                    step.fences.push(Fence::write(&worker, w.meta.epoch));
+                }
                 self.requeue(&id, "its worker disconnected".into(), now, step);
             } else if let Some(w) = self.sessions.get_mut(&worker) {
                 w.in_flight.remove(&id);

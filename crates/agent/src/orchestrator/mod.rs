@@ -34,7 +34,7 @@ use lattice_proto::agent::{
     agent_coordination_server::AgentCoordination, agent_response, AgentMessage, AgentResponse, Drain,
 };
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -51,6 +51,7 @@ use crate::{
 };
 
 mod adopt;
+mod fencing;
 mod machine;
 mod shared;
 mod state;
@@ -170,6 +171,9 @@ pub(crate) struct Inner {
     /// and read results look again at what this replica has room for and awaits.
     /// One notifier per loop: `notify_one` on a shared one would wake only one.
     shared_wake: Option<Arc<SharedWake>>,
+    /// Times this replica started over after a fence proved its state stale;
+    /// streams end and writers stop sending when it changes.
+    resets: watch::Sender<u64>,
 }
 
 /// The notifiers of shared dispatch's take and result loops.
@@ -250,8 +254,15 @@ impl Orchestrator {
                 draining: CancellationToken::new(),
                 task_audit: std::sync::OnceLock::new(),
                 shared_wake: queue.as_ref().map(|_| Arc::new(SharedWake::default())),
+                resets: watch::channel(0).0,
             }),
         };
+        let weak = Arc::downgrade(&orch.inner);
+        orch.inner.store.on_fenced(Box::new(move |fenced| {
+            if let Some(inner) = weak.upgrade() {
+                inner.fenced_off(fenced);
+            }
+        }));
         if orch.inner.cfg.adopt_all_on_start {
             let sessions = orch.inner.store.backend().scan(coll::SESSIONS).await?;
             for (sid, _) in sessions {
@@ -367,7 +378,23 @@ impl Inner {
             metas.put_session(s);
         }
         step.ops.append(&mut metas.ops);
-        let ticket = self.store.submit(step.ops);
+        let claims: Vec<String> = step
+            .fences
+            .iter()
+            .filter(|f| f.claims_from.is_some())
+            .map(|f| f.sid.clone())
+            .collect();
+        let ticket = if self.store.fencing() {
+            let fences = fencing::fences(st, &step.ops, std::mem::take(&mut step.fences));
+            self.store.submit_fenced(step.ops, fences)
+        } else {
+            self.store.submit(step.ops)
+        };
+        for sid in claims {
+            if let Some(s) = st.sessions.get_mut(&sid) {
+                s.claim_ticket = ticket;
+            }
+        }
         for (sid, seq) in step.pushed {
             if let Some(p) = st.sessions.get_mut(&sid).and_then(|s| s.outbox.get_mut(seq)) {
                 p.ticket = ticket;

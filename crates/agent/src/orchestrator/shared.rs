@@ -24,10 +24,11 @@ use prost::Message;
 
 use crate::{
     records::TaskRecord,
-    store::{Delivery, Op, Pulled, SharedQueue, StoreResult},
+    store::{Delivery, Fence, Op, Pulled, SharedQueue, StoreResult},
 };
 
 use super::{
+    fencing,
     machine::{Event, Take},
     now, Inner, Phase, Step,
 };
@@ -76,7 +77,7 @@ async fn take_loop(weak: Weak<Inner>, queue: SharedQueue) {
     loop {
         let Some(inner) = live(&weak) else { return };
         let wakes = inner.shared_wake.clone().expect("set with shared dispatch");
-        let room = inner.room();
+        let (room, fences) = inner.room();
         if room.is_empty() {
             drop(inner);
             // Room appears with a change: a worker attaches, finishes or credits.
@@ -90,15 +91,22 @@ async fn take_loop(weak: Weak<Inner>, queue: SharedQueue) {
                     grouped.insert(cap.clone());
                 }
             }
-            let got = queue.take(&mut conn, &inner.cfg.id, &room).await?;
+            let got = match queue.take(&mut conn, &inner.cfg.id, &room, &fences).await? {
+                Ok(got) => got,
+                Err(fenced) => return Ok(Err(fenced)),
+            };
             if !got.is_empty() {
-                return Ok(got);
+                return Ok(Ok(got));
             }
+            // What a blocking read hands out is assigned by a fenced commit: a
+            // replica that lost its workers holds at most these entries until
+            // their lease lapses.
             let caps: Vec<String> = room.iter().map(|(c, _)| c.clone()).collect();
-            queue.wait(&mut conn, &inner.cfg.id, &caps, BLOCK).await
+            queue.wait(&mut conn, &inner.cfg.id, &caps, BLOCK).await.map(Ok)
         };
         match outcome.await {
-            Ok(got) => inner.apply_taken(got),
+            Ok(Ok(got)) => inner.apply_taken(got),
+            Ok(Err(fenced)) => inner.fenced_off(&fenced),
             Err(e) => {
                 tracing::warn!(error = %e, "shared queue: take failed; retrying");
                 drop(inner);
@@ -166,8 +174,9 @@ async fn lease_loop(weak: Weak<Inner>, queue: SharedQueue) {
 
 impl Inner {
     /// Per capability, how many more tasks the attached workers here could start
-    /// than are queued here already.
-    fn room(&self) -> Vec<(String, usize)> {
+    /// than are queued here already; and the fences of those workers.
+    fn room(&self) -> (Vec<(String, usize)>, Vec<Fence>) {
+        let durable = self.store.durable_now();
         let st = self.state.lock();
         let at = now().at;
         let mut room: HashMap<&str, usize> = HashMap::new();
@@ -188,7 +197,7 @@ impl Inner {
             .map(|(c, n)| (c.to_string(), n))
             .collect();
         out.sort();
-        out
+        (out, fencing::worker_fences(&st, durable))
     }
 
     /// Routes of the tasks here that wait for another replica's result, for
@@ -264,7 +273,8 @@ impl Inner {
 
     /// Renews what this replica works on and takes over lapsed entries.
     async fn lease_round(&self, queue: &SharedQueue) -> StoreResult<()> {
-        let (held, caps) = {
+        let durable = self.store.durable_now();
+        let (held, caps, fences) = {
             let st = self.state.lock();
             let attached_caps: BTreeSet<String> = st
                 .sessions
@@ -286,10 +296,19 @@ impl Inner {
                     held.push((t.capability.clone(), entry.priority, entry.id.clone()));
                 }
             }
-            (held, attached_caps)
+            (held, attached_caps, fencing::worker_fences(&st, durable))
         };
-        queue.renew(&self.cfg.id, &held).await?;
+        if let Err(fenced) = queue.renew(&self.cfg.id, &held, &fences).await? {
+            self.fenced_off(&fenced);
+            return Ok(());
+        }
         if caps.is_empty() {
+            return Ok(());
+        }
+        // Taking over is two commands (XPENDING, then XCLAIM with its idle guard);
+        // a replica that lost its workers finds out first.
+        if let Err(fenced) = self.store.check(&fences).await? {
+            self.fenced_off(&fenced);
             return Ok(());
         }
         let published = queue.capabilities().await?;

@@ -15,7 +15,7 @@ use crate::{
     lanes::Lanes,
     records::{coll, SessionMeta, TaskRecord, TaskState},
     session::{Inbox, Outbox},
-    store::Op,
+    store::{Fence, Op},
 };
 
 /// The limits and timings the state machine applies (a subset of the
@@ -243,6 +243,9 @@ pub(super) struct Session {
     pub(super) outstanding: usize,
     pub(super) rtt_us: u64,
     pub(super) last_echo_us: i64,
+    /// Ticket of the commit claiming the current epoch: until it is durable, the
+    /// epoch is not yet the owner's in a shared store.
+    pub(super) claim_ticket: u64,
 }
 
 #[derive(Default)]
@@ -269,6 +272,7 @@ impl Session {
             outstanding: 0,
             rtt_us: 0,
             last_echo_us: 0,
+            claim_ticket: 0,
         }
     }
 
@@ -351,6 +355,10 @@ pub(super) struct Step {
     pub(super) effects: Vec<Effect>,
     /// The epoch an attach gave the new stream.
     pub(super) epoch: Option<u64>,
+    /// Owner epochs the writes depend on beyond those of the sessions they touch
+    /// (which the shell adds): an attach's claim, an evicted session, a vanished
+    /// worker whose tasks move.
+    pub(super) fences: Vec<Fence>,
 }
 
 impl Step {

@@ -142,6 +142,8 @@ impl Orchestrator {
         } else {
             hello.tenant.clone()
         };
+        // Subscribed before the attach: a reset after it ends this stream.
+        let mut resets = self.inner.resets.subscribe();
         let (sid, epoch) = match self.attach(hello, agent_id, tenant, user).await {
             Ok(v) => v,
             Err(status) => {
@@ -155,6 +157,9 @@ impl Orchestrator {
             let next = tokio::select! {
                 r = tokio::time::timeout(miss, inbound.message()) => r,
                 () = self.inner.draining.cancelled() => break None,
+                _ = resets.changed() => break Some(Status::unavailable(
+                    "another replica took over this session while this one was unreachable; resume there",
+                )),
             };
             match next {
                 Err(_) => break Some(Status::unavailable("no frame within three heartbeat intervals")),
@@ -497,6 +502,7 @@ async fn writer_task(inner: Arc<Inner>, sid: String, epoch: u64, tx: mpsc::Sende
     let mut heartbeat = tokio::time::interval(inner.cfg.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked_sent = 0u64;
+    let resets = *inner.resets.borrow();
     let wake = {
         let mut st = inner.state.lock();
         if !st.sessions.contains_key(&sid) {
@@ -538,6 +544,10 @@ async fn writer_task(inner: Arc<Inner>, sid: String, epoch: u64, tx: mpsc::Sende
         }
         let wait_for = frames.iter().map(|p| p.ticket).max().unwrap_or(0).max(ack_ticket);
         inner.store.durable(wait_for).await;
+        if *inner.resets.borrow() != resets {
+            // A fence refused what these frames depended on.
+            return;
+        }
         for mut c in control {
             if let Some(env) = c.env.as_mut() {
                 env.ack_seq = ack;

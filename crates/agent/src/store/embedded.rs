@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::{future::BoxFuture, FutureExt};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{Mismatch, Op, StoreBackend, StoreResult};
+use super::{Fence, Fenced, Mismatch, Op, StoreBackend, StoreResult};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// Separates the collection from the key; sorts below every printable character.
@@ -62,17 +62,19 @@ fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> StoreResul
 }
 
 impl StoreBackend for RedbBackend {
-    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, StoreResult<()>> {
+    /// One process opens the file (redb locks it): there is no other owner to
+    /// fence off, so fences are not checked.
+    fn apply<'a>(&'a self, ops: Arc<Vec<Op>>, _fences: &'a [Fence]) -> BoxFuture<'a, StoreResult<Result<(), Fenced>>> {
         let db = self.db.clone();
         async move {
-            tokio::task::spawn_blocking(move || -> StoreResult<()> {
+            tokio::task::spawn_blocking(move || -> StoreResult<Result<(), Fenced>> {
                 let txn = db.begin_write()?;
                 {
                     let mut table = txn.open_table(KV)?;
                     apply_ops(&mut table, &ops)?;
                 }
                 txn.commit()?;
-                Ok(())
+                Ok(Ok(()))
             })
             .await?
         }

@@ -8,6 +8,12 @@
 //! frame to a peer) leaves the process before its ticket is durable, and since
 //! tickets commit in order, what is durable is always a prefix of what was
 //! submitted: a `kill -9` loses only frames nobody was told about.
+//!
+//! On a store that replicas share, writes are *fenced*: each carries the epochs of
+//! the sessions it acts for ([`Fence`]), and a commit whose epochs are not the
+//! owners' lands nothing ([`Fenced`]). The replica that submitted it lost those
+//! sessions to another (it was paused or partitioned while its agents moved on);
+//! [`Store::on_fenced`] tells it, before any waiter learns the ticket is done.
 
 mod embedded;
 mod redis_queue;
@@ -69,13 +75,71 @@ pub enum Op {
     },
 }
 
+/// The owner epoch a write for a session is made under. Every attach of a stream
+/// to a session raises its epoch by one and *claims* it: the claim succeeds only if
+/// the owner's epoch is still the one before (a replica holding a stale copy of the
+/// session, or one another replica already claimed past, fails). Every other write
+/// for the session succeeds only while its epoch is still the owner's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub sid: String,
+    /// The epoch the writes are made under (after a claim: the claimed one).
+    pub epoch: u64,
+    /// For a claim, the first epoch claimed (one batch can hold two attaches of
+    /// the same session): the owner's must be the one before it.
+    pub claims_from: Option<u64>,
+}
+
+impl Fence {
+    /// Writes for a session under the epoch its stream here holds.
+    pub fn write(sid: &str, epoch: u64) -> Fence {
+        Fence {
+            sid: sid.to_string(),
+            epoch,
+            claims_from: None,
+        }
+    }
+
+    /// An attach raising the session's epoch to `epoch`.
+    pub fn claim(sid: &str, epoch: u64) -> Fence {
+        Fence {
+            sid: sid.to_string(),
+            epoch,
+            claims_from: Some(epoch),
+        }
+    }
+}
+
+/// A commit refused because another replica owns these sessions now: nothing of
+/// it landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub sessions: Vec<String>,
+}
+
+/// Called by the group committer with the sessions a commit was fenced off from,
+/// before the commit's ticket is published.
+pub type FencedHook = Box<dyn Fn(&Fenced) + Send + Sync>;
+
 /// The outcome of a compare-and-apply whose guard did not match: the guard's
 /// current value (`None` = absent).
 pub type Mismatch = Option<Bytes>;
 
 pub trait StoreBackend: Send + Sync + 'static {
-    /// Applies every op atomically.
-    fn apply(&self, ops: Arc<Vec<Op>>) -> BoxFuture<'_, StoreResult<()>>;
+    /// Applies every op atomically if every fence holds; else applies nothing and
+    /// names the sessions whose fences failed. A backend only one process opens
+    /// has no other owner to fence off and ignores fences.
+    fn apply<'a>(&'a self, ops: Arc<Vec<Op>>, fences: &'a [Fence]) -> BoxFuture<'a, StoreResult<Result<(), Fenced>>>;
+    /// Whether several processes share this backend, so fences matter.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Checks fences without writing (for the shared queue's reads that take
+    /// entries): the sessions whose fences fail.
+    fn check<'a>(&'a self, fences: &'a [Fence]) -> BoxFuture<'a, StoreResult<Result<(), Fenced>>> {
+        let _ = fences;
+        futures::FutureExt::boxed(async { Ok(Ok(())) })
+    }
     /// Every entry of a collection, in key order.
     fn scan<'a>(&'a self, coll: &'a str) -> BoxFuture<'a, StoreResult<Vec<(String, Bytes)>>>;
     fn get<'a>(&'a self, coll: &'a str, key: &'a str) -> BoxFuture<'a, StoreResult<Option<Bytes>>>;
@@ -171,10 +235,23 @@ pub struct Store {
 }
 
 struct Shared {
-    /// Last ticket handed out, and the ops not yet taken by the committer.
-    pending: Mutex<(u64, Vec<Op>)>,
+    /// Last ticket handed out, the ops not yet taken by the committer and their
+    /// fences.
+    pending: Mutex<Pending>,
     wake: Notify,
     durable: watch::Sender<u64>,
+    /// Whether fences are kept (a shared backend).
+    fencing: bool,
+    on_fenced: std::sync::OnceLock<FencedHook>,
+    /// Commits refused by a fence, since start.
+    fenced: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    ticket: u64,
+    ops: Vec<Op>,
+    fences: Vec<Fence>,
 }
 
 impl Store {
@@ -196,9 +273,12 @@ impl Store {
 
     pub fn new(backend: Arc<dyn StoreBackend>) -> Store {
         let shared = Arc::new(Shared {
-            pending: Mutex::new((0, Vec::new())),
+            pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             durable: watch::channel(0).0,
+            fencing: backend.shared(),
+            on_fenced: std::sync::OnceLock::new(),
+            fenced: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(commit_task(backend.clone(), shared.clone()));
         Store {
@@ -211,14 +291,53 @@ impl Store {
     /// Queues ops for the next group commit and returns their ticket. An empty
     /// batch still gets a ticket: a barrier after everything submitted before.
     pub fn submit(&self, ops: Vec<Op>) -> u64 {
+        self.submit_fenced(ops, Vec::new())
+    }
+
+    /// [`Store::submit`] for writes made under these sessions' epochs: on a shared
+    /// store the commit lands only if they are still the owners'.
+    pub fn submit_fenced(&self, ops: Vec<Op>, fences: Vec<Fence>) -> u64 {
         let ticket = {
             let mut p = self.shared.pending.lock();
-            p.0 += 1;
-            p.1.extend(ops);
-            p.0
+            p.ticket += 1;
+            p.ops.extend(ops);
+            if self.shared.fencing {
+                p.fences.extend(fences);
+            }
+            p.ticket
         };
         self.shared.wake.notify_one();
         ticket
+    }
+
+    /// Drops every op submitted and not yet committed: they were made from state
+    /// a fence proved stale. Their tickets still complete. The caller holds the
+    /// lock under which everything is submitted, so nothing newer is dropped.
+    pub fn discard_pending(&self) {
+        let mut p = self.shared.pending.lock();
+        p.ops.clear();
+        p.fences.clear();
+    }
+
+    /// Sets what runs when a commit is refused by a fence (once; later calls are
+    /// ignored). Without one, a refused commit is only dropped.
+    pub fn on_fenced(&self, hook: FencedHook) {
+        let _ = self.shared.on_fenced.set(hook);
+    }
+
+    /// Whether writes are fenced (replicas share this store).
+    pub fn fencing(&self) -> bool {
+        self.shared.fencing
+    }
+
+    /// Checks fences without writing: see [`StoreBackend::check`].
+    pub async fn check(&self, fences: &[Fence]) -> StoreResult<Result<(), Fenced>> {
+        self.backend.check(fences).await
+    }
+
+    /// Commits refused by a fence since start.
+    pub fn fenced_commits(&self) -> u64 {
+        self.shared.fenced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until `ticket` is committed.
@@ -245,9 +364,9 @@ impl Store {
 async fn commit_task(backend: Arc<dyn StoreBackend>, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(10);
     loop {
-        let (ticket, ops) = {
+        let (ticket, ops, fences) = {
             let mut p = shared.pending.lock();
-            (p.0, std::mem::take(&mut p.1))
+            (p.ticket, std::mem::take(&mut p.ops), std::mem::take(&mut p.fences))
         };
         if ticket == *shared.durable.borrow() {
             shared.wake.notified().await;
@@ -258,9 +377,18 @@ async fn commit_task(backend: Arc<dyn StoreBackend>, shared: Arc<Shared>) {
             continue;
         }
         let ops = Arc::new(coalesce(ops));
+        let fences = merge_fences(fences);
         loop {
-            match backend.apply(ops.clone()).await {
-                Ok(()) => break,
+            match backend.apply(ops.clone(), &fences).await {
+                Ok(Ok(())) => break,
+                Ok(Err(fenced)) => {
+                    shared.fenced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match shared.on_fenced.get() {
+                        Some(hook) => hook(&fenced),
+                        None => tracing::warn!(sessions = ?fenced.sessions, "agent store: commit refused by a fence"),
+                    }
+                    break;
+                }
                 Err(e) => {
                     // Nothing waiting on these ops proceeds until they land: the store
                     // being down stalls the agent plane instead of losing messages.
@@ -300,6 +428,27 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
     }
     kept.reverse();
     kept
+}
+
+/// One fence per session: the highest epoch (what a batch wrote last) and, if any
+/// write claimed, the lowest epoch claimed. Sorted, so a batch checks in one order.
+fn merge_fences(fences: Vec<Fence>) -> Vec<Fence> {
+    let mut by_sid: std::collections::BTreeMap<String, Fence> = std::collections::BTreeMap::new();
+    for f in fences {
+        match by_sid.get_mut(&f.sid) {
+            None => {
+                by_sid.insert(f.sid.clone(), f);
+            }
+            Some(m) => {
+                m.epoch = m.epoch.max(f.epoch);
+                m.claims_from = match (m.claims_from, f.claims_from) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+    }
+    by_sid.into_values().collect()
 }
 
 /// Zero-padded so lexical key order is numeric order.
@@ -363,6 +512,31 @@ mod tests {
         assert!(out.contains("b\"2\""), "{out}");
         assert_eq!(out.matches("Del").count(), 1);
         assert_eq!(out.matches("Incr").count(), 2);
+    }
+
+    #[test]
+    fn fences_merge_to_the_latest_epoch_per_session() {
+        let w = Fence::write;
+        let c = Fence::claim;
+        let merged = |sid: &str, epoch, claims_from| Fence {
+            sid: sid.into(),
+            epoch,
+            claims_from,
+        };
+        // (fences submitted, merged)
+        let table = [
+            (vec![], vec![]),
+            (vec![w("a", 3)], vec![w("a", 3)]),
+            // A re-attach on this replica: the claim covers the earlier writes.
+            (vec![w("a", 3), c("a", 4)], vec![c("a", 4)]),
+            (vec![c("a", 4), w("a", 4)], vec![c("a", 4)]),
+            // Two attaches in one batch: the owner must be at 3 before it.
+            (vec![c("a", 4), w("a", 4), c("a", 5)], vec![merged("a", 5, Some(4))]),
+            (vec![w("b", 1), w("a", 2)], vec![w("a", 2), w("b", 1)]),
+        ];
+        for (given, want) in table {
+            assert_eq!(merge_fences(given.clone()), want, "{given:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and one result stream per requester route (`<prefix>:r:<route>`).
 //!
 //! * Offers are appended by the group commit (`Op::Publish`), in the same
-//!   MULTI/EXEC as the requester's task record, so a task is queued exactly when
+//!   commit as the requester's task record, so a task is queued exactly when
 //!   its record is durable.
 //! * A replica takes entries for the capabilities its attached workers have room
 //!   for (`XREADGROUP >`, highest priority first); a taken entry sits in that
@@ -30,7 +30,57 @@ use redis::{
     AsyncConnectionConfig,
 };
 
-use super::{StoreError, StoreResult};
+use super::{
+    redis_store::{fence_args, fence_reply, fenced_script},
+    Fence, Fenced, StoreError, StoreResult,
+};
+use crate::records::coll;
+
+/// Fenced take: for each capability (room, number of streams, streams highest
+/// priority first), read new entries until the room is used; reply with
+/// (stream, id, record) triples.
+const TAKE: &str = r"
+if #failed > 0 then return {0, unpack(failed)} end
+local out = {1}
+local group, consumer = ARGV[next], ARGV[next + 1]
+local i = next + 2
+while i <= #ARGV do
+  local room, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+  for k = 0, n - 1 do
+    if room > 0 then
+      local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', room, 'STREAMS', ARGV[i + k], '>')
+      if r then
+        for _, e in ipairs(r[1][2]) do
+          local rec = ''
+          local f = e[2]
+          for j = 1, #f, 2 do
+            if f[j] == 't' then rec = f[j + 1] end
+          end
+          out[#out + 1] = ARGV[i + k]
+          out[#out + 1] = e[1]
+          out[#out + 1] = rec
+          room = room - 1
+        end
+      end
+    end
+  end
+  i = i + n
+end
+return out
+";
+
+/// Fenced renewal: (stream, id) pairs claimed to this consumer with JUSTID.
+const RENEW: &str = r"
+if #failed > 0 then return {0, unpack(failed)} end
+local group, consumer = ARGV[next], ARGV[next + 1]
+local i = next + 2
+while i <= #ARGV do
+  redis.call('XCLAIM', ARGV[i], group, consumer, 0, ARGV[i + 1], 'JUSTID')
+  i = i + 2
+end
+return {1}
+";
 
 /// The one consumer group every replica reads the task streams through.
 pub const GROUP: &str = "lattice";
@@ -80,6 +130,8 @@ pub struct SharedQueue {
     client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
+    take: std::sync::Arc<redis::Script>,
+    renew: std::sync::Arc<redis::Script>,
 }
 
 impl SharedQueue {
@@ -92,6 +144,8 @@ impl SharedQueue {
             client,
             conn,
             prefix: prefix.to_string(),
+            take: std::sync::Arc::new(fenced_script(TAKE)),
+            renew: std::sync::Arc::new(fenced_script(RENEW)),
         })
     }
 
@@ -126,39 +180,57 @@ impl SharedQueue {
     }
 
     /// Takes up to `room` new entries per capability, highest priority first,
-    /// without waiting. Streams are read one at a time: a read over several keys
-    /// returns up to COUNT from each, all of it then pending on this replica.
+    /// without waiting, if the fences of the workers it takes them for hold (a
+    /// replica that lost its workers to another takes nothing). Streams are read
+    /// one at a time: a read over several keys returns up to COUNT from each, all
+    /// of it then pending on this replica.
     pub async fn take(
         &self,
         conn: &mut MultiplexedConnection,
         consumer: &str,
         wanted: &[(String, usize)],
-    ) -> StoreResult<Vec<Pulled>> {
-        let mut out = Vec::new();
+        fences: &[Fence],
+    ) -> StoreResult<Result<Vec<Pulled>, Fenced>> {
+        let mut inv = self.take.key(format!("{}:{}", self.prefix, coll::OWNERS));
+        fence_args(&mut inv, fences);
+        inv.arg(GROUP).arg(consumer);
+        let mut names = std::collections::HashMap::new();
         for (capability, room) in wanted {
-            let mut room = *room;
+            inv.arg(*room).arg(LEVELS);
             for level in 0..LEVELS {
-                if room == 0 {
-                    break;
-                }
                 let key = queue_key(&self.prefix, capability, level);
-                let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(consumer)
-                    .arg("COUNT")
-                    .arg(room)
-                    .arg("STREAMS")
-                    .arg(&key)
-                    .arg(">")
-                    .query_async(conn)
-                    .await?;
-                let got = entries(reply, |_| (capability.clone(), level));
-                room = room.saturating_sub(got.len());
-                out.extend(got);
+                inv.arg(&key);
+                names.insert(key, (capability.clone(), level));
             }
         }
-        Ok(out)
+        let reply: Vec<redis::Value> = inv.invoke_async(conn).await?;
+        let rest = match fence_reply(&reply)? {
+            Ok(rest) => rest,
+            Err(fenced) => return Ok(Err(fenced)),
+        };
+        let mut out = Vec::new();
+        for triple in rest.chunks_exact(3) {
+            let text = |v: &redis::Value| {
+                redis::from_redis_value::<Vec<u8>>(v.clone()).map_err(|e| StoreError::ScriptReply(e.to_string()))
+            };
+            let key = String::from_utf8_lossy(&text(&triple[0])?).into_owned();
+            let entry = String::from_utf8_lossy(&text(&triple[1])?).into_owned();
+            let record = text(&triple[2])?;
+            let Some((capability, priority)) = names.get(&key).cloned() else {
+                continue;
+            };
+            if record.is_empty() {
+                continue;
+            }
+            out.push(Pulled {
+                capability,
+                priority,
+                entry,
+                deliveries: 1,
+                record: Bytes::from(record),
+            });
+        }
+        Ok(Ok(out))
     }
 
     /// Waits up to `block` for one new entry on any of these capabilities' streams.
@@ -199,25 +271,26 @@ impl SharedQueue {
     }
 
     /// Resets the idle time of entries this replica still works on, so no other
-    /// replica takes them over. `JUSTID` leaves the delivery count alone.
-    pub async fn renew(&self, consumer: &str, held: &[(String, u32, String)]) -> StoreResult<()> {
+    /// replica takes them over, if the fences of the workers it holds them for
+    /// hold. `JUSTID` leaves the delivery count alone.
+    pub async fn renew(
+        &self,
+        consumer: &str,
+        held: &[(String, u32, String)],
+        fences: &[Fence],
+    ) -> StoreResult<Result<(), Fenced>> {
         if held.is_empty() {
-            return Ok(());
+            return Ok(Ok(()));
         }
-        let mut pipe = redis::pipe();
+        let mut inv = self.renew.key(format!("{}:{}", self.prefix, coll::OWNERS));
+        fence_args(&mut inv, fences);
+        inv.arg(GROUP).arg(consumer);
         for (capability, priority, entry) in held {
-            pipe.cmd("XCLAIM")
-                .arg(queue_key(&self.prefix, capability, *priority))
-                .arg(GROUP)
-                .arg(consumer)
-                .arg(0)
-                .arg(entry)
-                .arg("JUSTID")
-                .ignore();
+            inv.arg(queue_key(&self.prefix, capability, *priority)).arg(entry);
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        let reply: Vec<redis::Value> = inv.invoke_async(&mut conn).await?;
+        Ok(fence_reply(&reply)?.map(|_| ()))
     }
 
     /// Takes over up to `limit` entries per stream of these capabilities that no
