@@ -1802,6 +1802,46 @@ mod tests {
         queue: Vec<&'static str>,
     }
 
+    /// The owner epochs a step's writes depend on beyond the sessions they touch
+    /// (the shell adds those): the claim of an attach, a forgotten session, and a
+    /// vanished worker whose task moves.
+    #[test]
+    fn explicit_fences() {
+        use crate::store::Fence;
+        let (w, c) = (Fence::write, Fence::claim);
+        let dt = Duration::from_secs(1);
+        // (seconds, event, fences of its step)
+        let script: Vec<(u64, Event, Vec<Fence>)> = vec![
+            (0, attach("a", &["echo"], 1), vec![c("a", 1)]),
+            (0, attach("r", &[], 1), vec![c("r", 1)]),
+            (0, offer("r", "t1", "echo", 2), vec![]),
+            (1, resumed("a", &["echo"]), vec![c("a", 2)]),
+            (
+                2,
+                Event::Detach {
+                    sid: "a".into(),
+                    epoch: 2,
+                },
+                vec![],
+            ),
+            (3, attach("b", &["echo"], 1), vec![c("b", 1)]),
+            // Ten seconds after `a` left, t1 moves to `b`: only while `a` is ours.
+            (12, Event::Sweep, vec![w("a", 2)]),
+            (13, Event::Goodbye { sid: "b".into() }, vec![w("b", 1)]),
+        ];
+        let mut st = State::new(rules());
+        let t0 = Instant::now();
+        for (secs, event, want) in script {
+            let name = format!("{event:?}");
+            let now = Now {
+                at: t0 + dt * u32::try_from(secs).unwrap(),
+                wall_us: 1_700_000_000_000_000 + i64::try_from(secs).unwrap() * 1_000_000,
+            };
+            let step = st.apply(event, now);
+            assert_eq!(step.fences, want, "{name}");
+        }
+    }
+
     #[test]
     fn shared_dispatch() {
         let shared = |r: &mut Rules| r.shared = true;
