@@ -17,6 +17,10 @@ pub mod coll {
     /// Per session, the epoch of the stream that owns it (decimal): the fence
     /// every write for the session is checked against (shared stores only).
     pub const OWNERS: &str = "owners";
+    /// Per task id, the requester session holding its record (shared dispatch):
+    /// a retry of the id from a new session on any replica finds the task. A
+    /// hint kept beside the records; a stale entry only costs a lookup.
+    pub const TASK_HOLDERS: &str = "task_holders";
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

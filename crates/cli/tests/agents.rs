@@ -211,13 +211,18 @@ fn requester(endpoints: Vec<String>) -> Requester {
 
 /// Offers `n` counter tasks named k0..k{n-1} from a background task.
 fn offer_all(req: &Requester, n: usize) -> JoinHandle<()> {
+    offer_ids(req, (0..n).collect())
+}
+
+/// Offers the counter tasks k{i} for these `i` from a background task.
+fn offer_ids(req: &Requester, ids: Vec<usize>) -> JoinHandle<()> {
     let client = req.client.clone();
     tokio::spawn(async move {
         let r = Requester {
             client,
             events: tokio::sync::mpsc::channel(1).1,
         };
-        for i in 0..n {
+        for i in ids {
             let prio = (i % 6) as i32;
             r.offer_tool(
                 &format!("k{i}"),
@@ -605,4 +610,65 @@ async fn check_owners(backend: &dyn StoreBackend) {
         let meta = SessionMeta::decode(meta).unwrap();
         assert_eq!(Some(&meta.epoch), owners.get(&sid), "session {sid}");
     }
+}
+
+/// A requester attached to replica A loses A (`kill -9`) and retries every task it
+/// has no result for from a new session on replica B, with the same task ids: the
+/// tasks A held are found through the store, so each retry gets the task's result
+/// (stored, or when it finishes) and nothing runs again, which the tool gateway's
+/// cache-hit count on B proves (a second run of a task would be a cached call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_replica_gets_the_held_task() {
+    const N: usize = 600;
+    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
+    let empty = tempfile::tempdir().unwrap();
+    let flags = ["--store-prefix", prefix.as_str()];
+    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let mut agents = Agents::spawn(3, &format!("http://{}", b.grpc));
+    let mut first = requester(vec![format!("http://{}", a.grpc)]);
+    first.client.established().await.unwrap();
+    let offering = offer_all(&first, N);
+    let mut done = HashSet::new();
+    while done.len() < N / 3 {
+        next_unique_ok(&mut first, &mut done).await;
+    }
+    signal(&a.child, "-KILL");
+    let _ = a.child.wait();
+    offering.abort();
+    drop(first);
+    let mut second = requester(vec![format!("http://{}", b.grpc)]);
+    second.client.established().await.unwrap();
+    let retried: Vec<usize> = (0..N).filter(|i| !done.contains(&format!("k{i}"))).collect();
+    let retrying = offer_ids(&second, retried);
+    while done.len() < N {
+        next_unique_ok(&mut second, &mut done).await;
+    }
+    retrying.await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), second.next_result())
+        .await
+        .is_err());
+    let cached = metric_where(b.metrics, "lattice_tool_calls_total", "outcome=\"cached\"").await;
+    assert_eq!(cached, 0.0, "a retried task ran again");
+    second.client.close(false).await;
+    agents.stop();
+    signal(&b.child, "-TERM");
+    assert!(b.child.wait().unwrap().success());
+    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    check_counters(&backend, N).await;
+    backend.clear().await.unwrap();
+}
+
+/// The sum of a metric family's series whose labels contain `label`.
+async fn metric_where(addr: SocketAddr, family: &str, label: &str) -> f64 {
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{') && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -15,9 +15,10 @@
 //! `{"capability", "payload", ...}` with any JSON `payload`, which reaches a worker
 //! of that capability as offered (serialised JSON). A caller-chosen `task_id` makes a
 //! retried request the same task: it does not run again, and a retry after this
-//! process restarted gets the stored result at once (the orchestrator moves a held
-//! task to the new session of the same tenant and user); workers key their side
-//! effects by it.
+//! process restarted, or on another replica sharing its Redis store, gets the
+//! stored result at once or the task's result when it finishes (the orchestrator
+//! finds the held task through the store and moves it to the new session of the
+//! same tenant and user); workers key their side effects by it.
 
 use std::{
     collections::HashMap,

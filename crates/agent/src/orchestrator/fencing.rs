@@ -47,6 +47,25 @@ pub(super) fn fences(st: &State, ops: &[Op], mut explicit: Vec<Fence>) -> Vec<Fe
     explicit
 }
 
+/// Index ops for the task records a step writes (shared dispatch): which session
+/// holds each task id, so a retry from a new session on another replica finds it.
+pub(super) fn holder_index(ops: &[Op]) -> Vec<Op> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::Put { coll: c, key, .. } => c.strip_prefix("tasks:").map(|sid| Op::Put {
+                coll: coll::TASK_HOLDERS.into(),
+                key: key.clone(),
+                val: bytes::Bytes::copy_from_slice(sid.as_bytes()),
+            }),
+            Op::Del { coll: c, key } if c.starts_with("tasks:") => Some(Op::Del {
+                coll: coll::TASK_HOLDERS.into(),
+                key: key.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Fences for the shared queue's reads that take entries for this replica's
 /// workers: every attached worker whose epoch is durably its own (one still being
 /// claimed is covered by the commit that assigns it work).
@@ -92,6 +111,38 @@ impl Inner {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn task_records_are_indexed_by_id() {
+        let put = |c: &str, k: &str| Op::Put {
+            coll: c.into(),
+            key: k.into(),
+            val: Bytes::new(),
+        };
+        let del = |c: &str, k: &str| Op::Del {
+            coll: c.into(),
+            key: k.into(),
+        };
+        let idx = |k: &str, sid: &str| Op::Put {
+            coll: coll::TASK_HOLDERS.into(),
+            key: k.into(),
+            val: Bytes::from(sid.to_string()),
+        };
+        // (a step's ops, the index ops added)
+        let table: Vec<(Vec<Op>, Vec<Op>)> = vec![
+            (vec![put(&coll::tasks("r"), "t1")], vec![idx("t1", "r")]),
+            (vec![del(&coll::tasks("r"), "t1")], vec![del(coll::TASK_HOLDERS, "t1")]),
+            // A task moved to a new session: the Put comes last and wins.
+            (
+                vec![del(&coll::tasks("r"), "t1"), put(&coll::tasks("r2"), "t1")],
+                vec![del(coll::TASK_HOLDERS, "t1"), idx("t1", "r2")],
+            ),
+            (vec![put(coll::SESSIONS, "r"), put(&coll::outbox("r"), "1")], vec![]),
+        ];
+        for (ops, want) in table {
+            assert_eq!(format!("{:?}", holder_index(&ops)), format!("{want:?}"), "{ops:?}");
+        }
+    }
 
     #[test]
     fn the_session_an_op_writes() {

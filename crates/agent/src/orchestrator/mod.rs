@@ -378,6 +378,12 @@ impl Inner {
             metas.put_session(s);
         }
         step.ops.append(&mut metas.ops);
+        if self.shared_wake.is_some() {
+            // After the records, so a task moved to a new session in this step
+            // (a Del of the old record, a Put of the new) ends up indexed.
+            let mut index = fencing::holder_index(&step.ops);
+            step.ops.append(&mut index);
+        }
         let claims: Vec<String> = step
             .fences
             .iter()

@@ -205,6 +205,27 @@ impl Orchestrator {
         if self.inner.draining.is_cancelled() {
             return Err(Status::unavailable("orchestrator is draining"));
         }
+        if let (Body::Offer(o), Some(_)) = (&body, &self.inner.shared_wake) {
+            // A retry of a task id from a new session (its caller lost the old one,
+            // say with the replica it was on): the task may be held in the store
+            // for a session no replica here has loaded. Load it, and the offer
+            // finds the task instead of running it again.
+            let known = self.inner.state.lock().tasks.contains_key(&o.task_id);
+            if !known && !o.task_id.is_empty() {
+                let holder = self
+                    .inner
+                    .store
+                    .backend()
+                    .get(crate::records::coll::TASK_HOLDERS, &o.task_id)
+                    .await;
+                if let Ok(Some(holder)) = holder {
+                    let holder = String::from_utf8_lossy(&holder).into_owned();
+                    if holder != sid {
+                        let _ = self.adopt(&holder).await;
+                    }
+                }
+            }
+        }
         if let Body::Result(r) = &body {
             // The requester's session may not be loaded here yet (this replica took
             // over from another): load it first.
