@@ -189,12 +189,6 @@ pub async fn run(args: Options) -> Result<(), BenchError> {
         }
         rows.push(row);
     }
-    if let Some((_, prefix, url)) = &redis {
-        lattice_agent::store::RedisBackend::connect(url, prefix)
-            .await?
-            .clear()
-            .await?;
-    }
     // Dispatch latency at half the best task rate, open loop.
     let best_tasks = rows
         .iter()
@@ -214,6 +208,15 @@ pub async fn run(args: Options) -> Result<(), BenchError> {
         .map_err(anyhow::Error::from)?;
     println!("report: {}", path.display());
     stop.cancel();
+    if let Some((_, prefix, url)) = &redis {
+        // Tasks still in flight when the clients left keep writing results for a
+        // moment after the servers stop; clear once those have landed.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lattice_agent::store::RedisBackend::connect(url, prefix)
+            .await?
+            .clear()
+            .await?;
+    }
     Ok(())
 }
 
