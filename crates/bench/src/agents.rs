@@ -10,6 +10,11 @@
 //! heartbeats not counted. Then, at half the measured task rate (open loop),
 //! the dispatch latency: offer sent by the requester to assignment received by
 //! the worker.
+//!
+//! Peers for the task round trip, in the same run: a NATS JetStream work queue
+//! ([`jetstream`], fsync before every ack as in Lattice's store) and Lattice itself
+//! on a shared Redis (shared dispatch through Redis Streams consumer groups; that
+//! Redis's own persistence settings decide its durability).
 
 use std::{
     collections::HashMap,
@@ -46,6 +51,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::BenchError;
 
+pub mod jetstream;
+
 /// What to measure; `lattice bench-agents` documents each as a flag.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -59,6 +66,12 @@ pub struct Options {
     pub workers: usize,
     /// Where the JSON report goes.
     pub out: std::path::PathBuf,
+    /// The nats-server (>= 2.10) of the JetStream peer; found in `.venv/bin` or
+    /// on PATH when unset.
+    pub nats_server: Option<std::path::PathBuf>,
+    /// A Redis to run Lattice's shared dispatch on (under a fresh key prefix,
+    /// cleared afterwards); `None` skips that scenario.
+    pub redis: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -77,52 +90,104 @@ pub async fn run(args: Options) -> Result<(), BenchError> {
     }
     let dir = tempfile::tempdir().map_err(anyhow::Error::from)?;
     let store = Store::open(&StoreUrl::Redb(dir.path().join("agents.redb")), "bench").await?;
-    let metrics = Arc::new(lattice_observability::Metrics::new());
-    let tools = ToolGateway::new(store.clone(), None, metrics.clone())?;
-    let orch = Orchestrator::new(
-        OrchestratorConfig {
-            requester_window: u32::try_from(args.window).unwrap_or(u32::MAX),
-            ..OrchestratorConfig::default()
-        },
-        store,
-        tools,
-        metrics,
-    )
-    .await?;
     let stop = CancellationToken::new();
-    let lattice_addr = serve(AgentCoordinationServer::new(orch), &stop).await?;
+    let plane = start_plane(store, &args, true, &stop).await?;
+    let lattice_addr = plane.addr;
     let echo_addr = serve(echo_server::EchoServer::new(EchoService), &stop).await?;
     let duration = Duration::from_secs(args.duration_secs.max(1));
-
-    // Workers answer every assignment at once and record when it arrived.
-    let assigned_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    for i in 0..args.workers {
-        let (client, events) = AgentClient::connect(ClientConfig {
-            endpoints: vec![format!("http://{lattice_addr}")],
-            agent_id: format!("bench-worker-{i}"),
-            capabilities: vec!["bench".into()],
-            max_in_flight: 1024,
-            ..ClientConfig::default()
-        });
-        client.established().await.map_err(anyhow::Error::from)?;
-        tokio::spawn(worker(client, events, assigned_at.clone()));
-    }
+    let nats = match jetstream::find_server(args.nats_server.as_deref()) {
+        Ok(binary) => match jetstream::NatsServer::start(&binary).await {
+            Ok(server) => {
+                println!("jetstream peer: {} (sync_interval: always)", binary.display());
+                Some(server)
+            }
+            Err(e) => {
+                println!("jetstream peer skipped: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            println!("jetstream peer skipped: {e}");
+            None
+        }
+    };
+    let redis = match &args.redis {
+        Some(url) => {
+            let prefix = format!("lattice-bench-{}", lattice_agent::wire::new_id());
+            match Store::open(&StoreUrl::Redis(url.clone()), &prefix).await {
+                Ok(store) => {
+                    let plane = start_plane(store, &args, false, &stop).await?;
+                    println!("lattice-redis: shared dispatch on {url} (durability is that Redis's own setting)");
+                    Some((plane, prefix, url.clone()))
+                }
+                Err(e) => {
+                    println!("lattice-redis skipped: {url}: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     let mut rows = Vec::new();
     for &streams in &args.streams {
         let echo = echo_load(echo_addr, streams, args.window, duration).await?;
         let lattice = lattice_load(lattice_addr, streams, args.window, duration).await?;
+        let lattice_tasks = lattice.msgs_per_s / 4.0;
         println!(
             "{streams:>4} streams  echo {:>9.0} msgs/s p99 {:>6.2} ms   lattice {:>9.0} msgs/s ({:>7.0} tasks/s) p99 {:>6.2} ms   ratio {:.2}",
             echo.msgs_per_s,
             echo.p99_ms,
             lattice.msgs_per_s,
-            lattice.msgs_per_s / 4.0,
+            lattice_tasks,
             lattice.p99_ms,
             lattice.msgs_per_s / echo.msgs_per_s
         );
-        rows.push(json!({"streams": streams, "echo": echo, "lattice": lattice,
-                         "ratio": lattice.msgs_per_s / echo.msgs_per_s}));
+        let mut row = json!({"streams": streams, "echo": echo, "lattice": lattice,
+                             "ratio": lattice.msgs_per_s / echo.msgs_per_s});
+        let js = match &nats {
+            Some(server) => Some(
+                jetstream::load(
+                    &server.url,
+                    jetstream::Load {
+                        requesters: streams,
+                        window: args.window,
+                        workers: args.workers,
+                        worker_in_flight: WORKER_IN_FLIGHT,
+                        duration,
+                    },
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        if let Some(js) = &js {
+            println!(
+                "{streams:>4} streams  jetstream work queue {:>7.0} tasks/s p50 {:>6.2} ms p99 {:>6.2} ms (warm-up {:.1} s)   lattice/jetstream {}",
+                js.tasks_per_s,
+                js.p50_ms,
+                js.p99_ms,
+                js.warm_up_s,
+                ratio(lattice_tasks, js.tasks_per_s)
+            );
+            row["jetstream"] = json!(js);
+            row["lattice_over_jetstream"] = json!(lattice_tasks / js.tasks_per_s);
+        }
+        if let Some((plane, _, _)) = &redis {
+            let shared = lattice_load(plane.addr, streams, args.window, duration).await?;
+            let shared_tasks = shared.msgs_per_s / 4.0;
+            print!(
+                "{streams:>4} streams  lattice-redis (shared dispatch) {:>7.0} tasks/s p50 {:>6.2} ms p99 {:>6.2} ms",
+                shared_tasks, shared.p50_ms, shared.p99_ms
+            );
+            if let Some(js) = &js {
+                print!("   lattice-redis/jetstream {}", ratio(shared_tasks, js.tasks_per_s));
+                row["lattice_redis_over_jetstream"] = json!(shared_tasks / js.tasks_per_s);
+            }
+            println!();
+            row["lattice_redis"] = json!(shared);
+        }
+        rows.push(row);
     }
     // Dispatch latency at half the best task rate, open loop.
     let best_tasks = rows
@@ -131,7 +196,7 @@ pub async fn run(args: Options) -> Result<(), BenchError> {
         .fold(0.0, f64::max)
         / 4.0;
     let rate = (best_tasks / 2.0).max(1.0);
-    let (p50, p99, n) = dispatch_latency(lattice_addr, rate, duration, &assigned_at).await?;
+    let (p50, p99, n) = dispatch_latency(lattice_addr, rate, duration, &plane.assigned_at).await?;
     println!("dispatch at {rate:.0} tasks/s (50% of {best_tasks:.0}): p50 {p50:.3} ms, p99 {p99:.3} ms over {n} tasks");
     let report = json!({"kind": "agents", "rows": rows,
         "dispatch": {"rate_tasks_per_s": rate, "p50_ms": p50, "p99_ms": p99, "tasks": n}});
@@ -143,7 +208,72 @@ pub async fn run(args: Options) -> Result<(), BenchError> {
         .map_err(anyhow::Error::from)?;
     println!("report: {}", path.display());
     stop.cancel();
+    if let Some((_, prefix, url)) = &redis {
+        // Tasks still in flight when the clients left keep writing results for a
+        // moment after the servers stop; clear once those have landed.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lattice_agent::store::RedisBackend::connect(url, prefix)
+            .await?
+            .clear()
+            .await?;
+    }
     Ok(())
+}
+
+/// `a / b` for the table; "n/a" when the peer completed nothing in the interval
+/// (its JSON ratio is then null).
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "n/a (no task completed)".into()
+    }
+}
+
+/// Credits of each bench worker session (and offers each JetStream worker holds).
+const WORKER_IN_FLIGHT: usize = 1024;
+
+/// An orchestrator serving on 127.0.0.1 with `args.workers` bench workers attached.
+struct Plane {
+    addr: SocketAddr,
+    /// When each `dispatch-*` task reached a worker.
+    assigned_at: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+async fn start_plane(
+    store: Store,
+    args: &Options,
+    adopt_all_on_start: bool,
+    stop: &CancellationToken,
+) -> Result<Plane, BenchError> {
+    let metrics = Arc::new(lattice_observability::Metrics::new());
+    let tools = ToolGateway::new(store.clone(), None, metrics.clone())?;
+    let orch = Orchestrator::new(
+        OrchestratorConfig {
+            requester_window: u32::try_from(args.window).unwrap_or(u32::MAX),
+            adopt_all_on_start,
+            ..OrchestratorConfig::default()
+        },
+        store,
+        tools,
+        metrics,
+    )
+    .await?;
+    let addr = serve(AgentCoordinationServer::new(orch), stop).await?;
+    // Workers answer every assignment at once and record when it arrived.
+    let assigned_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    for i in 0..args.workers {
+        let (client, events) = AgentClient::connect(ClientConfig {
+            endpoints: vec![format!("http://{addr}")],
+            agent_id: format!("bench-worker-{i}"),
+            capabilities: vec!["bench".into()],
+            max_in_flight: WORKER_IN_FLIGHT as u32,
+            ..ClientConfig::default()
+        });
+        client.established().await.map_err(anyhow::Error::from)?;
+        tokio::spawn(worker(client, events, assigned_at.clone()));
+    }
+    Ok(Plane { addr, assigned_at })
 }
 
 async fn serve<S>(svc: S, stop: &CancellationToken) -> anyhow::Result<SocketAddr>

