@@ -257,9 +257,9 @@ impl Scheduler {
 
     /// Runs a light request on the calling thread when that changes nothing but
     /// who runs it: the model's batches are short (under [`INLINE_COMPUTE`]), nothing
-    /// is queued or running (so no one is overtaken), and the model does not wait for
-    /// company to batch with. Otherwise hands the request back, to be
-    /// [submitted](Self::submit).
+    /// is queued or running (so no one is overtaken), the model does not wait for
+    /// company to batch with, and the request is one item. Otherwise hands the
+    /// request back, to be [submitted](Self::submit).
     pub fn run_here(&self, req: InferRequest) -> Result<Result<InferResponse, InferError>, InferRequest> {
         let shared = &*self.shared;
         let rt = &shared.runtime;
@@ -283,8 +283,8 @@ impl Scheduler {
         let Some(mut backend) = shared.backends.iter().find_map(|b| b.try_lock()) else {
             return Err(req);
         };
-        let _in_flight = InFlight::new(&shared.in_flight, 1);
-        drop(q);
+        // One item at most: the average bounds a batch like the ones measured, and a
+        // request of many items could hold the worker far longer.
         let items = if rt.config.max_batch_size > 0 {
             req.inputs
                 .first()
@@ -292,6 +292,11 @@ impl Scheduler {
         } else {
             1
         };
+        if items > 1 {
+            return Err(req);
+        }
+        let _in_flight = InFlight::new(&shared.in_flight, 1);
+        drop(q);
         let (tx, mut rx) = oneshot::channel();
         let entry = Entry {
             req,
