@@ -19,6 +19,10 @@ use crate::{
 /// keeps 128 tokens has no use for a megabyte of characters, and reading them would
 /// stall it.
 pub const TEXT_BYTES_PER_TOKEN: usize = 128;
+/// Requests with at most this much text are tokenized on the calling (async) thread:
+/// a few hundred tokens at most, tens of microseconds, so a runtime worker is never
+/// held up for long.
+pub const INLINE_TEXT_BYTES: usize = 1024;
 
 /// Prefixes tried before the longest one, in bytes per kept token: ordinary text
 /// needs about 5, so the first try almost always has enough tokens.
@@ -141,7 +145,14 @@ impl TextPipeline {
 
     /// Tokenizes a request's texts on the blocking pool, at most as many requests at
     /// once as there are cores; waits for a permit otherwise.
+    ///
+    /// A short request (at most [`INLINE_TEXT_BYTES`] in all) is tokenized on the
+    /// calling thread instead: it takes tens of microseconds, less than the two thread
+    /// wake-ups a hand-off to the blocking pool and back costs.
     pub async fn tokenize(self: &Arc<Self>, texts: Vec<Bytes>) -> Result<Vec<(String, Tensor)>, InferError> {
+        if texts.iter().map(Bytes::len).sum::<usize>() <= INLINE_TEXT_BYTES {
+            return self.encode(&texts).map_err(|e| InferError::InvalidInput(e.to_string()));
+        }
         let permit = self
             .permits
             .clone()
@@ -167,10 +178,14 @@ impl TextPipeline {
             .enumerate()
             .map(|(i, t)| self.kept_text(t, i))
             .collect::<Result<Vec<&str>, _>>()?;
-        let encodings = self
-            .tokenizer
-            .encode_batch(strs, true)
-            .map_err(|e| PipelineError::Input(format!("tokenization failed: {e}")))?;
+        // `encode_batch` hands even a single item to the rayon pool and blocks until a
+        // pool thread has done it (whose threads then spin idle): one item is encoded
+        // here.
+        let encodings = match strs.as_slice() {
+            [one] => self.tokenizer.encode(*one, true).map(|e| vec![e]),
+            _ => self.tokenizer.encode_batch(strs, true),
+        }
+        .map_err(|e| PipelineError::Input(format!("tokenization failed: {e}")))?;
         let n = encodings.len();
         let len = encodings.first().map_or(0, |e| e.len());
         let mut ids = Vec::with_capacity(n * len);

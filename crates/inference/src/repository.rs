@@ -498,6 +498,14 @@ impl ModelRepository {
                 .map_err(|_| InferError::DeadlineExceeded)??,
             None => tokenized.await?,
         }
+        let req = match mv.scheduler.run_here(req) {
+            Ok(answer) => {
+                let mut resp = answer?;
+                resp.version = mv.version;
+                return Ok(resp);
+            }
+            Err(req) => req,
+        };
         let rx = mv.scheduler.submit(req)?;
         let reply = match deadline {
             // Answer at the deadline even if the request is still queued; dropping

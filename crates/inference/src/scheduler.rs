@@ -12,7 +12,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     thread,
@@ -127,7 +127,19 @@ struct Shared {
     runtime: Arc<ModelRuntime>,
     /// Requests taken off the queue and not yet answered.
     in_flight: AtomicUsize,
+    /// One engine instance per instance thread (index = thread). Locked while a batch
+    /// runs: by its thread, or by a caller running a light request itself.
+    backends: Vec<Mutex<Box<dyn Backend>>>,
+    /// Recent engine time per batch in nanoseconds (moving average); `u64::MAX`
+    /// until the first batch (the warm-up) has run.
+    compute_ns: AtomicU64,
 }
+
+/// Models whose batches take at most this long (moving average) may run a request
+/// on the calling thread when an instance is idle: that thread is an async runtime
+/// worker, held up for this long at most per request, against the two cross-thread
+/// wake-ups (to the instance thread and back) that cost tens of microseconds of CPU.
+const INLINE_COMPUTE: Duration = Duration::from_micros(1000);
 
 /// Cheap-to-clone handle to a model version's queue and instances.
 #[derive(Clone)]
@@ -138,18 +150,21 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts one thread per backend instance.
     pub fn start(runtime: Arc<ModelRuntime>, backends: Vec<Box<dyn Backend>>) -> Scheduler {
+        let count = backends.len();
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             available: Condvar::new(),
             runtime,
             in_flight: AtomicUsize::new(0),
+            backends: backends.into_iter().map(Mutex::new).collect(),
+            compute_ns: AtomicU64::new(u64::MAX),
         });
-        for (i, backend) in backends.into_iter().enumerate() {
+        for i in 0..count {
             let shared = shared.clone();
             let name = format!("infer-{}-{i}", shared.runtime.config.name);
             thread::Builder::new()
                 .name(name)
-                .spawn(move || instance_task(shared, backend))
+                .spawn(move || instance_task(shared, i))
                 .expect("spawning an instance thread only fails when the OS is out of threads");
         }
         Scheduler { shared }
@@ -240,6 +255,63 @@ impl Scheduler {
         Ok(rx)
     }
 
+    /// Runs a light request on the calling thread when that changes nothing but
+    /// who runs it: the model's batches are short (under [`INLINE_COMPUTE`]), nothing
+    /// is queued or running (so no one is overtaken), the model does not wait for
+    /// company to batch with, and the request is one item. Otherwise hands the
+    /// request back, to be [submitted](Self::submit).
+    pub fn run_here(&self, req: InferRequest) -> Result<Result<InferResponse, InferError>, InferRequest> {
+        let shared = &*self.shared;
+        let rt = &shared.runtime;
+        let waits_for_company = rt
+            .config
+            .dynamic_batching
+            .as_ref()
+            .is_some_and(|_| !rt.config.queue().max_queue_delay().is_zero());
+        if waits_for_company
+            || shared.compute_ns.load(Ordering::Relaxed) > INLINE_COMPUTE.as_nanos() as u64
+            || req.deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            return Err(req);
+        }
+        let q = shared.queue.lock();
+        // Only when every instance is idle: under load the instance threads are awake
+        // anyway, so handing over is cheap, and a runtime worker stays free for I/O.
+        if q.closed || q.len > 0 || shared.in_flight.load(Ordering::Relaxed) > 0 {
+            return Err(req);
+        }
+        let Some(mut backend) = shared.backends.iter().find_map(|b| b.try_lock()) else {
+            return Err(req);
+        };
+        // One item at most: the average bounds a batch like the ones measured, and a
+        // request of many items could hold the worker far longer.
+        let items = if rt.config.max_batch_size > 0 {
+            req.inputs
+                .first()
+                .map_or(1, |(_, t)| t.shape.first().copied().unwrap_or(1) as usize)
+        } else {
+            1
+        };
+        if items > 1 {
+            return Err(req);
+        }
+        let _in_flight = InFlight::new(&shared.in_flight, 1);
+        drop(q);
+        let (tx, mut rx) = oneshot::channel();
+        let entry = Entry {
+            req,
+            items,
+            signature: Vec::new(),
+            enqueued: Instant::now(),
+            reply: tx,
+        };
+        run_batch(shared, backend.as_mut(), vec![entry], items);
+        drop(backend);
+        Ok(rx
+            .try_recv()
+            .unwrap_or_else(|_| Err(InferError::Backend("the model instance did not answer".into()))))
+    }
+
     /// Stops accepting requests; the instances finish what is queued, then exit and
     /// release their engine sessions.
     pub fn close(&self) {
@@ -277,7 +349,7 @@ fn discard(shared: &Shared, e: Entry, err: InferError) {
     let _ = e.reply.send(Err(err));
 }
 
-fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
+fn instance_task(shared: Arc<Shared>, index: usize) {
     let rt = shared.runtime.clone();
     let delay = rt.config.queue().max_queue_delay();
     let cap = rt.config.dynamic_batch_cap();
@@ -310,12 +382,37 @@ fn instance_task(shared: Arc<Shared>, mut backend: Box<dyn Backend>) {
         }
         let _in_flight = InFlight::new(&shared.in_flight, batch.len());
         drop(q);
-        run_batch(&rt, backend.as_mut(), batch, size);
+        // Its own instance, else any idle one (a caller may be running a light request
+        // on its own); waits for its own only when none is idle.
+        let mut backend = shared.backends[index]
+            .try_lock()
+            .or_else(|| shared.backends.iter().find_map(|b| b.try_lock()))
+            .unwrap_or_else(|| shared.backends[index].lock());
+        run_batch(&shared, backend.as_mut(), batch, size);
     }
     // Release the engine session before the thread ends, then hand freed heap pages
     // back to the OS so unloading a model lowers RSS.
-    drop(backend);
+    let session = std::mem::replace(&mut *shared.backends[index].lock(), Box::new(Released));
+    drop(session);
     trim_heap();
+}
+
+/// Stands in for an instance's engine session once its thread has ended and dropped
+/// the real one.
+struct Released;
+
+impl Backend for Released {
+    fn run(&mut self, _: Vec<(String, Tensor)>, _: &[String]) -> Result<Vec<Tensor>, BackendError> {
+        Err(BackendError::Engine("the model instance was released".into()))
+    }
+
+    fn inputs(&self) -> Vec<(String, Option<crate::tensor::DataType>)> {
+        Vec::new()
+    }
+
+    fn outputs(&self) -> Vec<(String, Option<crate::tensor::DataType>)> {
+        Vec::new()
+    }
 }
 
 /// Counts requests taken off the queue until they are answered, even when the run
@@ -349,13 +446,20 @@ pub(crate) fn trim_heap() {
     }
 }
 
-fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, size: usize) {
+fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Entry>, size: usize) {
+    let rt = &*shared.runtime;
     let started = Instant::now();
     // A panic in the engine or in pooling answers this batch with an error instead of
     // ending the instance thread, which would leave the model unable to serve.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compute(rt, backend, &batch, size)))
         .unwrap_or_else(|_| Err(InferError::Backend("the model instance panicked on this batch".into())));
     let compute_time = started.elapsed();
+    let ns = u64::try_from(compute_time.as_nanos()).unwrap_or(u64::MAX);
+    let avg = match shared.compute_ns.load(Ordering::Relaxed) {
+        u64::MAX => ns,
+        prev => prev - prev / 8 + ns / 8,
+    };
+    shared.compute_ns.store(avg, Ordering::Relaxed);
     match result {
         Ok((outputs, timing)) => {
             rt.stats.record_batch(&timing);
@@ -412,7 +516,7 @@ fn run_batch(rt: &ModelRuntime, backend: &mut dyn Backend, batch: Vec<Entry>, si
         Err(InferError::Backend(_) | InferError::InvalidInput(_)) if batch.len() > 1 => {
             for e in batch {
                 let items = e.items;
-                run_batch(rt, backend, vec![e], items);
+                run_batch(shared, backend, vec![e], items);
             }
         }
         Err(err) => {
@@ -607,6 +711,7 @@ mod tests {
     /// -2 and panics on -1; reports every batch size it ran.
     struct Mock {
         batches: std_mpsc::Sender<Vec<i64>>,
+        ran_on: std_mpsc::Sender<(Vec<i64>, std::thread::ThreadId)>,
         gate: Option<std_mpsc::Receiver<()>>,
     }
 
@@ -618,6 +723,7 @@ mod tests {
                 let _ = gate.recv();
             }
             let _ = self.batches.send(values.clone());
+            let _ = self.ran_on.send((values.clone(), std::thread::current().id()));
             if values.contains(&-1) {
                 panic!("the engine fell over");
             }
@@ -639,6 +745,7 @@ mod tests {
     struct Harness {
         scheduler: Scheduler,
         batches: std_mpsc::Receiver<Vec<i64>>,
+        ran_on: std_mpsc::Receiver<(Vec<i64>, std::thread::ThreadId)>,
         gate: Option<std_mpsc::Sender<()>>,
     }
 
@@ -675,13 +782,16 @@ mod tests {
         });
         let (tx, batches) = std_mpsc::channel();
         let (gate_tx, gate_rx) = std_mpsc::channel();
+        let (ran_tx, ran_on) = std_mpsc::channel();
         let mock = Mock {
             batches: tx,
+            ran_on: ran_tx,
             gate: gated.then_some(gate_rx),
         };
         Harness {
             scheduler: Scheduler::start(runtime, vec![Box::new(mock)]),
             batches,
+            ran_on,
             gate: gated.then_some(gate_tx),
         }
     }
@@ -813,5 +923,31 @@ mod tests {
         assert_eq!(got[1], Ok(5));
         assert!(matches!(got[2], Err(InferError::InvalidInput(_))), "{:?}", got[2]);
         assert_eq!(got[3], Ok(6));
+    }
+
+    #[test]
+    fn a_light_request_runs_on_the_calling_thread_only_when_an_instance_is_idle() {
+        let mut h = harness(16, 0, true);
+        // No batch has run yet: how long one takes is unknown, so nothing runs here.
+        let back = h.scheduler.run_here(request(3, 2, None)).expect_err("unmeasured model");
+        let rx = h.scheduler.submit(back).expect("queued");
+        open_gate(&h, 1);
+        assert_eq!(answer(rx), Ok(3));
+        settles_to_zero(&h.scheduler);
+        // Measured as light now; its only instance is busy and a request is queued.
+        let replies = queue_behind_a_blocked_engine(&mut h, request(4, 2, None), vec![request(5, 2, None)]);
+        let back = h.scheduler.run_here(request(6, 2, None)).expect_err("instance busy");
+        open_gate(&h, 2);
+        for (rx, want) in replies.into_iter().zip([4, 5]) {
+            assert_eq!(answer(rx), Ok(want));
+        }
+        settles_to_zero(&h.scheduler);
+        h.gate.take();
+        let caller = std::thread::current().id();
+        let answered = h.scheduler.run_here(back).expect("idle instance, light model");
+        assert_eq!(answered.expect("computed").outputs[0].1.to_i64_vec(), Some(vec![6]));
+        let (ran, on) = h.ran_on.try_iter().last().expect("the engine ran");
+        assert_eq!((ran, on), (vec![6], caller), "computed on the calling thread");
+        settles_to_zero(&h.scheduler);
     }
 }
