@@ -200,6 +200,58 @@ impl Proxy {
     }
 }
 
+struct Started {
+    a: Orchestrator,
+    b: Orchestrator,
+    agents: Agents,
+    req: Requester,
+    offering: JoinHandle<()>,
+}
+
+/// One Redis key prefix that replicas share (and that a test clears at its end).
+struct SharedRedis {
+    prefix: String,
+    empty_repo: tempfile::TempDir,
+}
+
+impl SharedRedis {
+    fn new() -> SharedRedis {
+        SharedRedis {
+            prefix: format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..)),
+            empty_repo: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A `lattice serve` replica on this store.
+    fn replica(&self) -> Orchestrator {
+        let flags = ["--store-prefix", self.prefix.as_str()];
+        spawn_orchestrator("redis://127.0.0.1:6379", self.empty_repo.path(), &flags)
+    }
+
+    /// Two replicas; three workers and a requester with both in their lists, so
+    /// all start on A; the requester offering `n` counter tasks.
+    async fn everyone_on_a(&self, n: usize) -> Started {
+        let (a, b) = (self.replica(), self.replica());
+        let agents = Agents::spawn(3, &format!("http://{},http://{}", a.grpc, b.grpc));
+        let req = requester(vec![format!("http://{}", a.grpc), format!("http://{}", b.grpc)]);
+        req.client.established().await.unwrap();
+        let offering = offer_all(&req, n);
+        Started {
+            a,
+            b,
+            agents,
+            req,
+            offering,
+        }
+    }
+
+    async fn backend(&self) -> RedisBackend {
+        RedisBackend::connect("redis://127.0.0.1:6379", &self.prefix)
+            .await
+            .unwrap()
+    }
+}
+
 fn requester(endpoints: Vec<String>) -> Requester {
     Requester::connect(ClientConfig {
         endpoints,
@@ -345,16 +397,14 @@ async fn ten_thousand_tasks_survive_two_orchestrator_kills() {
 
 async fn redis_pair(stop_a_with: &str) {
     const N: usize = 3_000;
-    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
-    let empty = tempfile::tempdir().unwrap();
-    let prefix_flag = ["--store-prefix", prefix.as_str()];
-    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &prefix_flag);
-    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &prefix_flag);
-    let both = format!("http://{},http://{}", a.grpc, b.grpc);
-    let mut agents = Agents::spawn(3, &both);
-    let mut req = requester(vec![format!("http://{}", a.grpc), format!("http://{}", b.grpc)]);
-    req.client.established().await.unwrap();
-    let offering = offer_all(&req, N);
+    let store = SharedRedis::new();
+    let Started {
+        mut a,
+        mut b,
+        mut agents,
+        mut req,
+        offering,
+    } = store.everyone_on_a(N).await;
     let mut done = HashSet::new();
     let mut killed_at = None;
     let mut last_result: Option<Instant> = None;
@@ -391,7 +441,7 @@ async fn redis_pair(stop_a_with: &str) {
     agents.stop();
     signal(&b.child, "-TERM");
     assert!(b.child.wait().unwrap().success());
-    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    let backend = store.backend().await;
     check_counters(&backend, N).await;
     // Leave nothing behind in the shared Redis.
     backend.clear().await.unwrap();
@@ -452,11 +502,8 @@ enum Kill {
 /// runs twice.
 async fn split_replicas(kill: Kill) {
     const N: usize = 1_500;
-    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
-    let empty = tempfile::tempdir().unwrap();
-    let flags = ["--store-prefix", prefix.as_str()];
-    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
-    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let store = SharedRedis::new();
+    let (mut a, mut b) = (store.replica(), store.replica());
     let to_a = Proxy::start(a.grpc).await;
     let to_b = Proxy::start(b.grpc).await;
     let mut agents = Agents::spawn(3, &to_b.url());
@@ -475,7 +522,7 @@ async fn split_replicas(kill: Kill) {
             signal(&victim.child, "-KILL");
             let _ = victim.child.wait();
             proxy.cut_all();
-            *victim = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+            *victim = store.replica();
             proxy.point_to(victim.grpc);
         }
         next_unique_ok(&mut req, &mut done).await;
@@ -491,7 +538,7 @@ async fn split_replicas(kill: Kill) {
         signal(&o.child, "-TERM");
         assert!(o.child.wait().unwrap().success());
     }
-    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    let backend = store.backend().await;
     check_counters(&backend, N).await;
     backend.clear().await.unwrap();
 }
@@ -519,16 +566,14 @@ async fn split_replicas_survive_a_kill_of_the_workers_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_replica_is_fenced_when_it_continues() {
     const N: usize = 1_500;
-    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
-    let empty = tempfile::tempdir().unwrap();
-    let flags = ["--store-prefix", prefix.as_str()];
-    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
-    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
-    let both = format!("http://{},http://{}", a.grpc, b.grpc);
-    let mut agents = Agents::spawn(3, &both);
-    let mut req = requester(vec![format!("http://{}", a.grpc), format!("http://{}", b.grpc)]);
-    req.client.established().await.unwrap();
-    let offering = offer_all(&req, N);
+    let store = SharedRedis::new();
+    let Started {
+        mut a,
+        mut b,
+        mut agents,
+        mut req,
+        offering,
+    } = store.everyone_on_a(N).await;
     let mut done = HashSet::new();
     let mut stopped_at = None;
     let mut continued = false;
@@ -573,7 +618,7 @@ async fn a_paused_replica_is_fenced_when_it_continues() {
         signal(&o.child, "-TERM");
         assert!(o.child.wait().unwrap().success());
     }
-    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    let backend = store.backend().await;
     check_counters(&backend, N).await;
     check_owners(&backend).await;
     backend.clear().await.unwrap();
@@ -620,11 +665,8 @@ async fn check_owners(backend: &dyn StoreBackend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_on_another_replica_gets_the_held_task() {
     const N: usize = 600;
-    let prefix = format!("lattice-test-{}-{}", std::process::id(), fastrand::u64(..));
-    let empty = tempfile::tempdir().unwrap();
-    let flags = ["--store-prefix", prefix.as_str()];
-    let mut a = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
-    let mut b = spawn_orchestrator("redis://127.0.0.1:6379", empty.path(), &flags);
+    let store = SharedRedis::new();
+    let (mut a, mut b) = (store.replica(), store.replica());
     let mut agents = Agents::spawn(3, &format!("http://{}", b.grpc));
     let mut first = requester(vec![format!("http://{}", a.grpc)]);
     first.client.established().await.unwrap();
@@ -654,7 +696,7 @@ async fn a_retry_on_another_replica_gets_the_held_task() {
     agents.stop();
     signal(&b.child, "-TERM");
     assert!(b.child.wait().unwrap().success());
-    let backend = RedisBackend::connect("redis://127.0.0.1:6379", &prefix).await.unwrap();
+    let backend = store.backend().await;
     check_counters(&backend, N).await;
     backend.clear().await.unwrap();
 }
@@ -671,4 +713,59 @@ async fn metric_where(addr: SocketAddr, family: &str, label: &str) -> f64 {
         .filter(|l| l.starts_with(family) && l[family.len()..].starts_with('{') && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A requester on replica A cancels a task that a worker on replica B runs: the
+/// requester is answered CANCELLED at once, and B stops the worker's tool call
+/// (a 60 s sleep ends cancelled within seconds) instead of finishing it for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_reaches_the_replica_running_the_task() {
+    use lattice_agent::client::SendOptions;
+    use lattice_proto::agent::{agent_message, Cancel};
+    let store = SharedRedis::new();
+    let (mut a, mut b) = (store.replica(), store.replica());
+    let mut agents = Agents::spawn(1, &format!("http://{}", b.grpc));
+    let mut req = requester(vec![format!("http://{}", a.grpc)]);
+    req.client.established().await.unwrap();
+    req.offer_tool("long", "tools", "sleep", serde_json::json!({"ms": 60_000}), 2, None)
+        .await
+        .unwrap();
+    let waited = Instant::now();
+    while metric_where(b.metrics, "lattice_agent_frames_total", "kind=\"assign\"").await < 1.0 {
+        assert!(waited.elapsed() < Duration::from_secs(30), "B never assigned the task");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cancel = Cancel {
+        task_id: "long".into(),
+        reason: "not needed".into(),
+        grace_ms: 0,
+    };
+    req.client
+        .send(agent_message::Body::Cancel(cancel), SendOptions::default())
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), req.next_result())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status.as_ref().map(|s| s.code), Some(1), "{r:?}");
+    let cancelled = Instant::now();
+    loop {
+        let n = metric_where(b.metrics, "lattice_tool_calls_total", "outcome=\"cancelled\"").await;
+        if n >= 1.0 {
+            break;
+        }
+        assert!(
+            cancelled.elapsed() < Duration::from_secs(30),
+            "the sleep on B was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    req.client.close(false).await;
+    agents.stop();
+    for o in [&mut a, &mut b] {
+        signal(&o.child, "-TERM");
+        assert!(o.child.wait().unwrap().success());
+    }
+    store.backend().await.clear().await.unwrap();
 }

@@ -117,6 +117,10 @@ pub(super) enum Event {
         entry: String,
         result: TaskResult,
     },
+    /// The requester (on some replica) cancelled this shared task.
+    Revoked {
+        task_id: String,
+    },
 }
 
 /// An entry taken from the shared queue.
@@ -208,6 +212,7 @@ impl State {
             Event::Sweep => self.sweep(now, step),
             Event::Dispatch => self.dispatch(now, step),
             Event::Take(take) => self.take(*take, now, step),
+            Event::Revoked { task_id } => self.revoked(task_id, now, step),
             Event::Delivered { route, entry, result } => self.delivered(route, entry, result, now, step),
         }
     }
@@ -228,6 +233,11 @@ impl State {
             });
         };
         let attempts = take.deliveries.saturating_sub(1);
+        if self.revoked.contains(&rec.task_id) && !self.tasks.contains_key(&rec.task_id) {
+            // Cancelled by its requester before anyone took it.
+            retire(step, entry);
+            return;
+        }
         if let Some(task) = self.tasks.get_mut(&rec.task_id) {
             match &task.phase {
                 // Answered already (a duplicate entry, or a result that beat it).
@@ -694,8 +704,58 @@ impl State {
         }
     }
 
+    /// A shared task its requester cancelled on another replica: stop it here if it
+    /// runs or waits here (the requester has its answer already), else remember it
+    /// so an entry of it taken later is not run.
+    fn revoked(&mut self, task_id: String, now: Now, step: &mut Step) {
+        let Some(task) = self.tasks.get(&task_id) else {
+            self.revoked.insert(task_id);
+            return;
+        };
+        if !task.remote || task.is_done() {
+            // Its requester is here (this replica answered the cancel), or done.
+            return;
+        }
+        if let Some(worker) = task.worker().map(str::to_string) {
+            if let Some(w) = self.sessions.get_mut(&worker) {
+                w.in_flight.remove(&task_id);
+                push_frame(
+                    w,
+                    step,
+                    envelope(&task_id, now),
+                    agent_response::Body::Cancel(Cancel {
+                        task_id: task_id.clone(),
+                        reason: "cancelled by the requester".into(),
+                        grace_ms: 0,
+                    }),
+                );
+            }
+            step.effects.push(Effect::CancelTools {
+                task_id: task_id.clone(),
+            });
+        }
+        let task = self.tasks.remove(&task_id).expect("checked above");
+        if task.is_queued() {
+            self.queued = self.queued.saturating_sub(1);
+        }
+        if let Some(entry) = task.entry {
+            step.ops.push(Op::Retire {
+                capability: task.capability,
+                priority: entry.priority,
+                entry: entry.id,
+            });
+        }
+        self.dispatch(now, step);
+    }
+
     fn cancel(&mut self, task_id: &str, reason: &str, now: Now, step: &mut Step) {
         let Some(task) = self.tasks.get(task_id) else { return };
+        if task.phase == Phase::Shared {
+            // Published, and perhaps running on another replica: tell them all.
+            step.ops.push(Op::Revoke {
+                task_id: task_id.to_string(),
+            });
+        }
         if let Some(worker) = task.worker() {
             if let Some(w) = self.sessions.get_mut(worker) {
                 push_frame(
@@ -1789,6 +1849,7 @@ mod tests {
                     Some(format!("deliver {route} {}", r.task_id))
                 }
                 Op::Delivered { route, entry } => Some(format!("delivered {route} {entry}")),
+                Op::Revoke { task_id } => Some(format!("revoke {task_id}")),
                 _ => None,
             })
             .collect()
@@ -1949,6 +2010,35 @@ mod tests {
                 queue: vec!["deliver far t9"],
             },
             SharedCase {
+                name: "a published task its requester cancels is revoked for every replica",
+                script: vec![attach("r", &[], 1), offer("r", "t1", "echo", 2), cancel("r", "t1")],
+                tasks: vec![("t1", Want::Done(code::CANCELLED))],
+                frames: vec![("r", vec!["result t1 1"])],
+                queue: vec!["publish t1", "revoke t1"],
+            },
+            SharedCase {
+                name: "a revoked task running here for a remote requester is stopped, its entry retired",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    take("t1", "far", "1-0", 1),
+                    Event::Revoked { task_id: "t1".into() },
+                ],
+                tasks: vec![("t1", Want::Gone)],
+                frames: vec![("w", vec!["assign t1 #1", "cancel t1"])],
+                queue: vec!["retire 1-0"],
+            },
+            SharedCase {
+                name: "a task revoked before this replica takes it is retired, not run",
+                script: vec![
+                    attach("w", &["echo"], 1),
+                    Event::Revoked { task_id: "t1".into() },
+                    take("t1", "far", "1-0", 1),
+                ],
+                tasks: vec![("t1", Want::Gone)],
+                frames: vec![("w", vec![])],
+                queue: vec!["retire 1-0"],
+            },
+            SharedCase {
                 name: "a waiting task's deadline passes: it answers DEADLINE_EXCEEDED here",
                 script: vec![
                     attach("r", &[], 1),
@@ -1979,6 +2069,7 @@ mod tests {
                     let text = match p.frame.body.as_ref().expect("a body") {
                         Body::Assign(a) => format!("assign {} #{}", a.task_id, a.attempt),
                         Body::Result(r) => format!("result {} {}", r.task_id, r.status.as_ref().map_or(0, |s| s.code)),
+                        Body::Cancel(c) => format!("cancel {}", c.task_id),
                         other => format!("{other:?}"),
                     };
                     frames.entry(sid.clone()).or_default().push(text);

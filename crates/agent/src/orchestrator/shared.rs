@@ -10,7 +10,10 @@
 //!   entries of capabilities it has workers for that no replica renewed within the
 //!   lease (a replica killed, paused or left without workers).
 //!
-//! All three stop when the replica drains: its agents resume elsewhere, and the
+//! * **revocations**: read the tasks requesters cancelled (on any replica), and
+//!   stop them here if they run or wait here (`Event::Revoked`).
+//!
+//! All four stop when the replica drains: its agents resume elsewhere, and the
 //! entries it held lapse to the replicas they reach.
 
 use std::{
@@ -42,6 +45,7 @@ pub(super) fn spawn(inner: &Arc<Inner>, queue: SharedQueue) {
     let weak = Arc::downgrade(inner);
     tokio::spawn(take_loop(weak.clone(), queue.clone()));
     tokio::spawn(result_loop(weak.clone(), queue.clone()));
+    tokio::spawn(revoke_loop(weak.clone(), queue.clone()));
     tokio::spawn(lease_loop(weak, queue));
 }
 
@@ -150,6 +154,46 @@ async fn result_loop(weak: Weak<Inner>, queue: SharedQueue) {
             Err(e) => {
                 tracing::warn!(error = %e, "shared queue: reading results failed; retrying");
                 drop(inner);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(c) = connect(&weak, &queue).await else { return };
+                conn = c;
+            }
+        }
+    }
+}
+
+async fn revoke_loop(weak: Weak<Inner>, queue: SharedQueue) {
+    let Some(mut conn) = connect(&weak, &queue).await else {
+        return;
+    };
+    // Only cancellations from now on: a task cancelled earlier was answered, and
+    // this replica holds none of it yet.
+    let mut after = loop {
+        match queue.revoked_tail().await {
+            Ok(tail) => break tail,
+            Err(e) => {
+                tracing::warn!(error = %e, "shared queue: reading revocations failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if live(&weak).is_none() {
+                    return;
+                }
+            }
+        }
+    };
+    loop {
+        if live(&weak).is_none() {
+            return;
+        }
+        match queue.revoked(&mut conn, &after, BLOCK * 10).await {
+            Ok(got) => {
+                let Some(inner) = live(&weak) else { return };
+                if let Some((last, _)) = got.last() {
+                    after = last.clone();
+                }
+                inner.apply_each(got, |(_, task_id)| Ok(Event::Revoked { task_id }));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "shared queue: reading revocations failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let Some(c) = connect(&weak, &queue).await else { return };
                 conn = c;

@@ -53,6 +53,35 @@ pub(super) struct State {
     pub(super) tasks: HashMap<String, Task>,
     pub(super) lanes: HashMap<String, Lanes>,
     pub(super) queued: usize,
+    /// Shared dispatch: tasks their requester cancelled that this replica does not
+    /// hold (yet): an entry of one taken later is retired, not run.
+    pub(super) revoked: Revoked,
+}
+
+/// The most recent revoked task ids, at most [`Revoked::KEPT`].
+#[derive(Default)]
+pub(super) struct Revoked {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+impl Revoked {
+    const KEPT: usize = 10_000;
+
+    pub(super) fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
 }
 
 impl State {
@@ -63,6 +92,7 @@ impl State {
             tasks: HashMap::new(),
             lanes: HashMap::new(),
             queued: 0,
+            revoked: Revoked::default(),
         }
     }
 

@@ -53,7 +53,7 @@ fn apply_ops(table: &mut redb::Table<'_, &str, &[u8]>, ops: &[Op]) -> StoreResul
             }
             // Shared dispatch runs only on a store with a shared queue (Redis); one
             // process on an embedded store dispatches from memory.
-            Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } => {
+            Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } | Op::Revoke { .. } => {
                 debug_assert!(false, "a shared-queue op reached the embedded store: {op:?}");
             }
         }

@@ -73,6 +73,11 @@ pub enum Op {
         route: String,
         entry: String,
     },
+    /// Shared dispatch only: the requester cancelled this task; whichever replica
+    /// runs it (or takes it later) stops it.
+    Revoke {
+        task_id: String,
+    },
 }
 
 /// The owner epoch a write for a session is made under. Every attach of a stream
@@ -421,9 +426,12 @@ fn coalesce(ops: Vec<Op>) -> Vec<Op> {
                 }
             }
             // Counters add up and queue operations are events: never dropped.
-            Op::Incr { .. } | Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } => {
-                kept.push(op)
-            }
+            Op::Incr { .. }
+            | Op::Publish { .. }
+            | Op::Retire { .. }
+            | Op::Deliver { .. }
+            | Op::Delivered { .. }
+            | Op::Revoke { .. } => kept.push(op),
         }
     }
     kept.reverse();

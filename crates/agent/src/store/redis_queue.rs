@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::{
     aio::{ConnectionManager, MultiplexedConnection},
-    streams::{StreamClaimReply, StreamPendingCountReply, StreamReadReply},
+    streams::{StreamClaimReply, StreamPendingCountReply, StreamRangeReply, StreamReadReply},
     AsyncConnectionConfig,
 };
 
@@ -118,6 +118,16 @@ pub(super) fn queue_key(prefix: &str, capability: &str, priority: u32) -> String
 pub(super) fn route_key(prefix: &str, route: &str) -> String {
     format!("{prefix}:r:{route}")
 }
+
+/// Cancelled tasks, for the replicas that run or will take them.
+pub(super) fn revoked_key(prefix: &str) -> String {
+    format!("{prefix}:revoked")
+}
+
+/// Revocations kept in their stream (trimmed approximately, as XADD MAXLEN ~ does):
+/// a replica reads them as they come, so only a replica that was away longer than
+/// this many cancellations misses one (its task then runs and the result is dropped).
+pub const REVOKED_KEPT: usize = 10_000;
 
 /// The set of capabilities ever published, so a reaper finds every stream.
 pub(super) fn capabilities_key(prefix: &str) -> String {
@@ -347,6 +357,50 @@ impl SharedQueue {
                         entry: id.id,
                         record: Bytes::from(record),
                     });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The id of the newest revocation ("0-0" when none): where a reader that
+    /// cares only about revocations from now on starts.
+    pub async fn revoked_tail(&self) -> StoreResult<String> {
+        let mut conn = self.conn.clone();
+        let last: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(revoked_key(&self.prefix))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(last.ids.into_iter().next().map_or_else(|| "0-0".to_string(), |i| i.id))
+    }
+
+    /// Task ids revoked after the entry `after`, waiting up
+    /// to `block`; with the id of the last one read.
+    pub async fn revoked(
+        &self,
+        conn: &mut MultiplexedConnection,
+        after: &str,
+        block: Duration,
+    ) -> StoreResult<Vec<(String, String)>> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg("STREAMS")
+            .arg(revoked_key(&self.prefix))
+            .arg(after)
+            .query_async(conn)
+            .await?;
+        let mut out = Vec::new();
+        for k in reply.map(|r| r.keys).unwrap_or_default() {
+            for id in k.ids {
+                if let Some(task) = id.get::<String>("t") {
+                    out.push((id.id, task));
                 }
             }
         }

@@ -12,7 +12,7 @@ use futures::{future::BoxFuture, FutureExt};
 use redis::{aio::ConnectionManager, AsyncCommands};
 
 use super::{
-    redis_queue::{capabilities_key, queue_key, route_key, GROUP, RESULT_TTL},
+    redis_queue::{capabilities_key, queue_key, revoked_key, route_key, GROUP, RESULT_TTL, REVOKED_KEPT},
     Fence, Fenced, Mismatch, Op, StoreBackend, StoreError, StoreResult,
 };
 use crate::records::coll;
@@ -46,9 +46,8 @@ for _ = 1, nf do
 end
 ";
 
-/// Fences, then (if they all hold) the claims and the ops: P hash field value |
-/// D hash field | I hash field by | A stream field value (XADD *) | S set member |
-/// K stream group id (XACK + XDEL) | Z stream id (XDEL) | E key ms (PEXPIRE).
+/// Fences, then (if they all hold) the claims and the ops from the index after
+/// the fences (see [`OPS`]).
 const COMMIT: &str = r"
 if #failed > 0 then return {0, unpack(failed)} end
 local i = 2
@@ -56,6 +55,13 @@ for _ = 1, nf do
   if ARGV[i + 2] ~= '' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   i = i + 3
 end
+";
+
+/// Applies the ops in ARGV from index `i` on, then answers `{1}`: P hash field value
+/// | D hash field | I hash field by | A stream field value (XADD *) | S set member |
+/// K stream group id (XACK + XDEL) | Z stream id (XDEL) | E key ms (PEXPIRE) |
+/// R stream task (XADD to the revocations, trimmed to about `REVOKED_KEPT`).
+const OPS: &str = r"
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'P' then
@@ -74,6 +80,8 @@ while i <= #ARGV do
     redis.call('XDEL', ARGV[i+1], ARGV[i+2]); i = i + 3
   elseif op == 'E' then
     redis.call('PEXPIRE', ARGV[i+1], ARGV[i+2]); i = i + 3
+  elseif op == 'R' then
+    redis.call('XADD', ARGV[i+1], 'MAXLEN', '~', 10000, '*', 't', ARGV[i+2]); i = i + 3
   else
     return redis.error_reply('unknown op ' .. op)
   end
@@ -120,9 +128,9 @@ pub(super) fn fenced_script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{FENCES}{body}"))
 }
 
-/// ARGV: guard field, expected value, "1" if the guard must be absent, then ops as
-/// P hash field value | D hash field | I hash field by. KEYS[1] is the guard's hash.
-const CAS: &str = r"
+/// ARGV: guard field, expected value, "1" if the guard must be absent, then ops
+/// from ARGV[4] (see [`OPS`]). KEYS[1] is the guard's hash.
+const CAS_GUARD: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
   if cur then return {0, cur} end
@@ -131,17 +139,6 @@ elseif cur ~= ARGV[2] then
   return {0}
 end
 local i = 4
-while i <= #ARGV do
-  local op = ARGV[i]
-  if op == 'P' then
-    redis.call('HSET', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
-  elseif op == 'D' then
-    redis.call('HDEL', ARGV[i+1], ARGV[i+2]); i = i + 3
-  else
-    redis.call('HINCRBY', ARGV[i+1], ARGV[i+2], ARGV[i+3]); i = i + 4
-  end
-end
-return {1}
 ";
 
 impl RedisBackend {
@@ -154,8 +151,8 @@ impl RedisBackend {
         Ok(RedisBackend {
             conn,
             prefix: prefix.to_string(),
-            cas: redis::Script::new(CAS),
-            commit: fenced_script(COMMIT),
+            cas: redis::Script::new(&format!("{CAS_GUARD}{OPS}")),
+            commit: fenced_script(&format!("{COMMIT}{OPS}")),
             check: fenced_script(CHECK),
         })
     }
@@ -231,6 +228,17 @@ impl RedisBackend {
                 Op::Delivered { route, entry } => {
                     pipe.cmd("XDEL").arg(route_key(&self.prefix, route)).arg(entry).ignore();
                 }
+                Op::Revoke { task_id } => {
+                    pipe.cmd("XADD")
+                        .arg(revoked_key(&self.prefix))
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(REVOKED_KEPT)
+                        .arg("*")
+                        .arg("t")
+                        .arg(task_id)
+                        .ignore();
+                }
             }
         }
         let mut conn = self.conn.clone();
@@ -286,6 +294,9 @@ impl RedisBackend {
                 }
                 Op::Delivered { route, entry } => {
                     inv.arg("Z").arg(route_key(&self.prefix, route)).arg(entry);
+                }
+                Op::Revoke { task_id } => {
+                    inv.arg("R").arg(revoked_key(&self.prefix)).arg(task_id);
                 }
             }
         }
@@ -375,7 +386,11 @@ impl StoreBackend for RedisBackend {
                     }
                     // Compare-and-apply guards tool-cache and memory writes, which
                     // never touch the shared queue.
-                    Op::Publish { .. } | Op::Retire { .. } | Op::Deliver { .. } | Op::Delivered { .. } => {
+                    Op::Publish { .. }
+                    | Op::Retire { .. }
+                    | Op::Deliver { .. }
+                    | Op::Delivered { .. }
+                    | Op::Revoke { .. } => {
                         return Err(StoreError::QueueOpInScript);
                     }
                 }
