@@ -730,9 +730,11 @@ async fn a_cancel_reaches_the_replica_running_the_task() {
     req.offer_tool("long", "tools", "sleep", serde_json::json!({"ms": 60_000}), 2, None)
         .await
         .unwrap();
+    // Cancel once the worker's tool call runs on B (a cancel that reaches the
+    // worker first stops the task before it calls anything).
     let waited = Instant::now();
-    while metric_where(b.metrics, "lattice_agent_frames_total", "kind=\"assign\"").await < 1.0 {
-        assert!(waited.elapsed() < Duration::from_secs(30), "B never assigned the task");
+    while metric_where(b.metrics, "lattice_agent_frames_total", "kind=\"tool_call\"").await < 1.0 {
+        assert!(waited.elapsed() < Duration::from_secs(30), "the task never ran on B");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cancel = Cancel {
